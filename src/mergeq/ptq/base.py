@@ -1,0 +1,81 @@
+"""The PTQ entry point ``quantize`` and the context every registered method receives.
+
+A PTQ method is ``fn(qmodel, ctx) -> None``: it refines a prepared model in place (weights
+wrapped in QuantModules, activation steps initialised on the calibration data); ``quantize``
+then bakes every weight onto its grid. Register with ``@PTQ_METHODS.register(name)``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data_utils import DataLike, as_tensor
+from ..nn import calibrate_activations, fold_bn, prepare, quant_modules
+from ..quant.config import QuantConfig
+from ..registry import PTQ_METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PTQContext:
+    fp_model: nn.Module  # the full-precision model after the same BN folding, eval mode, frozen
+    calib: torch.Tensor  # calibration inputs
+    config: QuantConfig
+    source: nn.Module | None = None  # the source model after the same BN folding (HDRQ's distance term)
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    progress: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def quantize(
+    model: nn.Module,
+    method: str = "rtn",
+    calib: DataLike | None = None,
+    w_bits: int = 4,
+    a_bits: int | None = 4,
+    config: QuantConfig | None = None,
+    source: nn.Module | None = None,
+    calib_size: int = 1024,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Quantize ``model`` with the PTQ ``method`` on ``calib`` and return a new quantized model.
+
+    ``config`` overrides ``w_bits``/``a_bits``. Method-specific ``options`` (e.g. ``iters``)
+    go to the method. The input model is not modified.
+    """
+    fn = PTQ_METHODS.get(method)
+    config = config or QuantConfig(w_bits=w_bits, a_bits=a_bits)
+    if calib is None:
+        raise ValueError("quantize needs calibration data (calib=...): a tensor, Dataset or DataLoader")
+    x = as_tensor(calib, limit=calib_size)
+    device = torch.device(device)
+    model = copy.deepcopy(model).to(device).eval()
+    example = x[:2].to(device)
+    qmodel = prepare(model, config, example)
+    fp_model = fold_bn(model, example) if config.fold_bn else model
+    fp_model.requires_grad_(False)
+    src = None
+    if source is not None:
+        src = copy.deepcopy(source).to(device).eval()
+        src = fold_bn(src, example) if config.fold_bn else src
+        src.requires_grad_(False)
+    torch.manual_seed(seed)
+    calibrate_activations(qmodel, x.to(device))
+    ctx = PTQContext(fp_model, x, config, src, device, seed, progress, dict(options))
+    log.info("quantizing with %s at %s on %d calibration inputs", method, config.tag, len(x))
+    fn(qmodel, ctx)
+    for _, m in quant_modules(qmodel):
+        m.finalize()
+    qmodel.eval().requires_grad_(False)
+    qmodel.mergeq_meta = {"method": method, "w_bits": config.w_bits, "a_bits": config.a_bits}
+    return qmodel
