@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import CalibrationDataError
 from .uniform import check_bits, qrange, round_ste
 
-_MAX_OBSERVED = 1 << 20  # elements kept per quantizer while calibrating (bounded memory)
+_MAX_OBSERVED = 1 << 18  # elements kept per quantizer while calibrating (bounded memory)
 
 
 def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,12 +54,12 @@ class ActQuantizer(nn.Module):
         signed = bool((x < 0).any())
         lo, hi = qrange(self.bits, signed)
         top = x.abs().max().clamp_min(1e-8)
-        best, best_err = top / hi, float("inf")
-        for i in range(100):
-            s = top * (1.0 - i / 100) / hi
-            err = float(((torch.clamp(torch.round(x / s), lo, hi) * s - x) ** 2).mean())
-            if err < best_err:
-                best, best_err = s, err
+        steps = top * (1.0 - torch.arange(100, dtype=x.dtype) / 100) / hi  # clip ratios 1.00 .. 0.01
+        errs = torch.cat([
+            ((torch.clamp(torch.round(x / s[:, None]), lo, hi) * s[:, None] - x) ** 2).mean(dim=1)
+            for s in steps.split(10)
+        ])
+        best = steps[int(torch.argmin(errs))]
         self.signed.fill_(signed)
         self.step.data.fill_(float(best))
         self.initialized.fill_(True)

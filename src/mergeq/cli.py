@@ -1,0 +1,158 @@
+"""``mergeq`` command line: run the pipeline, train the source, adapt experts, show the data."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import PRESET_NAMES, RunConfig
+
+
+def _csv(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=PRESET_NAMES, default=None, help="size of the run (default: default)")
+    p.add_argument("--seed", type=int, default=None, help="seed for data splits, training and PTQ (default 0)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--targets", type=_csv, default=None, help="comma-separated target domains (default: all)")
+    p.add_argument("--cache-dir", default=None, help="where trained source/expert models are cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    base = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    overrides = {
+        "preset": args.preset, "seed": args.seed, "device": args.device, "targets": args.targets,
+        "cache_dir": args.cache_dir,
+        "methods": getattr(args, "methods", None), "bits": getattr(args, "bits", None),
+        "rounding": getattr(args, "rounding", None), "step_method": getattr(args, "step_method", None),
+    }
+    d = asdict(base)
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "first_last_bits", None) is not None:
+        d["first_last_bits"] = None if args.first_last_bits == 0 else args.first_last_bits
+    return RunConfig.from_dict(d)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run
+    from .report import results_markdown
+
+    cfg = _config(args)
+    progress = not args.quiet
+
+    def on_row(row: dict) -> None:
+        if progress:
+            a = row["a_bits"] if row["a_bits"] is not None else 32
+            print(f"  {row['method']:>9} W{row['w_bits']}A{a}: merged hmean {100 * row['merged']['hmean']:.1f}% "
+                  f"({row['seconds']:.0f} s)", file=sys.stderr)
+
+    results = run(cfg, args.out, progress=progress, on_row=on_row)
+    print(results_markdown(results))
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml", file=sys.stderr)
+    return 0
+
+
+def cmd_train_source(args: argparse.Namespace) -> int:
+    from .data import load_benchmark
+    from .eval import evaluate
+    from .zoo import ModelPool, save_model
+
+    cfg = _config(args).resolved()
+    bench = load_benchmark(cfg.benchmark, seed=cfg.seed, targets=cfg.targets)
+    pool = ModelPool(bench, cfg.arch, cfg.arch_kwargs, cfg.source, cfg.shot, cfg.seed, cfg.cache_dir,
+                     cfg.device, not args.quiet)
+    model = pool.source()
+    accs = evaluate(model, {bench.source.name: bench.source.test, **{d: t.test for d, t in bench.targets.items()}},
+                    cfg.device)
+    save_model(model, args.out, {"benchmark": bench.name, "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs,
+                                 "num_classes": bench.num_classes, "seed": cfg.seed, "domain": bench.source.name,
+                                 "role": "source", "config": asdict(cfg.source), "accuracy": accs})
+    print(" ".join(f"{k}={100 * v:.1f}%" for k, v in accs.items()))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt.shot import shot
+    from .data import load_benchmark
+    from .eval import accuracy
+    from .zoo import model_from_checkpoint, save_model
+
+    cfg = _config(args).resolved()
+    source, meta = model_from_checkpoint(args.source, cfg.device)
+    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=cfg.seed, targets=[args.domain])
+    dom = bench.targets[args.domain]
+    expert = shot(source, dom.train, cfg.shot, seed=cfg.seed, device=cfg.device, progress=not args.quiet)
+    before, after = accuracy(source, dom.test, device=cfg.device), accuracy(expert, dom.test, device=cfg.device)
+    save_model(expert, args.out, {**{k: meta[k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes")},
+                                  "seed": cfg.seed, "domain": args.domain, "role": "expert",
+                                  "config": asdict(cfg.shot), "accuracy": {"source": before, "expert": after}})
+    print(f"{args.domain}: source {100 * before:.1f}% -> SHOT expert {100 * after:.1f}%")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import load_benchmark, save_sample_grid
+
+    bench = load_benchmark(args.benchmark, seed=args.seed or 0, targets=args.targets)
+    path = save_sample_grid(bench, args.out, per_domain=args.per_domain)
+    for d in [bench.source, *bench.targets.values()]:
+        print(f"{d.name}: train {len(d.train)}, test {len(d.test)}")
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mergeq", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train source, adapt experts, quantize each, merge, evaluate")
+    p.add_argument("--config", help="YAML run config (e.g. a config.yaml written by an earlier run)")
+    p.add_argument("--methods", type=_csv, help="comma-separated PTQ methods, e.g. rtn,qdrop,hdrq")
+    p.add_argument("--bits", type=_csv, help="comma-separated bit pairs, e.g. W8A8,W4A4,W3A3")
+    p.add_argument("--rounding", help="rounding policy for merging quantized experts (default float, Eq. 11)")
+    p.add_argument("--step-method", choices=("mse", "lp", "absmax"), help="weight step search (default mse)")
+    p.add_argument("--first-last-bits", type=int, help="bits of first/last layer (default 8; 0 = like the rest)")
+    p.add_argument("--out", default="runs/digits", help="output folder (default runs/digits)")
+    _add_common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train-source", help="train (or reuse the cached) source model and save it")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors; a .json sidecar is written too)")
+    _add_common(p)
+    p.set_defaults(func=cmd_train_source)
+
+    p = sub.add_parser("adapt", help="adapt a source checkpoint to one target domain with SHOT")
+    p.add_argument("--source", required=True, help="source checkpoint from train-source")
+    p.add_argument("--domain", required=True, help="target domain name")
+    p.add_argument("--out", required=True, help="expert checkpoint path (.safetensors)")
+    _add_common(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("data", help="save a PNG grid of samples per domain and print split sizes")
+    p.add_argument("--benchmark", default="digits")
+    p.add_argument("--out", default="docs/digits_samples.png")
+    p.add_argument("--per-domain", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", type=_csv, default=None)
+    p.set_defaults(func=cmd_data)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"mergeq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
