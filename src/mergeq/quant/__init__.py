@@ -8,9 +8,12 @@ from .uniform import (
     search_weight_step,
 )
 from .act import ActQuantizer
+from .config import QuantConfig, parse_bits
 
 __all__ = [
     "ActQuantizer",
+    "QuantConfig",
+    "parse_bits",
     "check_bits",
     "fake_quantize",
     "qrange",
