@@ -52,6 +52,12 @@ class RunConfig:
             raise ValueError("methods must name at least one PTQ method")
         for spec in self.bits:
             parse_bits(spec)
+        from .merge import ROUNDINGS
+        from .ptq import PTQ_METHODS
+
+        for m in self.methods:
+            PTQ_METHODS.get(m)  # raises KeyError naming the known methods
+        ROUNDINGS.get(self.rounding)
         if self.step_method not in STEP_METHODS:
             raise ValueError(f"step_method must be one of {STEP_METHODS}, got {self.step_method!r}")
         if isinstance(self.source, dict):

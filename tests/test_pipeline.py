@@ -1,0 +1,64 @@
+"""End-to-end smoke test of ``mergeq run`` on a shrunken quick preset (two targets, RTN)."""
+import json
+
+import pytest
+import yaml
+
+from mergeq.adapt import ShotConfig, SourceConfig
+from mergeq.cli import main
+from mergeq.config import RunConfig
+from mergeq.pipeline import run
+
+TINY = dict(
+    targets=["uci", "rotated"], preset="quick", methods=["rtn"], bits=["W8A8", "W3A3"],
+    source=SourceConfig(epochs=1), shot=ShotConfig(epochs=1), calib_size=64,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(**TINY, cache_dir=str(base / "cache"))
+    return base, cfg, run(cfg, base / "out")
+
+
+def test_results_schema_and_files(tiny_run):
+    base, cfg, res = tiny_run
+    out = base / "out"
+    assert {"results.json", "results.md", "config.yaml"} <= {p.name for p in out.iterdir()}
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert on_disk["benchmark"] == "digits" and on_disk["targets"] == ["uci", "rotated"] and on_disk["seed"] == 0
+    assert set(on_disk["fp"]["experts"]) == {"uci", "rotated"}
+    assert set(on_disk["fp"]["merged"]) == {"uci", "rotated", "hmean"}
+    assert [(r["method"], r["w_bits"], r["a_bits"]) for r in on_disk["rows"]] == [("rtn", 8, 8), ("rtn", 3, 3)]
+    for r in on_disk["rows"]:
+        assert all(0.0 <= v <= 1.0 for v in [*r["experts"].values(), *r["merged"].values()])
+        assert r["seconds"] >= 0
+
+
+def test_config_yaml_loads_back_into_the_same_config(tiny_run):
+    base, cfg, _ = tiny_run
+    text = (base / "out" / "config.yaml").read_text()
+    again = RunConfig.from_dict(yaml.safe_load(text))
+    assert again.to_yaml() == text == cfg.resolved().to_yaml()
+
+
+def test_same_seed_same_numbers_and_resume(tiny_run, tmp_path):
+    base, cfg, res = tiny_run
+    # a fresh output folder reusing the cached models must reproduce every number exactly
+    res2 = run(cfg, tmp_path / "again")
+    assert res2["rows"] == [dict(r, seconds=r2["seconds"], seconds_per_expert=r2["seconds_per_expert"])
+                            for r, r2 in zip(res["rows"], res2["rows"])]
+    assert res2["fp"] == res["fp"]
+    # rerunning into the same folder resumes: finished rows are kept as they were (same timings)
+    res3 = run(cfg, base / "out")
+    assert res3["rows"] == res["rows"]
+
+
+def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys):
+    assert main(["run", "--bits", "W9A4", "--out", str(tmp_path)]) == 2
+    assert "from 2 to 8" in capsys.readouterr().err
+    assert main(["run", "--methods", "nope", "--targets", "uci", "--preset", "quick", "--out", str(tmp_path),
+                 "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "unknown PTQ method 'nope'" in capsys.readouterr().err
