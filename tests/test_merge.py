@@ -76,16 +76,15 @@ def test_quantized_merge_is_eq11_on_the_mean_grid(images):
 
 
 def test_quantized_merge_hand_computed():
-    """Eq. 11 on hand-made codes: I=(1,2,-3), Δ=(1,1,1) and I=(2,2,0), Δ=(3,3,3)."""
-    from mergeq.merge.rounding import float_rounding, nearest_rounding
+    """Eq. 11 on hand-made codes: I=(1,2,-3), Δ=1 and I=(2,2,0), Δ=3."""
+    from mergeq.merge.rounding import LayerStack, float_rounding, nearest_rounding
 
     i1, i2 = torch.tensor([1.0, 2.0, -3.0]), torch.tensor([2.0, 2.0, 0.0])
-    s1, s2 = torch.ones(3), 3 * torch.ones(3)
-    out = float_rounding([i1, i2], [s1, s2], [0.5, 0.5], 4)
+    layer = LayerStack([i1, i2], [torch.ones(3), 3 * torch.ones(3)], 4)
     # (1+6)/4 = 1.75 -> 2 ; (2+6)/4 = 2 ; (-3+0)/4 = -0.75 -> -1
-    assert out.tolist() == [2.0, 2.0, -1.0]
+    assert float_rounding([layer], [0.5, 0.5])[0].tolist() == [2.0, 2.0, -1.0]
     # integer mid-point: 1.5 -> 2 (half to even), 2 -> 2, -1.5 -> -2 (half to even)
-    assert nearest_rounding([i1, i2], [s1, s2], [0.5, 0.5], 4).tolist() == [2.0, 2.0, -2.0]
+    assert nearest_rounding([layer], [0.5, 0.5])[0].tolist() == [2.0, 2.0, -2.0]
 
 
 def test_merge_rejects_different_architectures(images):

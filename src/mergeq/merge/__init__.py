@@ -1,13 +1,15 @@
-"""Merging experts: a registry of merge methods and rounding policies for quantized experts."""
+"""Merging experts: merge methods (average, task_arithmetic, ties) and rounding policies that
+keep merged quantized experts on a grid (float, nearest, noise, noise-ties)."""
 from typing import Sequence
 
 from torch import nn
 
 from ..registry import MERGE_METHODS
-from . import average as _average  # noqa: F401  (registers "average")
+from . import average as _average, noise as _noise, task_vectors as _task_vectors  # noqa: F401 (register)
 from .average import average_state_dicts
 from .checks import check_mergeable
 from .rounding import ROUNDINGS
+from .task_vectors import disjoint_mean, task_vector_merge, trim
 
 
 def merge(models: Sequence[nn.Module], method: str = "average", **options) -> nn.Module:
@@ -15,4 +17,5 @@ def merge(models: Sequence[nn.Module], method: str = "average", **options) -> nn
     return MERGE_METHODS.get(method)(list(models), **options)
 
 
-__all__ = ["ROUNDINGS", "average_state_dicts", "check_mergeable", "merge"]
+__all__ = ["MERGE_METHODS", "ROUNDINGS", "average_state_dicts", "check_mergeable", "disjoint_mean", "merge",
+           "task_vector_merge", "trim"]

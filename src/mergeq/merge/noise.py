@@ -1,0 +1,98 @@
+"""Noise-sampling rounding for merging quantized experts (HDRQ paper Sec. 4.3, Eq. 12).
+
+``noise`` (the paper): draw S samples of
+    I = round(Σ α_k (I_k Δ_k + ε_k) / Σ α_k Δ_k),   ε_k ~ U[-Δ_k/2, Δ_k/2] element-wise,
+(ε_k never changes expert k's own code: I_k Δ_k + ε_k still rounds to I_k on its grid) and
+keep the sample with the highest cosine similarity between (w - w_1) and the interpolation
+direction (w_2 - w_1), where w = I·Δ is the sample's dequantized weight and w_k = I_k Δ_k.
+For N experts the direction is (w̄ - w_k) with w̄ = Σ α_k w_k (parallel to w_2 - w_1 when N = 2);
+``anchor="first"`` scores against expert 1 as the paper does, ``anchor="all"`` averages the
+score over all experts. ``select="model"`` scores the concatenation of all layers and keeps
+one whole-model sample; ``select="layer"`` keeps the best sample per layer. ``filter=False``
+returns the first sample (the unfiltered distribution).
+
+``noise-ties`` (the authors' reference code, github.com/ewsn1593/HDRQ): start from the
+integer mid-point merge; noise is added only where Σ α_k I_k is ambiguous (for two experts,
+where I_1 + I_2 is odd), in code units, so each tie goes to either neighbour of the mid-point
+with probability 1/2; run ``samples`` (default 100) trials per layer and accept a trial only
+when it raises |cos(w - w_k, w̄ - w_k)| for every expert k at once.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .rounding import ROUNDINGS, LayerStack, nearest_rounding
+
+
+def noise_sample(layer: LayerStack, alphas: Sequence[float], g: torch.Generator) -> torch.Tensor:
+    """One draw of Eq. 12, clamped to the grid."""
+    num = 0.0
+    for a, i, s in zip(alphas, layer.codes, layer.steps):
+        eps = (torch.rand(i.shape, generator=g, dtype=i.dtype) - 0.5) * s
+        num = num + a * (i * s + eps)
+    return layer.clamp(torch.round(num / layer.merged_step(alphas)))
+
+
+def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(x.flatten(), y.flatten(), dim=0, eps=1e-12)
+
+
+def cosine_score(samples: list[torch.Tensor], layers: list[LayerStack], alphas: Sequence[float],
+                 anchor: str = "first") -> torch.Tensor:
+    """cos(w - w_k, w̄ - w_k) of a (list of layers') sample, expert 1 or averaged over experts."""
+    w = torch.cat([(c * l.merged_step(alphas)).flatten() for c, l in zip(samples, layers)])
+    ws = [torch.cat([l.weights()[k].flatten() for l in layers]) for k in range(len(alphas))]
+    mean = sum(a * wk for a, wk in zip(alphas, ws))
+    anchors = ws[:1] if anchor == "first" else ws
+    return torch.stack([_cos(w - wk, mean - wk) for wk in anchors]).mean()
+
+
+@ROUNDINGS.register("noise")
+def noise_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: int = 30, seed: int = 0,
+                   select: str = "model", anchor: str = "first", filter: bool = True) -> list[torch.Tensor]:
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    if select not in ("model", "layer") or anchor not in ("first", "all"):
+        raise ValueError(f"select must be model|layer and anchor first|all, got {select!r}, {anchor!r}")
+    g = torch.Generator().manual_seed(seed)
+    draws = [[noise_sample(layer, alphas, g) for layer in layers] for _ in range(samples if filter else 1)]
+    if select == "model":
+        scores = torch.stack([cosine_score(d, layers, alphas, anchor) for d in draws])
+        return draws[int(torch.argmax(scores))]
+    out = []
+    for j, layer in enumerate(layers):
+        scores = torch.stack([cosine_score([d[j]], [layer], alphas, anchor) for d in draws])
+        out.append(draws[int(torch.argmax(scores))][j])
+    return out
+
+
+@ROUNDINGS.register("noise-ties")
+def noise_ties_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: int = 100,
+                        seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer, current in zip(layers, nearest_rounding(layers, alphas)):
+        mid = sum(a * i for a, i in zip(alphas, layer.codes))
+        ambiguous = (mid - torch.floor(mid) - 0.5).abs() < 1e-6
+        if not ambiguous.any():
+            out.append(current)
+            continue
+        step = layer.merged_step(alphas)
+        ws = layer.weights()
+        wbar = sum(a * w for a, w in zip(alphas, ws))
+
+        def scores(codes: torch.Tensor) -> torch.Tensor:
+            return torch.stack([_cos(codes * step - wk, wbar - wk).abs() for wk in ws])
+
+        best = scores(current)
+        for _ in range(samples):
+            up = torch.rand(mid.shape, generator=g) < 0.5
+            cand = torch.where(ambiguous, torch.floor(mid) + up.to(mid.dtype), current)
+            s = scores(cand)
+            if bool((s > best).all()):
+                current, best = cand, s
+        out.append(current)
+    return out
