@@ -62,3 +62,32 @@ def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys):
     assert main(["run", "--methods", "nope", "--targets", "uci", "--preset", "quick", "--out", str(tmp_path),
                  "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 2
     assert "unknown PTQ method 'nope'" in capsys.readouterr().err
+
+
+def test_quantize_and_merge_commands_round_trip(tiny_run, tmp_path):
+    import torch
+
+    from mergeq.nn import quant_modules
+    from mergeq.zoo import model_from_checkpoint
+
+    base, _, _ = tiny_run
+    experts = sorted((base / "cache").glob("expert-*.safetensors"))
+    assert len(experts) == 2
+    qpaths = []
+    for i, e in enumerate(experts):
+        q = tmp_path / f"q{i}.safetensors"
+        assert main(["quantize", "--model", str(e), "--bits", "W4A4", "--out", str(q), "--preset", "quick",
+                     "--quiet", "--cache-dir", str(base / "cache")]) == 0
+        qpaths.append(q)
+    model, meta = model_from_checkpoint(qpaths[0])
+    assert meta["quant_layers"] and meta["bits"] == "W4A4"
+    for _, m in quant_modules(model):
+        assert torch.equal(m.weight, m.int_weight() * m.w_step)
+    merged_path = tmp_path / "merged.safetensors"
+    assert main(["merge", *map(str, qpaths), "--rounding", "noise", "--samples", "3", "--out", str(merged_path)]) == 0
+    report = json.loads(merged_path.with_suffix(".report.json").read_text())
+    assert set(report["accuracy"]) == set(report["domains"]) | {"hmean"}
+    merged, _ = model_from_checkpoint(merged_path)
+    x = torch.randn(4, 3, 32, 32)
+    again, _ = model_from_checkpoint(merged_path)
+    assert torch.equal(merged(x), again(x))

@@ -33,6 +33,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     }
     d = asdict(base)
     d.update({k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "samples", None) is not None:
+        d["merge_options"] = {**d.get("merge_options", {}), "samples": args.samples}
     if getattr(args, "first_last_bits", None) is not None:
         d["first_last_bits"] = None if args.first_last_bits == 0 else args.first_last_bits
     return RunConfig.from_dict(d)
@@ -95,6 +97,61 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .data import load_benchmark
+    from .eval import accuracy
+    from .ptq import quantize
+    from .quant import QuantConfig, parse_bits
+    from .zoo import model_from_checkpoint, save_model
+
+    cfg = _config(args).resolved()
+    model, meta = model_from_checkpoint(args.model, cfg.device)
+    source = model_from_checkpoint(args.source, cfg.device)[0] if args.source else None
+    domain = args.domain or meta.get("domain")
+    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=meta.get("seed", cfg.seed), targets=[domain])
+    dom = bench.targets[domain]
+    w_bits, a_bits = parse_bits(args.bits)
+    qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
+    q = quantize(model, args.method, calib=dom.train, config=qcfg, source=source, calib_size=cfg.calib_size,
+                 device=cfg.device, seed=cfg.seed, progress=not args.quiet, **cfg.ptq_options.get(args.method, {}))
+    acc = accuracy(q, dom.test, device=cfg.device)
+    save_model(q, args.out, {**{k: meta[k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes", "seed")},
+                             "domain": domain, "role": "quantized expert", "method": args.method,
+                             "bits": qcfg.tag, "accuracy": acc})
+    print(f"{domain}: {args.method} {qcfg.tag} accuracy {100 * acc:.1f}% -> {args.out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .data import load_benchmark
+    from .eval import evaluate
+    from .io import write_json
+    from .merge import merge
+    from .pipeline import rounding_options
+    from .zoo import model_from_checkpoint, save_model
+
+    loaded = [model_from_checkpoint(p, args.device or "cpu") for p in args.experts]
+    models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
+    options = {}
+    if args.method == "average":
+        extra = {"samples": args.samples} if args.samples is not None else {}
+        options = {"rounding": args.rounding, **rounding_options(args.rounding, extra, args.seed)}
+    if args.base:
+        options["base"] = model_from_checkpoint(args.base, args.device or "cpu")[0]
+    merged = merge(models, method=args.method, **options)
+    domains = [m.get("domain") for m in metas]
+    meta = {k: metas[0][k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes", "seed") if k in metas[0]}
+    report = {"experts": [str(p) for p in args.experts], "domains": domains, "method": args.method,
+              "options": {k: v for k, v in options.items() if k != "base"}, "base": args.base}
+    if meta.get("benchmark") and all(domains):
+        bench = load_benchmark(meta["benchmark"], seed=meta.get("seed", 0), targets=domains)
+        report["accuracy"] = evaluate(merged, {d: bench.targets[d].test for d in domains}, args.device or "cpu")
+    save_model(merged, args.out, {**meta, "role": "merged", "domains": domains, "merge": report})
+    write_json(args.report or Path(args.out).with_suffix(".report.json"), report)
+    print(report.get("accuracy", "merged (no benchmark metadata to evaluate on)"))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_benchmark, save_sample_grid
 
@@ -114,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config (e.g. a config.yaml written by an earlier run)")
     p.add_argument("--methods", type=_csv, help="comma-separated PTQ methods, e.g. rtn,qdrop,hdrq")
     p.add_argument("--bits", type=_csv, help="comma-separated bit pairs, e.g. W8A8,W4A4,W3A3")
-    p.add_argument("--rounding", help="rounding policy for merging quantized experts (default float, Eq. 11)")
+    p.add_argument("--rounding", help="rounding policy for merging quantized experts: float (Eq. 11, default), "
+                   "nearest, noise (Eq. 12 + cosine filter), noise-ties (reference code)")
+    p.add_argument("--samples", type=int, help="noise samples drawn by --rounding noise/noise-ties (default 30/100)")
     p.add_argument("--step-method", choices=("mse", "lp", "absmax"), help="weight step search (default mse)")
     p.add_argument("--first-last-bits", type=int, help="bits of first/last layer (default 8; 0 = like the rest)")
     p.add_argument("--out", default="runs/digits", help="output folder (default runs/digits)")
@@ -132,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="expert checkpoint path (.safetensors)")
     _add_common(p)
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("quantize", help="quantize one expert checkpoint on its domain's calibration split")
+    p.add_argument("--model", required=True, help="expert checkpoint (.safetensors)")
+    p.add_argument("--method", default="rtn", help="PTQ method (rtn, adaround, brecq, qdrop, hdrq)")
+    p.add_argument("--bits", default="W4A4", help="bit pair, e.g. W4A4")
+    p.add_argument("--source", help="source checkpoint (needed by hdrq's distance term)")
+    p.add_argument("--domain", help="calibration domain (default: the checkpoint's own)")
+    p.add_argument("--out", required=True, help="quantized checkpoint path (.safetensors)")
+    _add_common(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("merge", help="merge expert checkpoints into one; writes the checkpoint and a JSON report")
+    p.add_argument("experts", nargs="+", help="expert checkpoints (all full precision or all quantized)")
+    p.add_argument("--method", default="average", help="average, task_arithmetic or ties")
+    p.add_argument("--rounding", default="float", help="for quantized experts: float, nearest, noise, noise-ties")
+    p.add_argument("--samples", type=int, help="noise samples (noise: 30, noise-ties: 100)")
+    p.add_argument("--base", help="shared source checkpoint (task_arithmetic, ties)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="merged checkpoint path (.safetensors)")
+    p.add_argument("--report", help="JSON report path (default: OUT with .report.json)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("data", help="save a PNG grid of samples per domain and print split sizes")
     p.add_argument("--benchmark", default="digits")

@@ -40,6 +40,7 @@ class RunConfig:
     first_last_bits: int | None = 8
     step_method: str = "mse"
     rounding: str = "float"
+    merge_options: dict[str, Any] = field(default_factory=dict)
     source: SourceConfig | None = None
     shot: ShotConfig | None = None
     ptq_options: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -102,6 +102,11 @@ def run(config: RunConfig, out: str | Path, progress: bool = False,
     return results
 
 
+def rounding_options(rounding: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The sampling policies (noise, noise-ties) draw with the run's seed unless told otherwise."""
+    return {"seed": seed, **options} if rounding.startswith("noise") else dict(options)
+
+
 def _quantize_and_merge(cfg: RunConfig, method: str, qcfg: QuantConfig, experts, source, bench, tests,
                         progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def _quantize_and_merge(cfg: RunConfig, method: str, qcfg: QuantConfig, experts,
         for d, m in experts.items()
     }
     seconds = time.perf_counter() - t0
-    merged = merge(list(qexperts.values()), rounding=cfg.rounding)
+    merged = merge(list(qexperts.values()), rounding=cfg.rounding, **rounding_options(cfg.rounding, cfg.merge_options, cfg.seed))
     return {
         "method": method,
         "w_bits": qcfg.w_bits,

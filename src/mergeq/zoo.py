@@ -20,8 +20,11 @@ from . import __version__
 from .adapt.shot import ShotConfig, shot
 from .adapt.source import SourceConfig, train_source
 from .data import Benchmark
+from .errors import CheckpointError
 from .io import load_checkpoint, save_checkpoint
 from .models import build_model
+from .nn.fold import set_module
+from .nn.qmodule import QuantModule, quant_modules
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +34,36 @@ def _key(obj: Any) -> str:
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a full-precision model saved by :func:`save_model`."""
+    """Rebuild a model (full precision or quantized) saved by :func:`save_model`."""
     state, meta = load_checkpoint(path)
+    for key in ("arch", "num_classes"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint metadata of {path} lacks {key!r}: was it written by mergeq?")
     model = build_model(meta["arch"], meta["num_classes"], **meta.get("arch_kwargs", {}))
-    model.load_state_dict(state)
+    for name in meta.get("folded_bn", []):
+        set_module(model, name, nn.Identity())
+    for name, (w_bits, a_bits) in meta.get("quant_layers", {}).items():
+        layer = model.get_submodule(name)
+        if f"{name}.bias" in state and layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+        set_module(model, name, QuantModule(layer, w_bits, a_bits))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit architecture {meta['arch']}: {e}") from None
     return model.to(device).eval(), meta
 
 
 def save_model(model: nn.Module, path: str | Path, meta: dict) -> Path:
-    return save_checkpoint(model.state_dict(), path, {"mergeq_version": __version__, **meta})
+    """Save a model built by ``build_model`` (possibly BN-folded and quantized) with its metadata."""
+    qlayers = {n: [m.w_bits, m.a_bits] for n, m in quant_modules(model)}
+    extra: dict[str, Any] = {"mergeq_version": __version__}
+    if qlayers:
+        fresh = build_model(meta["arch"], meta["num_classes"], **meta.get("arch_kwargs", {}))
+        bns = [n for n, m in fresh.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+        extra["folded_bn"] = [n for n in bns if isinstance(model.get_submodule(n), nn.Identity)]
+        extra["quant_layers"] = qlayers
+    return save_checkpoint(model.state_dict(), path, {**meta, **extra})
 
 
 class ModelPool:

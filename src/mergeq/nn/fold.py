@@ -76,7 +76,7 @@ def _pairs_by_order(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
@@ -87,7 +87,7 @@ def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.M
     pairs = _pairs_by_trace(model, example_input) if example_input is not None else _pairs_by_order(model)
     for layer_name, bn_name in pairs:
         fold_bn_into(model.get_submodule(layer_name), model.get_submodule(bn_name))
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
     return model
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..quant.config import QuantConfig
-from .fold import _set_module, fold_bn
+from .fold import set_module, fold_bn
 from .qmodule import QuantModule, quant_modules
 
 _LAYERS = (nn.Conv2d, nn.Linear)
@@ -48,7 +48,7 @@ def prepare(model: nn.Module, config: QuantConfig, example_input: torch.Tensor |
         edge = name in ends
         w_bits = config.first_last_bits if edge else config.w_bits
         a_bits = None if config.a_bits is None else (config.first_last_bits if edge else config.a_bits)
-        _set_module(model, name, QuantModule(model.get_submodule(name), w_bits, a_bits, config.step_method))
+        set_module(model, name, QuantModule(model.get_submodule(name), w_bits, a_bits, config.step_method))
     return model
 
 
