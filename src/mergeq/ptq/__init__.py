@@ -1,5 +1,7 @@
 """Post-training quantization methods, each registered in ``PTQ_METHODS``."""
-from . import rtn  # noqa: F401  (registers the method)
+from . import adaround, brecq, hdrq, qdrop, rtn  # noqa: F401  (registers the methods)
+from ..registry import PTQ_METHODS
 from .base import PTQContext, quantize
+from .presets import calib_size, ptq_options
 
-__all__ = ["PTQContext", "quantize"]
+__all__ = ["PTQ_METHODS", "PTQContext", "calib_size", "ptq_options", "quantize"]

@@ -1,0 +1,161 @@
+"""SHOT: source-free domain adaptation by hypothesis transfer.
+
+Liang, Hu & Feng, "Do We Really Need to Access the Source Data? Source Hypothesis
+Transfer for Unsupervised Domain Adaptation", ICML 2020 (section 3.2-3.3).
+
+The source classifier head ``h`` (``get_classifier``: the last ``nn.Linear``) is frozen;
+the feature extractor ``g`` (everything else, including BatchNorm statistics) is trained
+on unlabeled target images x with
+
+    L = ent_weight * (E_x[H(p(x))] - H(E_x[p(x)]))          # information maximisation
+        + beta * CE(p(x), y_hat(x))                          # self-supervised pseudo-labels
+
+where p = softmax(h(g(x))), H is the entropy, and y_hat comes from feature-space
+centroids (SHOT Eq. 4-6), recomputed with the model in eval mode at the start of
+every epoch: c_k = sum_x p_k(x) g(x) / sum_x p_k(x); y_hat = argmin_k cos-dist(g(x), c_k);
+then one refinement round with hard-label centroids. As in SHOT's code, features get
+a constant 1 appended and are L2-normalised before the cosine distances.
+
+Our additions (options, documented): learning-rate decay lr*(1+10p)^-0.75 as in SHOT's
+code; ``recalibrate_bn`` re-estimates BN running statistics on the target data
+after training (a full pass with cumulative averaging) so the expert's BN buffers are
+exact target statistics rather than a momentum average of a few batches.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from ..models.resnet import get_classifier
+from .source import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShotConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    beta: float = 0.3  # pseudo-label cross-entropy weight (SHOT's cls_par)
+    ent_weight: float = 1.0  # information-maximisation weight (SHOT's ent_par)
+    epsilon: float = 1e-5
+    recalibrate_bn: bool = True
+
+
+class _HeadInput:
+    """Forward pre-hook that records the input of the classifier head (the features)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.value = torch.flatten(args[0], 1)
+
+
+def information_maximization(logits: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mean per-sample entropy minus the entropy of the mean prediction (SHOT Eq. 2-3)."""
+    p = logits.softmax(dim=1)
+    ent = -(p * torch.log(p + eps)).sum(dim=1).mean()
+    p_mean = p.mean(dim=0)
+    div = -(p_mean * torch.log(p_mean + eps)).sum()
+    return ent - div
+
+
+def centroid_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = 1) -> torch.Tensor:
+    """SHOT's clustering pseudo-labels: soft centroids, cosine assignment, ``rounds`` refinements."""
+    f = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
+    f = F.normalize(f, dim=1)
+    weights = probs
+    for _ in range(rounds + 1):
+        centroids = weights.t() @ f / (weights.sum(dim=0)[:, None] + 1e-8)
+        dist = 1 - f @ F.normalize(centroids, dim=1).t()
+        labels = dist.argmin(dim=1)
+        weights = F.one_hot(labels, probs.shape[1]).to(f.dtype)
+    return labels
+
+
+@torch.no_grad()
+def _features_and_probs(model: nn.Module, rec: _HeadInput, x: torch.Tensor, bs: int, device: str):
+    feats, probs = [], []
+    for i in range(0, len(x), bs):
+        probs.append(model(x[i:i + bs].to(device)).softmax(dim=1).cpu())
+        feats.append(rec.value.cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, bs: int = 256, device: str = "cpu") -> None:
+    """Reset every BN's running statistics and re-estimate them on ``x`` (cumulative average)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(0, len(x), bs):
+        model(x[i:i + bs].to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+def shot(source_model: nn.Module, dataset: TensorDataset, cfg: ShotConfig, seed: int = 0,
+         device: str = "cpu", progress: bool = False) -> nn.Module:
+    """Adapt a copy of ``source_model`` to the unlabeled images ``dataset.tensors[0]`` with SHOT."""
+    model = copy.deepcopy(source_model).to(device)
+    head = get_classifier(model)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    x_all = dataset.tensors[0]
+    g = torch.Generator().manual_seed(seed)
+    rec = _HeadInput(head)
+    steps_per_epoch = max(1, len(x_all) // cfg.batch_size)  # drop the ragged last batch
+    total, step = cfg.epochs * steps_per_epoch, 0
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="shot", unit="epoch")
+    try:
+        for epoch in epochs:
+            model.eval()
+            feats, probs = _features_and_probs(model, rec, x_all, 256, device)
+            pseudo = centroid_pseudo_labels(feats, probs, rounds=1)
+            model.train()
+            perm = torch.randperm(len(x_all), generator=g)
+            running = 0.0
+            for i in range(steps_per_epoch):
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                logits = model(x_all[idx].to(device))
+                loss = cfg.ent_weight * information_maximization(logits, cfg.epsilon)
+                if cfg.beta:
+                    loss = loss + cfg.beta * F.cross_entropy(logits, pseudo[idx].to(device))
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * (1 + 10 * step / total) ** -0.75
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += loss.item()
+                step += 1
+            log.info("shot epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, running / steps_per_epoch)
+    finally:
+        rec.handle.remove()
+    if cfg.recalibrate_bn:
+        recalibrate_batchnorm(model, x_all, device=device)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return model.eval()

@@ -1,0 +1,113 @@
+"""Supervised training of the source model (the starting point of SHOT's experts).
+
+Cross-entropy with label smoothing (SHOT, Liang et al. 2020, section 3.1, trains its
+source model with smoothing 0.1), SGD+momentum or Adam, cosine learning-rate decay,
+and augmentation written in torch (no torchvision):
+
+* small random affine maps (rotation, scale, translation) via ``affine_grid``;
+* colour jitter as a random per-image channel-mixing matrix ``I + N(0, color^2)``
+  followed by per-image, per-channel re-standardisation (the data are standardised
+  that way, see ``mergeq.data.digits``), so brightness/contrast changes are undone
+  and only the channel mix and gain are perturbed;
+* additive Gaussian noise.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from ..data.digits import standardize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceConfig:
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adam"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    rotate: float = 10.0  # max degrees
+    scale: float = 0.1  # max relative zoom
+    translate: float = 0.1  # max shift, fraction of half the image (0.1 = 1.6 px)
+    color: float = 0.2  # std of the channel-mixing perturbation; 0 disables
+    noise: float = 0.0  # std of additive Gaussian noise (in standardised units)
+
+
+def augment(x: torch.Tensor, cfg: SourceConfig, g: torch.Generator) -> torch.Tensor:
+    """Random affine + colour (channel mix) jitter + noise on a standardised batch."""
+    n = x.shape[0]
+    u = lambda *s: torch.rand(*s, generator=g) * 2 - 1  # noqa: E731  uniform in [-1, 1)
+    if cfg.rotate or cfg.scale or cfg.translate:
+        a = u(n) * math.radians(cfg.rotate)
+        s = 1 + u(n) * cfg.scale
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1] = a.cos() / s, -a.sin() / s
+        theta[:, 1, 0], theta[:, 1, 1] = a.sin() / s, a.cos() / s
+        theta[:, :, 2] = u(n, 2) * cfg.translate
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        bg = x.amin(dim=(2, 3), keepdim=True)  # pad with the image's background level
+        x = F.grid_sample(x - bg, grid, align_corners=False) + bg
+    if cfg.color:
+        c = x.shape[1]
+        mix = torch.eye(c) + cfg.color * torch.randn(n, c, c, generator=g)
+        x = standardize(torch.einsum("nij,njhw->nihw", mix, x))
+    if cfg.noise:
+        x = x + cfg.noise * torch.randn(x.shape, generator=g)
+    return x
+
+
+def _lr_at(base: float, step: int, total: int) -> float:
+    """Cosine decay to zero over ``total`` steps."""
+    return 0.5 * base * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: adam, sgd")
+
+
+def train_source(model: nn.Module, dataset: TensorDataset, cfg: SourceConfig, seed: int = 0,
+                 device: str = "cpu", progress: bool = False) -> nn.Module:
+    """Train a copy of ``model`` on labeled ``dataset`` (images, labels); returns it in eval mode."""
+    model = copy.deepcopy(model).to(device).train()
+    x_all, y_all = dataset.tensors[0], dataset.tensors[1]
+    g = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    steps_per_epoch = max(1, len(x_all) // cfg.batch_size)  # drop the ragged last batch
+    total, step = cfg.epochs * steps_per_epoch, 0
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="source", unit="epoch")
+    for epoch in epochs:
+        perm = torch.randperm(len(x_all), generator=g)
+        running = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            xb = augment(x_all[idx], cfg, g).to(device)
+            yb = y_all[idx].to(device)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg.lr, step, total)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            step += 1
+        log.info("source epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, running / steps_per_epoch)
+    return model.eval()

@@ -1,0 +1,102 @@
+"""AdaRound pieces, QDrop dropping, and properties every reconstruction method must have."""
+import pytest
+import torch
+
+from mergeq.nn import QuantModule, quant_modules
+from mergeq.ptq import calib_size, ptq_options, quantize
+from mergeq.ptq.adaround import AdaRoundQuantizer, beta_schedule, init_v, rectified_sigmoid, round_penalty
+from mergeq.quant import ActQuantizer, quantize_int, search_weight_step
+
+from .conftest import MODEL_FACTORIES, randomize_bn
+
+METHODS = ["adaround", "brecq", "qdrop", "hdrq"]
+
+
+def _model(kind="resnet"):
+    torch.manual_seed(0)
+    return randomize_bn(MODEL_FACTORIES[kind]())
+
+
+def _calib():
+    return torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def test_adaround_init_reproduces_nearest_rounding():
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    step = search_weight_step(w, 4)
+    q = AdaRoundQuantizer(w, step)
+    frac = w / step - torch.floor(w / step)
+    assert torch.allclose(rectified_sigmoid(q.V), frac, atol=1e-5)
+    assert torch.equal(q.hard(w, step, 4), quantize_int(w, step, 4) * step)
+    assert torch.equal(q.hard(w, step, 4), q.eval().forward(w, step, 4) if not q.soft else q.hard(w, step, 4))
+
+
+def test_beta_schedule_and_penalty():
+    iters = 1000
+    betas = [beta_schedule(t, iters) for t in range(iters + 1)]
+    assert betas[0] == betas[100] == betas[200] == 20.0
+    assert betas[-1] == pytest.approx(2.0)
+    assert all(a >= b for a, b in zip(betas, betas[1:]))
+    assert betas[600] == pytest.approx(11.0)
+    v = torch.tensor([-100.0, 100.0, 0.0])  # h = 0, 1 (no penalty) and 0.5 (full penalty)
+    assert round_penalty(v, 2.0).item() == pytest.approx(1.0)
+
+
+def test_qdrop_drop_rate():
+    q = ActQuantizer(2)
+    x = torch.rand(200_000) * 3
+    q.init_from(x)
+    q.drop_prob = 0.5
+    torch.manual_seed(0)
+    out = q.train()(x)
+    xq = q.eval()(x)
+    differs = xq != x  # only there can dropping be observed
+    kept_fp = (out == x) & differs
+    assert kept_fp.sum() / differs.sum() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weights_on_grid_after_method(method):
+    model = _model()
+    q = quantize(model, method, _calib(), w_bits=3, a_bits=4, source=model, iters=6, batch_size=8)
+    for _, m in quant_modules(q):
+        codes = m.int_weight()
+        assert torch.equal(m.weight, codes * m.w_step)
+        assert codes.min() >= -(2 ** (m.w_bits - 1)) and codes.max() <= 2 ** (m.w_bits - 1) - 1
+
+
+@pytest.mark.parametrize("method", ["qdrop", "hdrq"])
+def test_seeded_run_repeats_bit_for_bit(method):
+    model, x = _model("nested_bottleneck"), _calib()
+    runs = [quantize(model, method, x, source=model, seed=5, iters=5, batch_size=8) for _ in range(2)]
+    for (_, a), (_, b) in zip(quant_modules(runs[0]), quant_modules(runs[1])):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.act_quant.step, b.act_quant.step)
+
+
+@pytest.mark.parametrize("kind", ["vgg", "nested_bottleneck"])
+def test_reconstruction_improves_on_rtn(kind):
+    model, x = _model(kind), _calib()
+    with torch.no_grad():
+        y = model(x)
+        err = lambda q: float(((q(x) - y) ** 2).mean())  # noqa: E731
+        rtn = err(quantize(model, "rtn", x, w_bits=3, a_bits=3))
+        brecq = err(quantize(model, "brecq", x, w_bits=3, a_bits=3, iters=60, batch_size=8))
+    assert brecq < rtn
+
+
+def test_unknown_option_and_presets():
+    with pytest.raises(TypeError, match="unknown option.*'itrs'"):
+        quantize(_model(), "brecq", _calib(), itrs=3)
+    with pytest.raises(TypeError):
+        quantize(_model(), "hdrq", _calib(), distance=False, round_weight=0.1)  # an AdaRound option
+    assert ptq_options("rtn", "quick") == {}
+    assert ptq_options("hdrq", "paper")["iters"] == 20000 and calib_size("paper") == 1024
+    for preset in ("quick", "default"):
+        assert 0 < ptq_options("qdrop", preset)["iters"] < 20000
+    with pytest.raises(ValueError, match="unknown preset"):
+        ptq_options("qdrop", "huge")
+
+
+def test_weight_only_config_and_unit_types():
+    q = quantize(_model("vgg"), "qdrop", _calib(), w_bits=4, a_bits=None, iters=3, batch_size=4)
+    assert all(isinstance(m, QuantModule) and m.act_quant is None for _, m in quant_modules(q))
