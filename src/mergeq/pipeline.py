@@ -46,38 +46,84 @@ def _load_previous(out: Path, config_yaml: str) -> list[dict]:
     return []
 
 
+class Experiment:
+    """The benchmark, source model and SHOT experts of one resolved config, ready to quantize."""
+
+    def __init__(self, config: RunConfig, progress: bool = False) -> None:
+        self.cfg = cfg = config.resolved()
+        self.progress = progress
+        torch.manual_seed(cfg.seed)
+        self.bench = load_benchmark(cfg.benchmark, seed=cfg.seed, targets=cfg.targets)
+        self.targets = list(self.bench.targets)
+        self.tests = {d: self.bench.targets[d].test for d in self.targets}
+        pool = ModelPool(self.bench, cfg.arch, cfg.arch_kwargs, cfg.source, cfg.shot, cfg.seed, cfg.cache_dir,
+                         cfg.device, progress)
+        self.source = pool.source()
+        self.experts = {d: pool.expert(d) for d in self.targets}
+
+    def fp_results(self) -> dict[str, Any]:
+        cfg, bench, tests = self.cfg, self.bench, self.tests
+        example = bench.source.test.tensors[0][:2].to(cfg.device)
+        folded = [fold_bn(self.experts[d], example) for d in self.targets]
+        return {
+            "source": evaluate(self.source, {bench.source.name: bench.source.test, **tests}, cfg.device),
+            "fp": {
+                "experts": {d: accuracy(self.experts[d], tests[d], device=cfg.device) for d in self.targets},
+                "merged": evaluate(merge(folded), tests, cfg.device),
+            },
+            "fp_bn_mixture": evaluate(merge(list(self.experts.values())), tests, cfg.device),
+        }
+
+    def quantize_experts(self, method: str, qcfg: QuantConfig, **overrides: Any) -> dict[str, torch.nn.Module]:
+        """Each expert quantized on its own target's calibration split."""
+        cfg = self.cfg
+        options = {**cfg.ptq_options.get(method, {}), **overrides}
+        return {
+            d: quantize(m, method, calib=self.bench.targets[d].train, config=qcfg, source=self.source,
+                        calib_size=cfg.calib_size, device=cfg.device, seed=cfg.seed, progress=self.progress,
+                        **options)
+            for d, m in self.experts.items()
+        }
+
+    def merge_and_evaluate(self, models: list[torch.nn.Module], rounding: str | None = None,
+                           **options: Any) -> dict[str, float]:
+        rounding = rounding or self.cfg.rounding
+        opts = rounding_options(rounding, {**self.cfg.merge_options, **options}, self.cfg.seed)
+        return evaluate(merge(models, rounding=rounding, **opts), self.tests, self.cfg.device)
+
+    def row(self, method: str, qcfg: QuantConfig) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        qexperts = self.quantize_experts(method, qcfg)
+        seconds = time.perf_counter() - t0
+        return {
+            "method": method,
+            "w_bits": qcfg.w_bits,
+            "a_bits": qcfg.a_bits,
+            "experts": {d: accuracy(q, self.tests[d], device=self.cfg.device) for d, q in qexperts.items()},
+            "merged": self.merge_and_evaluate(list(qexperts.values())),
+            "seconds": seconds,
+            "seconds_per_expert": seconds / len(qexperts),
+        }
+
+
+def rounding_options(rounding: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The sampling policies (noise, noise-ties) draw with the run's seed unless told otherwise."""
+    return {"seed": seed, **options} if rounding.startswith("noise") else dict(options)
+
+
 def run(config: RunConfig, out: str | Path, progress: bool = False,
         on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run the whole pipeline; return the results dict (also written to ``out``)."""
-    cfg = config.resolved()
+    exp = Experiment(config, progress)
+    cfg = exp.cfg
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_yaml = cfg.to_yaml()
     previous = {(r["method"], r["w_bits"], r["a_bits"]): r for r in _load_previous(out, config_yaml)}
     atomic_write_text(out / "config.yaml", config_yaml)
-
-    torch.manual_seed(cfg.seed)
-    bench = load_benchmark(cfg.benchmark, seed=cfg.seed, targets=cfg.targets)
-    targets = list(bench.targets)
-    tests = {d: bench.targets[d].test for d in targets}
-    pool = ModelPool(bench, cfg.arch, cfg.arch_kwargs, cfg.source, cfg.shot, cfg.seed, cfg.cache_dir,
-                     cfg.device, progress)
-    source = pool.source()
-    experts = {d: pool.expert(d) for d in targets}
-    example = bench.source.test.tensors[0][:2].to(cfg.device)
-
     results: dict[str, Any] = {
-        "benchmark": bench.name,
-        "targets": targets,
-        "seed": cfg.seed,
-        "preset": cfg.preset,
-        "source": evaluate(source, {bench.source.name: bench.source.test, **tests}, cfg.device),
-        "fp": {
-            "experts": {d: accuracy(experts[d], tests[d], device=cfg.device) for d in targets},
-            "merged": evaluate(merge([fold_bn(experts[d], example) for d in targets]), tests, cfg.device),
-        },
-        "fp_bn_mixture": evaluate(merge(list(experts.values())), tests, cfg.device),
-        "rows": [],
+        "benchmark": exp.bench.name, "targets": exp.targets, "seed": cfg.seed, "preset": cfg.preset,
+        **exp.fp_results(), "rows": [],
     }
 
     def save() -> None:
@@ -93,37 +139,10 @@ def run(config: RunConfig, out: str | Path, progress: bool = False,
                 row = previous[key]
                 log.info("resuming: %s %s already done", method, spec)
             else:
-                row = _quantize_and_merge(cfg, method, qcfg, experts, source, bench, tests, progress)
+                row = exp.row(method, qcfg)
             results["rows"].append(row)
             save()
             if on_row:
                 on_row(row)
     save()
     return results
-
-
-def rounding_options(rounding: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The sampling policies (noise, noise-ties) draw with the run's seed unless told otherwise."""
-    return {"seed": seed, **options} if rounding.startswith("noise") else dict(options)
-
-
-def _quantize_and_merge(cfg: RunConfig, method: str, qcfg: QuantConfig, experts, source, bench, tests,
-                        progress: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    qexperts = {
-        d: quantize(m, method, calib=bench.targets[d].train, config=qcfg, source=source,
-                    calib_size=cfg.calib_size, device=cfg.device, seed=cfg.seed, progress=progress,
-                    **cfg.ptq_options.get(method, {}))
-        for d, m in experts.items()
-    }
-    seconds = time.perf_counter() - t0
-    merged = merge(list(qexperts.values()), rounding=cfg.rounding, **rounding_options(cfg.rounding, cfg.merge_options, cfg.seed))
-    return {
-        "method": method,
-        "w_bits": qcfg.w_bits,
-        "a_bits": qcfg.a_bits,
-        "experts": {d: accuracy(q, tests[d], device=cfg.device) for d, q in qexperts.items()},
-        "merged": evaluate(merged, tests, cfg.device),
-        "seconds": seconds,
-        "seconds_per_expert": seconds / len(qexperts),
-    }
