@@ -91,9 +91,10 @@ class Experiment:
         opts = rounding_options(rounding, {**self.cfg.merge_options, **options}, self.cfg.seed)
         return evaluate(merge(models, rounding=rounding, **opts), self.tests, self.cfg.device)
 
-    def row(self, method: str, qcfg: QuantConfig) -> dict[str, Any]:
+    def row(self, method: str, qcfg: QuantConfig, **overrides: Any) -> dict[str, Any]:
+        """Quantize every expert, merge them, evaluate: one row of ``results.json``."""
         t0 = time.perf_counter()
-        qexperts = self.quantize_experts(method, qcfg)
+        qexperts = self.quantize_experts(method, qcfg, **overrides)
         seconds = time.perf_counter() - t0
         return {
             "method": method,
