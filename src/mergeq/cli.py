@@ -152,6 +152,63 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis_models(args: argparse.Namespace, n_targets: int):
+    """The experiment and, per family (fp + each method), the quantized (or FP) experts."""
+    from .nn import fold_bn
+    from .pipeline import Experiment
+    from .quant import QuantConfig, parse_bits
+
+    cfg = _config(args)
+    exp = Experiment(cfg, progress=not args.quiet)
+    if len(exp.targets) < n_targets:
+        raise ValueError(f"this analysis needs {n_targets} target domains, got {exp.targets}")
+    w_bits, a_bits = parse_bits(args.bit_pair)
+    example = exp.bench.source.test.tensors[0][:2]
+    families = {"fp": {d: fold_bn(m, example) for d, m in exp.experts.items()}}
+    for method in exp.cfg.methods:
+        qcfg = QuantConfig(w_bits, a_bits, exp.cfg.first_last_bits, exp.cfg.step_method)
+        families[method] = exp.quantize_experts(method, qcfg)
+    return exp, families
+
+
+def cmd_barrier(args: argparse.Namespace) -> int:
+    from .eval import linear_path
+    from .eval.plots import plot_paths
+    from .io import atomic_write_text, write_json
+
+    exp, families = _analysis_models(args, 2)
+    d1, d2 = exp.targets[:2]
+    domains = {d: exp.tests[d] for d in (d1, d2)}
+    paths = {name: linear_path(ms[d1], ms[d2], domains, args.points, exp.cfg.device) for name, ms in families.items()}
+    out = Path(args.out)
+    write_json(out / "barrier.json", {"targets": [d1, d2], "bits": args.bit_pair, "seed": exp.cfg.seed, "paths": paths})
+    atomic_write_text(out / "config.yaml", exp.cfg.to_yaml())
+    plot_paths(paths, out / "barrier.png", f"{d1} -> {d2} experts, {args.bit_pair} (fp: full precision)")
+    for name, p in paths.items():
+        print(f"{name:>8}: loss barrier {p['loss_barrier']:.4f}, accuracy barrier {100 * p['accuracy_barrier']:.1f} pts")
+    return 0
+
+
+def cmd_surface(args: argparse.Namespace) -> int:
+    from .eval import loss_surface
+    from .eval.plots import plot_surfaces
+    from .io import atomic_write_text, write_json
+
+    exp, families = _analysis_models(args, 1)
+    d = exp.targets[0]
+    data = {d: exp.tests[d]}
+    surfaces = {name: loss_surface(ms[d], data, args.points, args.radius, exp.cfg.seed, exp.cfg.device)
+                for name, ms in families.items()}
+    out = Path(args.out)
+    write_json(out / "surface.json", {"domain": d, "bits": args.bit_pair, "seed": exp.cfg.seed, "surfaces": surfaces})
+    atomic_write_text(out / "config.yaml", exp.cfg.to_yaml())
+    plot_surfaces(surfaces, out / "surface.png", f"loss around the {d} expert, {args.bit_pair}")
+    for name, s in surfaces.items():
+        mid = len(s["loss"]) // 2
+        print(f"{name:>8}: centre loss {s['loss'][mid][mid]:.4f}, max on grid {max(map(max, s['loss'])):.4f}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_benchmark, save_sample_grid
 
@@ -213,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="merged checkpoint path (.safetensors)")
     p.add_argument("--report", help="JSON report path (default: OUT with .report.json)")
     p.set_defaults(func=cmd_merge)
+
+    for name, fn, helptext in [
+        ("barrier", cmd_barrier, "loss/accuracy along the linear path between two experts, error barrier (Eq. 1-3)"),
+        ("surface", cmd_surface, "2-D loss surface around an expert along filter-normalised directions (Fig. 2)"),
+    ]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--methods", type=_csv, default=["rtn", "brecq", "qdrop", "hdrq"])
+        p.add_argument("--bits", dest="bit_pair", default="W4A4", help="bit pair for the quantized experts")
+        p.add_argument("--points", type=int, default=11, help="grid points along each axis")
+        if name == "surface":
+            p.add_argument("--radius", type=float, default=1.0, help="grid half-width in direction norms")
+        p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
+        p.add_argument("--config", help="YAML run config to start from")
+        _add_common(p)
+        p.set_defaults(func=fn)
 
     p = sub.add_parser("data", help="save a PNG grid of samples per domain and print split sizes")
     p.add_argument("--benchmark", default="digits")
