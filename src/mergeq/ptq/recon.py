@@ -115,6 +115,7 @@ def rec_loss(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return (pred - tgt).pow(2).sum(1).mean()
 
 
+@torch.enable_grad()
 def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, opts: ReconOptions, device) -> float:
     x_q, x_fp, y_fp = data
     w_params = hooks.setup(layers)

@@ -71,8 +71,9 @@ class ActQuantizer(nn.Module):
             budget = min(_MAX_OBSERVED // 8, _MAX_OBSERVED - seen)
             if budget > 0:
                 flat = x.detach().flatten()
-                if flat.numel() > budget:
-                    flat = flat[:: math.ceil(flat.numel() / budget)]
+                if flat.numel() > budget:  # a seeded random subset: a stride can alias with W
+                    g = torch.Generator(device=flat.device).manual_seed(len(self._observed))
+                    flat = flat[torch.randint(flat.numel(), (budget,), generator=g, device=flat.device)]
                 self._observed.append(flat.cpu())
             return x
         if not bool(self.initialized):

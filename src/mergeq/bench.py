@@ -1,0 +1,176 @@
+"""``mergeq bench``: a grid of methods x bit pairs x target sets x seeds, resumable.
+
+The grid comes from a YAML file::
+
+    preset: quick                 # any RunConfig field may be set here (arch, calib_size, ...)
+    methods: [rtn, brecq, qdrop, hdrq]
+    bits: [W8A8, W8A4, W4A8, W4A4, W3A3]
+    target_sets: [[uci, mnistm, rotated]]
+    seeds: [0, 1, 2]
+
+Every cell (target set, seed, bits, method) writes ``cells/<key>.json`` atomically into the
+output folder when it finishes; a rerun, under either executor, skips cells whose file
+exists. ``local`` runs cells in a process pool (``workers``); ``ray`` submits each cell as a
+Ray task (to ``address``, or a local Ray instance). The tables (``bench.csv``, ``bench.md``)
+are rebuilt from the cell files at the end.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from .config import RunConfig
+from .io import atomic_write_text, write_json
+from .quant.config import parse_bits
+
+log = logging.getLogger(__name__)
+GRID_KEYS = ("methods", "bits", "target_sets", "seeds")
+
+
+@dataclass(frozen=True)
+class Cell:
+    targets: tuple[str, ...]
+    seed: int
+    bits: str
+    method: str
+
+    @property
+    def key(self) -> str:
+        return f"{'+'.join(self.targets)}__seed{self.seed}__{self.bits}__{self.method}"
+
+
+def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
+    """Read a grid YAML; return the RunConfig fields shared by all cells and the cells."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    missing = [k for k in GRID_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"grid file {path} lacks {missing}; it needs {list(GRID_KEYS)}")
+    base = {k: v for k, v in data.items() if k not in GRID_KEYS}
+    RunConfig.from_dict({**base, "methods": data["methods"], "bits": data["bits"]})  # validate early
+    for b in data["bits"]:
+        parse_bits(b)
+    cells = [Cell(tuple(t), int(s), b, m) for t, s, b, m in
+             itertools.product(data["target_sets"], data["seeds"], data["bits"], data["methods"])]
+    return base, cells
+
+
+def run_cell(base: dict[str, Any], cell: Cell, out: str) -> dict[str, Any]:
+    """Compute one cell and write its JSON; safe to call in a worker process or a Ray task."""
+    from .pipeline import Experiment
+    from .quant import QuantConfig
+
+    cfg = RunConfig.from_dict({**base, "targets": list(cell.targets), "seed": cell.seed,
+                               "methods": [cell.method], "bits": [cell.bits]})
+    exp = Experiment(cfg)
+    w, a = parse_bits(cell.bits)
+    row = exp.row(cell.method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method))
+    result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "bits": cell.bits, **row}
+    write_json(Path(out) / "cells" / f"{cell.key}.json", result)
+    return result
+
+
+def _local(base, cells, out, workers: int) -> Iterable[dict]:
+    if workers <= 1:
+        for c in cells:
+            yield run_cell(base, c, out)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run_cell, base, c, out) for c in cells]
+        for f in as_completed(futures):
+            yield f.result()
+
+
+def _ray(base, cells, out, address: str | None) -> Iterable[dict]:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("the ray executor needs Ray: pip install 'mergeq[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    task = ray.remote(run_cell)
+    pending = [task.remote(base, c, out) for c in cells]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def run_grid(grid: str | Path, out: str | Path, executor: str = "local", workers: int = 1,
+             address: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Run every unfinished cell of ``grid`` into ``out``; return all cell results."""
+    base, cells = load_grid(grid)
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "grid.yaml", Path(grid).read_text())
+    todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").exists()]
+    log.info("%d of %d cells to run", len(todo), len(cells))
+    if executor == "local":
+        stream = _local(base, todo, str(out), workers)
+    elif executor == "ray":
+        stream = _ray(base, todo, str(out), address)
+    else:
+        raise ValueError(f"executor must be local or ray, got {executor!r}")
+    t0 = time.perf_counter()
+    for i, res in enumerate(stream, start=1):
+        if progress:
+            eta = (time.perf_counter() - t0) / i * (len(todo) - i)
+            progress(i, len(todo), f"{res['key']} done, hmean {100 * res['merged']['hmean']:.1f}%, ~{eta:.0f} s left")
+    results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
+    write_tables(results, out)
+    return results
+
+
+def _mean_sd(xs: list[float]) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def table2(results: list[dict]) -> str:
+    """Paper Table 2 form: merged hmean (mean ± std over seeds), own-domain expert accuracy in
+    parentheses, one table per target set, best mean per column in bold."""
+    lines = []
+    for targets in dict.fromkeys(tuple(r["targets"]) for r in results):
+        rs = [r for r in results if tuple(r["targets"]) == targets]
+        bits = list(dict.fromkeys(r["bits"] for r in rs))
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        seeds = sorted({r["seed"] for r in rs})
+        cell = {(m, b): [r for r in rs if r["method"] == m and r["bits"] == b] for m in methods for b in bits}
+        best = {b: max(statistics.mean(r["merged"]["hmean"] for r in cell[(m, b)]) for m in methods) for b in bits}
+        lines += [f"Targets {', '.join(targets)}; seeds {seeds}. Merged hmean % (mean ± std over seeds), "
+                  "quantized experts' own-domain accuracy % in parentheses.", "",
+                  "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+        for m in methods:
+            cols = []
+            for b in bits:
+                sel = cell[(m, b)]
+                h = [r["merged"]["hmean"] for r in sel]
+                text = _mean_sd(h)
+                if statistics.mean(h) == best[b]:
+                    text = f"**{text}**"
+                exp_acc = statistics.mean(statistics.mean(r["experts"].values()) for r in sel)
+                cols.append(f"{text} ({100 * exp_acc:.1f})")
+            lines.append(f"| {m} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_tables(results: list[dict], out: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["targets", "seed", "bits", "method", "merged_hmean", "expert_mean", "seconds"])
+    for r in results:
+        w.writerow(["+".join(r["targets"]), r["seed"], r["bits"], r["method"], f"{r['merged']['hmean']:.4f}",
+                    f"{statistics.mean(r['experts'].values()):.4f}", f"{r['seconds']:.1f}"])
+    atomic_write_text(out / "bench.csv", buf.getvalue())
+    atomic_write_text(out / "bench.md", table2(results))
