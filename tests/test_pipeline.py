@@ -4,13 +4,15 @@ import json
 import pytest
 import yaml
 
+from mergeq.data import TARGET_DOMAINS
+
 from mergeq.adapt import ShotConfig, SourceConfig
 from mergeq.cli import main
 from mergeq.config import RunConfig
 from mergeq.pipeline import run
 
 TINY = dict(
-    targets=["uci", "rotated"], preset="quick", methods=["rtn"], bits=["W8A8", "W3A3"],
+    targets=list(TARGET_DOMAINS[:2]), preset="quick", methods=["rtn"], bits=["W8A8", "W3A3"],
     source=SourceConfig(epochs=1), shot=ShotConfig(epochs=1), calib_size=64,
 )
 
@@ -28,9 +30,9 @@ def test_results_schema_and_files(tiny_run):
     assert {"results.json", "results.md", "config.yaml"} <= {p.name for p in out.iterdir()}
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
-    assert on_disk["benchmark"] == "digits" and on_disk["targets"] == ["uci", "rotated"] and on_disk["seed"] == 0
-    assert set(on_disk["fp"]["experts"]) == {"uci", "rotated"}
-    assert set(on_disk["fp"]["merged"]) == {"uci", "rotated", "hmean"}
+    assert on_disk["benchmark"] == "digits" and on_disk["targets"] == list(TARGET_DOMAINS[:2]) and on_disk["seed"] == 0
+    assert set(on_disk["fp"]["experts"]) == set(TARGET_DOMAINS[:2])
+    assert set(on_disk["fp"]["merged"]) == {*TARGET_DOMAINS[:2], "hmean"}
     assert [(r["method"], r["w_bits"], r["a_bits"]) for r in on_disk["rows"]] == [("rtn", 8, 8), ("rtn", 3, 3)]
     for r in on_disk["rows"]:
         assert all(0.0 <= v <= 1.0 for v in [*r["experts"].values(), *r["merged"].values()])

@@ -110,7 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     domain = args.domain or meta.get("domain")
     bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=meta.get("seed", cfg.seed), targets=[domain])
     dom = bench.targets[domain]
-    w_bits, a_bits = parse_bits(args.bits)
+    w_bits, a_bits = parse_bits(args.bit_pair)
     qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
     q = quantize(model, args.method, calib=dom.train, config=qcfg, source=source, calib_size=cfg.calib_size,
                  device=cfg.device, seed=cfg.seed, progress=not args.quiet, **cfg.ptq_options.get(args.method, {}))
@@ -209,6 +209,42 @@ def cmd_surface(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import export_onnx, save_packed
+    from .zoo import model_from_checkpoint
+
+    model, meta = model_from_checkpoint(args.model)
+    if args.format == "onnx":
+        path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta)
+    else:
+        path = save_packed(model, args.out, meta)
+    kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
+    print(f"wrote {path} ({args.format}, {kib[0]:.1f} KiB; input checkpoint {kib[1]:.1f} KiB)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .bench import run_grid
+
+    bar = None
+
+    def progress(i: int, n: int, text: str) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        bar = bar or tqdm(total=n, desc="cells", unit="cell")
+        bar.set_postfix_str(text[:80])
+        bar.update(1)
+
+    run_grid(args.grid, args.out, args.executor, args.workers, args.address, progress)
+    if bar:
+        bar.close()
+    print((Path(args.out) / "bench.md").read_text())
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_benchmark, save_sample_grid
 
@@ -252,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize one expert checkpoint on its domain's calibration split")
     p.add_argument("--model", required=True, help="expert checkpoint (.safetensors)")
     p.add_argument("--method", default="rtn", help="PTQ method (rtn, adaround, brecq, qdrop, hdrq)")
-    p.add_argument("--bits", default="W4A4", help="bit pair, e.g. W4A4")
+    p.add_argument("--bits", dest="bit_pair", default="W4A4", help="bit pair, e.g. W4A4")
     p.add_argument("--source", help="source checkpoint (needed by hdrq's distance term)")
     p.add_argument("--domain", help="calibration domain (default: the checkpoint's own)")
     p.add_argument("--out", required=True, help="quantized checkpoint path (.safetensors)")
@@ -285,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML run config to start from")
         _add_common(p)
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("export", help="export a quantized checkpoint: packed integer safetensors or QDQ ONNX")
+    p.add_argument("--model", required=True, help="quantized (or merged) checkpoint from quantize/merge (.safetensors)")
+    p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                   help="safetensors: bit-packed integer weights; onnx: QDQ graph for onnxruntime")
+    p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21)")
+    p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="run a resumable grid of methods x bits x target sets x seeds from YAML")
+    p.add_argument("grid", help="grid YAML (methods, bits, target_sets, seeds, plus any run config field)")
+    p.add_argument("--out", required=True, help="output folder: cells/*.json, bench.csv, bench.md")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--workers", type=int, default=1, help="local process pool size")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="save a PNG grid of samples per domain and print split sizes")
     p.add_argument("--benchmark", default="digits")
