@@ -113,7 +113,10 @@ def main() -> None:
     ap.add_argument("--source", default="{}", help="JSON overrides of SourceConfig fields")
     ap.add_argument("--shot", default="{}", help="JSON overrides of ShotConfig fields")
     ap.add_argument("--const", default="{}", help="JSON overrides of mergeq.data.digits constants")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for k, v in json.loads(args.const).items():
         setattr(digits, k, v)
     digits._photos.cache_clear()

@@ -16,16 +16,18 @@ every epoch: c_k = sum_x p_k(x) g(x) / sum_x p_k(x); y_hat = argmin_k cos-dist(g
 then one refinement round with hard-label centroids. As in SHOT's code, features get
 a constant 1 appended and are L2-normalised before the cosine distances.
 
-Our additions (options, documented): learning-rate decay lr*(1+10p)^-0.75 as in SHOT's
-code; ``recalibrate_bn`` re-estimates BN running statistics on the target data
-after training (a full pass with cumulative averaging) so the expert's BN buffers are
-exact target statistics rather than a momentum average of a few batches.
+Learning-rate decay lr*(1+10p)^-0.75 as in SHOT's code. Our addition, on by default
+(``recalibrate_bn``): BN running statistics are re-estimated on the target data (a full
+pass, cumulative average; AdaBN, Li et al. 2016) before each epoch's pseudo-labelling
+and after training. SHOT labels with the model in eval mode, i.e. at epoch 0 with the
+*source* BN statistics; on our digits shifts those labels are poor (AdaBN alone beat
+SHOT without it) and the cross-entropy term then drags the expert below AdaBN. It
+also makes the expert's BN buffers exact target statistics, which merging averages.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +134,8 @@ def shot(source_model: nn.Module, dataset: TensorDataset, cfg: ShotConfig, seed:
         epochs = tqdm(epochs, desc="shot", unit="epoch")
     try:
         for epoch in epochs:
+            if cfg.recalibrate_bn:
+                recalibrate_batchnorm(model, x_all, device=device)
             model.eval()
             feats, probs = _features_and_probs(model, rec, x_all, 256, device)
             pseudo = centroid_pseudo_labels(feats, probs, rounds=1)
