@@ -1,0 +1,71 @@
+"""Dense bit-stream packing of b-bit integer codes (b = 2..8) into bytes.
+
+``n`` codes of ``b`` bits take exactly ``ceil(n * b / 8)`` bytes. Signed codes in
+``[-2^(b-1), 2^(b-1) - 1]`` are offset by ``2^(b-1)`` to ``[0, 2^b - 1]`` first. Bits are laid out
+least significant first: code ``i`` occupies stream bits ``i*b .. i*b + b - 1`` and stream bit ``k``
+is bit ``k % 8`` of byte ``k // 8``. So int8 is one code per byte and int4 is two per byte (low
+nibble first), while int3 and int2 cross byte boundaries without wasting bits. Padding bits in
+the last byte are zero; :func:`unpack` refuses a stream whose padding is not.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import CheckpointError, MergeqError
+from ..quant import check_bits, qrange
+
+
+class ExportError(MergeqError):
+    """A model that cannot be exported: not quantized, not calibrated, or off its grid."""
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes holding ``n`` codes of ``bits`` bits: ``ceil(n * bits / 8)``."""
+    return (n * check_bits(bits, "packed bits") + 7) // 8
+
+
+def pack(codes: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """Pack integer ``codes`` (any shape, flattened) into a 1-D uint8 tensor of ``packed_size`` bytes.
+
+    Raises :class:`BitWidthError` for ``bits`` outside 2..8 and :class:`ExportError` for a
+    non-integer tensor or a code outside the ``bits``-bit range.
+    """
+    check_bits(bits, "packed bits")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ExportError(f"pack needs an integer tensor, got {codes.dtype}")
+    lo, hi = qrange(bits, signed)
+    flat = codes.detach().flatten().to(torch.int64)
+    if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
+        kind = "signed" if signed else "unsigned"
+        raise ExportError(f"codes span [{int(flat.min())}, {int(flat.max())}], outside the {kind} "
+                          f"{bits}-bit range [{lo}, {hi}]")
+    u = flat - lo  # offset 2^(b-1) for signed codes, 0 for unsigned
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((u[:, None] >> shifts) & 1).flatten()  # LSB first, n * bits entries
+    nbytes = packed_size(flat.numel(), bits)
+    stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int64)
+    return (stream.reshape(nbytes, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int, signed: bool = True) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``n`` codes (int64, 1-D).
+
+    Raises :class:`CheckpointError` if ``packed`` is not a 1-D uint8 tensor of exactly
+    ``ceil(n * bits / 8)`` bytes or its padding bits are not zero.
+    """
+    check_bits(bits, "packed bits")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise CheckpointError(f"code count must be a non-negative integer, got {n!r}")
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise CheckpointError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} of shape "
+                              f"{tuple(packed.shape)}")
+    want = packed_size(n, bits)
+    if packed.numel() != want:
+        raise CheckpointError(f"{n} codes of {bits} bits need {want} bytes, found {packed.numel()}")
+    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64)) & 1).flatten()
+    if bool(stream[n * bits:].any()):
+        raise CheckpointError(f"padding bits after the {n} packed {bits}-bit codes are not zero")
+    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int64)
+    u = (stream[: n * bits].reshape(n, bits) * weights).sum(dim=1)
+    return u + qrange(bits, signed)[0]
