@@ -1,0 +1,134 @@
+"""GPTQ: the matrix algorithm on hand-made problems, and quantize(model, "gptq") on tiny models."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergeq.nn import quant_modules
+from mergeq.ptq import PTQ_METHODS, quantize
+from mergeq.ptq.gptq import gptq_quantize_matrix, layer_rows
+from mergeq.quant import QuantConfig, qrange, quantize_int, search_weight_step
+
+from .conftest import randomize_bn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _problem(out=16, n=48, N=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n, generator=g) @ torch.randn(n, N, generator=g)  # strongly correlated inputs
+    return torch.randn(out, n, generator=g), X
+
+
+def _on_grid(w, step, bits):
+    lo, hi = qrange(bits, True)
+    codes = w / step
+    return bool(torch.allclose(codes, codes.round(), atol=1e-4)) and lo <= codes.round().min() and codes.round().max() <= hi
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
+    W, X = _problem()
+    step = search_weight_step(W, bits)
+    rtn = quantize_int(W, step, bits) * step
+    q = gptq_quantize_matrix(W, 2 * X @ X.T / X.shape[1], step, bits, blocksize=16, act_order=act_order)
+    assert _on_grid(q, step, bits)
+    assert torch.equal(q, quantize_int(q, step, bits) * step)
+    assert ((W - q) @ X).norm() < 0.9 * ((W - rtn) @ X).norm()
+
+
+def test_lazy_block_updates_are_exact():
+    W, X = _problem(out=6, n=20, N=100)
+    step, H = search_weight_step(W, 3), 2 * X @ X.T / 100
+    ref = gptq_quantize_matrix(W, H, step, 3, blocksize=20)
+    for bs in (1, 7):
+        assert torch.allclose(gptq_quantize_matrix(W, H, step, 3, blocksize=bs), ref)
+
+
+def test_gptq_identity_hessian_is_rtn_and_dead_inputs_are_zeroed():
+    W, _ = _problem(out=4, n=8)
+    step = search_weight_step(W, 4)
+    q = gptq_quantize_matrix(W, torch.eye(8), step, 4, percdamp=0.0)
+    assert torch.equal(q, quantize_int(W, step, 4) * step)  # no correlation: nothing to compensate
+    H = torch.eye(8)
+    H[3, 3] = 0.0
+    assert (gptq_quantize_matrix(W, H, step, 4)[:, 3] == 0).all()
+    with pytest.raises(ValueError):
+        gptq_quantize_matrix(W, torch.eye(7), step, 4)
+
+
+def test_conv_rows_match_conv_output():
+    """The unfolded rows X satisfy ‖conv(x, ΔW)‖² = ‖ΔW Xᵀ‖², so H is the right quadratic form."""
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1, bias=False)
+    model = nn.Sequential(conv)
+    qm = quantize(model, "rtn", torch.randn(4, 3, 9, 9), config=QuantConfig(a_bits=None, first_last_bits=None))[0]
+    x, dW = torch.randn(2, 3, 9, 9), torch.randn_like(conv.weight)
+    X = layer_rows(qm, x)
+    direct = F.conv2d(x, dW, stride=2, padding=1).pow(2).sum()
+    assert torch.allclose(direct, (X @ dW.reshape(5, -1).T).pow(2).sum(), rtol=1e-4)
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+
+
+@pytest.mark.parametrize("a_bits", [None, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_quantize_gptq_on_grid_and_beats_rtn(a_bits, act_order):
+    model, x = _conv_model(), torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(w_bits=3, a_bits=a_bits, first_last_bits=None)
+    q = quantize(model, "gptq", x, config=cfg, act_order=act_order, blocksize=32)
+    r = quantize(model, "rtn", x, config=cfg)
+    for _, m in quant_modules(q):
+        assert torch.equal(m.weight, m.int_weight() * m.w_step) and _on_grid(m.weight, m.w_step, m.w_bits)
+    ref = model.eval()(x)
+    assert (q(x) - ref).pow(2).mean() < (r(x) - ref).pow(2).mean()
+
+
+class _Tok(nn.Module):
+    """Linear layers on [B, T, D] inputs, like a transformer MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(12, 24), nn.Linear(24, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.down(F.gelu(self.up(x))) + x).mean(1)
+
+
+def test_gptq_linear_on_token_inputs():
+    torch.manual_seed(0)
+    model = _Tok().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 6, 12, generator=g) @ torch.randn(12, 12, generator=g)
+    cfg = QuantConfig(w_bits=3, a_bits=None, first_last_bits=None)
+    q, r = quantize(model, "gptq", x, config=cfg), quantize(model, "rtn", x, config=cfg)
+    assert all(torch.equal(m.weight, m.int_weight() * m.w_step) for _, m in quant_modules(q))
+    ref = model(x)
+    assert (q(x) - ref).pow(2).mean() < (r(x) - ref).pow(2).mean()
+    q2 = quantize(model, "gptq", x, config=cfg, sequential=False)
+    assert torch.isfinite(q2(x)).all()
+
+
+def test_gptq_options_and_grouped_conv():
+    x = torch.randn(8, 3, 8, 8)
+    assert "gptq" in PTQ_METHODS
+    with pytest.raises(TypeError, match="unknown option"):
+        quantize(_conv_model(), "gptq", x, bogus=1)
+    with pytest.raises(TypeError, match="group"):
+        quantize(_conv_model(), "gptq", x, group_size=128)
+    with pytest.raises(ValueError):
+        quantize(_conv_model(), "gptq", x, blocksize=0)
+    dw = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, groups=3))
+    with pytest.raises(ValueError, match="groups"):
+        quantize(dw, "gptq", x)
