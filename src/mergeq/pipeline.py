@@ -25,7 +25,7 @@ from .eval import accuracy, evaluate
 from .io import atomic_write_text, write_json
 from .merge import merge
 from .nn import fold_bn
-from .ptq import quantize
+from .ptq import ptq_options, quantize
 from .quant.config import QuantConfig, parse_bits
 from .report import results_markdown
 from .zoo import ModelPool
@@ -77,7 +77,7 @@ class Experiment:
     def quantize_experts(self, method: str, qcfg: QuantConfig, **overrides: Any) -> dict[str, torch.nn.Module]:
         """Each expert quantized on its own target's calibration split."""
         cfg = self.cfg
-        options = {**cfg.ptq_options.get(method, {}), **overrides}
+        options = {**ptq_options(method, cfg.preset), **cfg.ptq_options.get(method, {}), **overrides}
         return {
             d: quantize(m, method, calib=self.bench.targets[d].train, config=qcfg, source=self.source,
                         calib_size=cfg.calib_size, device=cfg.device, seed=cfg.seed, progress=self.progress,
