@@ -37,6 +37,22 @@ def pm(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
 
 
+def adaptation_table(fps: dict[int, dict], preset: str) -> str:
+    """Source accuracy per domain before adaptation, each SHOT expert's after, FP merges."""
+    first = next(iter(fps.values()))
+    targets = list(first["fp"]["experts"])
+    src = next(k for k in first["source"] if k not in targets and k != "hmean")
+    lines = [f"Preset `{preset}`; accuracy in %. Source model before adaptation on every domain; each SHOT "
+             "expert on its own target; full-precision merges of the three experts (hmean over targets).", "",
+             f"| seed | source on {src} | " + " | ".join(f"source on {d} | expert on {d}" for d in targets)
+             + " | merged (BN folded) | merged (BN mixture) |", "|---|---:|" + "---:|---:|" * len(targets) + "---:|---:|"]
+    for seed, fp in fps.items():
+        cols = [f"{100 * fp['source'][d]:.1f} | {100 * fp['fp']['experts'][d]:.1f}" for d in targets]
+        lines.append(f"| {seed} | {100 * fp['source'][src]:.1f} | " + " | ".join(cols)
+                     + f" | {100 * fp['fp']['merged']['hmean']:.1f} | {100 * fp['fp_bn_mixture']['hmean']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default")
@@ -47,9 +63,10 @@ def main() -> None:
     args = ap.parse_args()
 
     rows: list[dict] = []
+    fps: dict[int, dict] = {}
     for seed in args.seeds:
         exp = Experiment(RunConfig(preset=args.preset, seed=seed, methods=["rtn"]))
-        fp = exp.fp_results()
+        fp = fps[seed] = exp.fp_results()
         for spec in args.bits:
             w, a = parse_bits(spec)
             for name in args.variants:
@@ -57,7 +74,8 @@ def main() -> None:
                 r = exp.row(method, QuantConfig(w, a, exp.cfg.first_last_bits), **overrides)
                 rows.append({**r, "variant": name, "bits": spec, "seed": seed, "fp_merged": fp["fp"]["merged"]["hmean"]})
                 print(f"seed {seed} {spec} {name}: experts {r['experts']} merged {r['merged']['hmean']:.3f}", flush=True)
-    write_json(Path(args.out).with_suffix(".json"), rows)
+    write_json(Path(args.out).with_suffix(".json"), {"rows": rows, "fp": fps})
+    atomic_write_text(Path(args.out).with_suffix(".adaptation.md"), adaptation_table(fps, args.preset))
 
     lines = [
         f"Preset `{args.preset}`, seeds {args.seeds}; accuracy in %, mean ± std over seeds. `expert` = each "
