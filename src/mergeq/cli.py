@@ -59,6 +59,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pmq(args: argparse.Namespace) -> int:
+    from .pmq import run_pmq
+
+    cfg = _config(args)
+    results = run_pmq(cfg, args.out, args.merges, cfg.methods, args.anchor, progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if results["rows"] else 1
+
+
 def cmd_train_source(args: argparse.Namespace) -> int:
     from .data import load_benchmark
     from .eval import evaluate
@@ -272,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/digits", help="output folder (default runs/digits)")
     _add_common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pmq", help="merge full-precision experts first, then quantize the merged model (E-PMQ)")
+    p.add_argument("--merges", type=_csv, default=["task_arithmetic", "ties"], help="average, task_arithmetic, ties")
+    p.add_argument("--methods", type=_csv, default=["rtn", "gptq", "epmq"], help="PTQ methods for the merged model")
+    p.add_argument("--bits", type=_csv, default=["W4", "W3"], help="bit pairs; W4 = weight-only")
+    p.add_argument("--anchor", type=float, default=1.0, help="E-PMQ merged-weight anchoring weight")
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, config.yaml)")
+    _add_common(p)
+    p.set_defaults(func=cmd_pmq)
 
     p = sub.add_parser("train-source", help="train (or reuse the cached) source model and save it")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors; a .json sidecar is written too)")
