@@ -2,8 +2,8 @@
 
 Two-target merges of the same quantized experts under every rounding policy:
 nearest (integer mid-point), float (Eq. 11), noise without the filter (each of N Eq. 12
-samples), noise with the cosine filter (N samples per draw, one draw per filter seed) and
-noise-ties (the reference code's rule, one draw per seed).
+samples), noise with the cosine filter (N samples per draw, one draw per filter seed; the
+whole-model and the per-layer selection) and noise-ties (the reference code's rule, one draw per seed).
 
     python benchmarks/merge_samples.py --preset default --seeds 0 1 2 --methods hdrq qdrop --bits W4A8 W4A4
 
@@ -22,7 +22,7 @@ from mergeq.io import atomic_write_text
 from mergeq.pipeline import Experiment
 from mergeq.quant import QuantConfig, parse_bits
 
-POLICIES = ["nearest", "float", "noise (no filter)", "noise (filter)", "noise-ties"]
+POLICIES = ["nearest", "float", "noise (no filter)", "noise (filter)", "noise (filter, per layer)", "noise-ties"]
 
 
 def spread(exp: Experiment, qexperts: list, samples: int, draws: int) -> dict[str, list[float]]:
@@ -32,6 +32,7 @@ def spread(exp: Experiment, qexperts: list, samples: int, draws: int) -> dict[st
         "float": [h("float")],
         "noise (no filter)": [h("noise", samples=1, seed=s) for s in range(samples)],
         "noise (filter)": [h("noise", samples=samples, seed=1000 + s) for s in range(draws)],
+        "noise (filter, per layer)": [h("noise", samples=samples, seed=1000 + s, select="layer") for s in range(draws)],
         "noise-ties": [h("noise-ties", seed=2000 + s) for s in range(draws)],
     }
 
