@@ -22,7 +22,7 @@ from mergeq.io import atomic_write_text
 from mergeq.pipeline import Experiment
 from mergeq.quant import QuantConfig, parse_bits
 
-POLICIES = ["nearest", "float", "noise (no filter)", "noise (filter)", "noise (filter, per layer)", "noise-ties"]
+POLICIES = ["nearest", "float", "noise (no filter)", "noise (filter, whole model)", "noise (filter, per layer)", "noise-ties"]
 
 
 def spread(exp: Experiment, qexperts: list, samples: int, draws: int) -> dict[str, list[float]]:
@@ -31,7 +31,8 @@ def spread(exp: Experiment, qexperts: list, samples: int, draws: int) -> dict[st
         "nearest": [h("nearest")],
         "float": [h("float")],
         "noise (no filter)": [h("noise", samples=1, seed=s) for s in range(samples)],
-        "noise (filter)": [h("noise", samples=samples, seed=1000 + s) for s in range(draws)],
+        "noise (filter, whole model)": [h("noise", samples=samples, seed=1000 + s, select="model")
+                                        for s in range(draws)],
         "noise (filter, per layer)": [h("noise", samples=samples, seed=1000 + s, select="layer") for s in range(draws)],
         "noise-ties": [h("noise-ties", seed=2000 + s) for s in range(draws)],
     }
