@@ -44,21 +44,22 @@ def plot_paths(paths: Mapping[str, dict], path: str | os.PathLike, title: str = 
 
 
 def plot_surfaces(surfaces: Mapping[str, dict], path: str | os.PathLike, title: str = "") -> Path:
-    """One contour panel per model family (from ``loss_surface``), shared colour scale."""
+    """One contour panel per model family (from ``loss_surface``), shared logarithmic colour scale."""
     import numpy as np
+    from matplotlib.colors import LogNorm
 
     plt = _pyplot()
     names = list(surfaces)
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.2), squeeze=False)
     vmax = max(float(np.max(s["loss"])) for s in surfaces.values())
     vmin = min(float(np.min(s["loss"])) for s in surfaces.values())
-    levels = np.linspace(vmin, vmax, 15)
+    levels = np.geomspace(max(vmin, 1e-6), vmax, 15)
     for ax, name in zip(axes[0], names):
         s = surfaces[name]
-        cs = ax.contourf(s["beta"], s["alpha"], np.array(s["loss"]), levels=levels, cmap="viridis")
+        cs = ax.contourf(s["beta"], s["alpha"], np.array(s["loss"]), levels=levels, cmap="viridis", norm=LogNorm(levels[0], levels[-1]))
         ax.set_title(name, fontsize=9)
         ax.set_aspect("equal")
-    fig.colorbar(cs, ax=axes[0].tolist(), shrink=0.8, label="cross-entropy")
+    fig.colorbar(cs, ax=axes[0].tolist(), shrink=0.8, label="cross-entropy (log scale)")
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
