@@ -77,6 +77,15 @@ class Nested(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 MODEL_FACTORIES = {"resnet": tiny_resnet, "vgg": vgg_stack, "nested_bottleneck": Nested}
 
 

@@ -16,12 +16,7 @@ from .conftest import randomize_bn
 CFG = QuantConfig(w_bits=3, a_bits=None, first_last_bits=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed):

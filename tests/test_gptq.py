@@ -12,12 +12,7 @@ from mergeq.quant import QuantConfig, qrange, quantize_int, search_weight_step
 from .conftest import randomize_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(out=16, n=48, N=400, seed=0):

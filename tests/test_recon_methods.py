@@ -12,13 +12,7 @@ from .conftest import MODEL_FACTORIES, randomize_bn
 METHODS = ["adaround", "brecq", "qdrop", "hdrq"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(kind="resnet"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .prepare import call_order
 from .qmodule import QuantModule
 
 
@@ -70,16 +71,6 @@ def partition(
     _walk(model, "", units, layerwise)
     if example_input is None:
         return units
-    order: list[str] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
-        for n, m in units
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
+    order = call_order(model, [n for n, _ in units], example_input)
     by_name = dict(units)
     return [(n, by_name[n]) for n in order]

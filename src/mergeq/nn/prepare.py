@@ -17,14 +17,12 @@ from .qmodule import QuantModule, quant_modules
 _LAYERS = (nn.Conv2d, nn.Linear)
 
 
-def execution_order(model: nn.Module, example_input: torch.Tensor | None) -> list[str]:
-    """Names of the Conv2d/Linear layers in the order they run (registration order if no input)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]
-    if example_input is None:
-        return names
+def call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) -> list[str]:
+    """The submodules ``names`` in the order a forward pass on ``example_input`` first calls them."""
     order: list[str] = []
     hooks = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: order.append(n) if n not in order else None)
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, n=n: order.append(n) if n not in order else None)
         for n in names
     ]
     try:
@@ -33,6 +31,15 @@ def execution_order(model: nn.Module, example_input: torch.Tensor | None) -> lis
     finally:
         for h in hooks:
             h.remove()
+    return order
+
+
+def execution_order(model: nn.Module, example_input: torch.Tensor | None) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order they run (registration order if no input)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]
+    if example_input is None:
+        return names
+    order = call_order(model, names, example_input)
     return order + [n for n in names if n not in order]
 
 
