@@ -94,3 +94,16 @@ def test_sample_grid_png(bench, tmp_path):
     out = save_sample_grid(bench, tmp_path / "sub" / "grid.png", per_domain=4)
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["grid.png"]  # no temp file left behind
+
+
+def test_source_swap_keeps_every_domain_and_split():
+    base, swapped = load_benchmark("digits", seed=0), load_benchmark("digits-uci", seed=0)
+    assert swapped.name == "digits-uci" and swapped.source.name == "uci"
+    assert list(swapped.targets) == ["mnist", "mnistm", "noisy"]
+    assert torch.equal(swapped.source.train.tensors[0], base.targets["uci"].train.tensors[0])
+    assert torch.equal(swapped.targets["mnist"].test.tensors[1], base.source.test.tensors[1])
+    assert torch.equal(swapped.targets["noisy"].test.tensors[0], base.targets["noisy"].test.tensors[0])
+    with pytest.raises(ValueError, match="for source 'uci'"):
+        load_benchmark("digits-uci", targets=["uci"])
+    with pytest.raises(ValueError, match="unknown source domain"):
+        load_digits_benchmark(source="svhn")

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from ..models.resnet import get_classifier
+from ..models import get_classifier
 from .source import make_optimizer
 
 log = logging.getLogger(__name__)

@@ -42,6 +42,7 @@ images (e.g. to apply ImageNet-C corruptions first, then ``standardize``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ NUM_CLASSES = 10
 MNISTM_STRENGTH = 0.4
 PHOTO_DOWNSCALE = 4
 NOISE_STD = 0.4
-TARGET_DOMAINS = ("uci", "mnistm", "noisy")
+TARGET_DOMAINS = ("uci", "mnistm", "noisy")  # the targets of the default source, mnist
+DOMAINS = ("mnist",) + TARGET_DOMAINS
 # MNIST per-class budget (500 per class): source train, source test, then one block per MNIST target.
 _MNIST_SPLIT = {"src_train": 200, "src_test": 50, "mnistm": 125, "noisy": 125}
 _TARGET_TRAIN_PER_CLASS = 50  # of each MNIST-target block; the remaining 75 per class are test
@@ -175,12 +177,22 @@ def split_indices(seed: int = 0) -> Dict[str, np.ndarray]:
 
 
 def load_digits_benchmark(seed: int = 0, targets: Sequence[str] | None = None,
-                          normalize: bool = True) -> Benchmark:
-    """Build the digits benchmark (deterministic for ``seed``; well under a second once cached)."""
-    names = list(TARGET_DOMAINS if targets is None else targets)
-    unknown = [t for t in names if t not in TARGET_DOMAINS]
+                          normalize: bool = True, source: str = "mnist") -> Benchmark:
+    """Build the digits benchmark (deterministic for ``seed``; well under a second once cached).
+
+    ``source`` swaps the source domain (like the paper's R->ACP vs A->RCP rows): that domain's
+    labeled ``train`` split trains the source model and ``mnist`` becomes a target (its 2,000
+    training images the unlabeled adaptation split). Every domain's images and splits are the
+    same whichever domain is the source; the benchmark is named ``digits`` for the default
+    source and ``digits-<source>`` otherwise (so cached models never mix).
+    """
+    if source not in DOMAINS:
+        raise ValueError(f"unknown source domain {source!r}; known: {', '.join(DOMAINS)}")
+    names = [d for d in DOMAINS if d != source] if targets is None else list(targets)
+    unknown = [t for t in names if t not in DOMAINS or t == source]
     if unknown:
-        raise ValueError(f"unknown target domain(s) {unknown}; known: {', '.join(TARGET_DOMAINS)}")
+        known = ", ".join(d for d in DOMAINS if d != source)
+        raise ValueError(f"unknown target domain(s) {unknown} for source {source!r}; known: {known}")
     idx = split_indices(seed)
     mx, my = _mnist_raw()
     ux, uy = _uci_raw()
@@ -193,17 +205,22 @@ def load_digits_benchmark(seed: int = 0, targets: Sequence[str] | None = None,
     makers = {"mnist": (mnist, my), "uci": (uci_images, uy),
               "mnistm": (lambda i: _mnistm(mnist(i), g), my), "noisy": (lambda i: _noisy(mnist(i), g), my)}
     domains = {}
-    for k, name in enumerate(("mnist",) + TARGET_DOMAINS):
+    for k, name in enumerate(DOMAINS):
         # one generator per domain: a domain's images do not depend on which others are built
         g = torch.Generator().manual_seed(seed * 1000 + k)
-        if name == "mnist" or name in names:
+        if name == source or name in names:
             make, labels = makers[name]
             domains[name] = Domain(name, *(_labeled(make(idx[f"{name}/{r}"]), labels[idx[f"{name}/{r}"]], normalize)
                                            for r in ("train", "test")))
-    return Benchmark("digits", domains["mnist"], {t: domains[t] for t in names}, NUM_CLASSES)
+    bench_name = "digits" if source == "mnist" else f"digits-{source}"
+    return Benchmark(bench_name, domains[source], {t: domains[t] for t in names}, NUM_CLASSES)
 
 
-BENCHMARKS: Dict[str, Callable[..., Benchmark]] = {"digits": load_digits_benchmark}
+BENCHMARKS: Dict[str, Callable[..., Benchmark]] = {
+    "digits": load_digits_benchmark,
+    **{f"digits-{d}": functools.partial(load_digits_benchmark, source=d) for d in TARGET_DOMAINS},
+}
+"""``digits`` (source mnist) and the source swaps ``digits-uci``, ``digits-mnistm``, ``digits-noisy``."""
 
 
 def load_benchmark(name: str, seed: int = 0, targets: Sequence[str] | None = None, **kw) -> Benchmark:

@@ -1,4 +1,32 @@
 """Small models for CPU experiments; any ``torch.nn.Module`` works with the rest of mergeq."""
-from .resnet import ARCHITECTURES, BasicBlock, ResNet, build_model, get_classifier, resnet8, resnet20
+from __future__ import annotations
 
-__all__ = ["ARCHITECTURES", "BasicBlock", "ResNet", "build_model", "get_classifier", "resnet8", "resnet20"]
+from typing import Callable, Dict
+
+from torch import nn
+
+from .resnet import BasicBlock, ResNet, resnet8, resnet20
+from .vit import ViT, vit_tiny
+
+ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {"resnet8": resnet8, "resnet20": resnet20, "vit_tiny": vit_tiny}
+
+
+def build_model(arch: str, num_classes: int = 10, **kw) -> nn.Module:
+    """Build a registered architecture by name; unknown names list the known ones."""
+    try:
+        factory = ARCHITECTURES[arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+    return factory(num_classes=num_classes, **kw)
+
+
+def get_classifier(model: nn.Module) -> nn.Linear:
+    """The classifier head: the last ``nn.Linear`` in module order (any ``nn.Module``)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to use as classifier")
+    return linears[-1]
+
+
+__all__ = ["ARCHITECTURES", "BasicBlock", "ResNet", "ViT", "build_model", "get_classifier", "resnet8", "resnet20",
+           "vit_tiny"]

@@ -9,8 +9,6 @@ and can be folded into it.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -79,23 +77,3 @@ def resnet8(num_classes: int = 10, width: int = 16, **kw) -> ResNet:
 def resnet20(num_classes: int = 10, width: int = 16, **kw) -> ResNet:
     """ResNet-20: three BasicBlocks per stage (~0.27M parameters at width 16)."""
     return ResNet(3, num_classes, width, **kw)
-
-
-ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {"resnet8": resnet8, "resnet20": resnet20}
-
-
-def build_model(arch: str, num_classes: int = 10, **kw) -> nn.Module:
-    """Build a registered architecture by name; unknown names list the known ones."""
-    try:
-        factory = ARCHITECTURES[arch]
-    except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
-    return factory(num_classes=num_classes, **kw)
-
-
-def get_classifier(model: nn.Module) -> nn.Linear:
-    """The classifier head: the last ``nn.Linear`` in module order (any ``nn.Module``)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to use as classifier")
-    return linears[-1]
