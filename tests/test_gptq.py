@@ -33,7 +33,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
     W, X = _problem()
     step = search_weight_step(W, bits)
     rtn = quantize_int(W, step, bits) * step
-    q = gptq_quantize_matrix(W, 2 * X @ X.T / X.shape[1], step, bits, blocksize=16, act_order=act_order)
+    q = gptq_quantize_matrix(W, 2 * X @ X.T / X.shape[1], step, bits, blocksize=16, act_order=act_order)[0]
     assert _on_grid(q, step, bits)
     assert torch.equal(q, quantize_int(q, step, bits) * step)
     assert ((W - q) @ X).norm() < 0.9 * ((W - rtn) @ X).norm()
@@ -42,19 +42,19 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
 def test_lazy_block_updates_are_exact():
     W, X = _problem(out=6, n=20, N=100)
     step, H = search_weight_step(W, 3), 2 * X @ X.T / 100
-    ref = gptq_quantize_matrix(W, H, step, 3, blocksize=20)
+    ref = gptq_quantize_matrix(W, H, step, 3, blocksize=20)[0]
     for bs in (1, 7):
-        assert torch.allclose(gptq_quantize_matrix(W, H, step, 3, blocksize=bs), ref)
+        assert torch.allclose(gptq_quantize_matrix(W, H, step, 3, blocksize=bs)[0], ref)
 
 
 def test_gptq_identity_hessian_is_rtn_and_dead_inputs_are_zeroed():
     W, _ = _problem(out=4, n=8)
     step = search_weight_step(W, 4)
-    q = gptq_quantize_matrix(W, torch.eye(8), step, 4, percdamp=0.0)
+    q = gptq_quantize_matrix(W, torch.eye(8), step, 4, percdamp=0.0)[0]
     assert torch.equal(q, quantize_int(W, step, 4) * step)  # no correlation: nothing to compensate
     H = torch.eye(8)
     H[3, 3] = 0.0
-    assert (gptq_quantize_matrix(W, H, step, 4)[:, 3] == 0).all()
+    assert (gptq_quantize_matrix(W, H, step, 4)[0][:, 3] == 0).all()
     with pytest.raises(ValueError):
         gptq_quantize_matrix(W, torch.eye(7), step, 4)
 
@@ -120,10 +120,50 @@ def test_gptq_options_and_grouped_conv():
     assert "gptq" in PTQ_METHODS
     with pytest.raises(TypeError, match="unknown option"):
         quantize(_conv_model(), "gptq", x, bogus=1)
-    with pytest.raises(TypeError, match="group"):
-        quantize(_conv_model(), "gptq", x, group_size=128)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize(_conv_model(), "gptq", x, group_size=0)
     with pytest.raises(ValueError):
         quantize(_conv_model(), "gptq", x, blocksize=0)
     dw = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, groups=3))
     with pytest.raises(ValueError, match="groups"):
         quantize(dw, "gptq", x)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_grouped_steps_lie_on_each_groups_grid_and_help(act_order):
+    """group_size g: every g processed columns get their own per-row step; the result lies on that
+    grid, is exact for steps equal within a group, and beats per-channel steps on the layer output."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(32, 256, generator=g) * torch.linspace(0.2, 3, 32)[:, None]
+    W = torch.randn(6, 32, generator=g) * torch.linspace(0.05, 2, 32)  # column scales differ a lot
+    H = 2 * X @ X.T / X.shape[1]
+    step = search_weight_step(W, 3)
+    per_ch, s1 = gptq_quantize_matrix(W, H, step, 3)
+    grouped, S = gptq_quantize_matrix(W, H, step, 3, group_size=8, act_order=act_order)
+    assert s1.shape == (6, 1) and S.shape == (6, 32)
+    codes = grouped / S
+    assert torch.allclose(codes, codes.round(), atol=1e-5) and codes.abs().max() <= 4
+    order = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(32)
+    for k in range(4):  # one step per row within each group of 8 processed columns
+        cols = order[8 * k : 8 * k + 8]
+        assert torch.allclose(S[:, cols], S[:, cols[:1]].expand(-1, 8))
+    err = lambda Q: (W @ X - Q @ X).pow(2).sum()  # noqa: E731
+    assert err(grouped) < err(per_ch)
+
+
+def test_grouped_gptq_model_roundtrip_and_export_refusal(tmp_path):
+    from mergeq.deploy import ExportError, check_exportable
+
+    torch.manual_seed(0)
+    model = _Tok().eval()
+    x = torch.randn(16, 6, 12)
+    cfg = QuantConfig(w_bits=3, a_bits=None, first_last_bits=None)
+    q = quantize(model, "gptq", x, config=cfg, group_size=4)
+    for _, m in quant_modules(q):
+        assert m.w_step.shape == m.weight.shape
+        assert torch.equal(m.weight, m.int_weight() * m.w_step)
+    fresh = quantize(model, "rtn", x, config=cfg)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), q(x))
+    with pytest.raises(ExportError, match="grouped"):
+        check_exportable(q)

@@ -4,7 +4,8 @@ task_arithmetic, ties), quantize the one merged model (rtn, gptq, epmq), evaluat
 Experts and the source are BN-folded first, so every merge acts on folded weights. The
 merged model is calibrated on the union of the targets' calibration splits (an equal share of
 ``calib_size`` from each); E-PMQ also gets each expert with its own domain's split.
-Rows match ``mergeq run``'s results.json rows, plus a ``merge`` field.
+Rows match ``mergeq run``'s results.json rows, plus a ``merge`` field. Per-method options come
+from the config's ``ptq_options`` (e.g. ``gptq: {group_size: 32, act_order: true}``).
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def run_pmq(config: RunConfig, out: str | Path, merges: Sequence[str] = ("task_a
             w_bits, a_bits = parse_bits(spec)
             qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
             for method in methods:
-                extra = {"experts": experts, "expert_calib": calib, "anchor": anchor} if method == "epmq" else {}
+                extra = dict(cfg.ptq_options.get(method, {}))  # e.g. group_size, act_order from the YAML config
+                if method == "epmq":
+                    extra.update(experts=experts, expert_calib=calib, anchor=anchor)
                 t0 = time.perf_counter()
                 torch.manual_seed(cfg.seed)
                 q = quantize(merged, method, calib=torch.cat(calib), config=qcfg, calib_size=None,

@@ -62,6 +62,9 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QuantModule]]:
             check_bits(m.act_quant.bits, f"activation bits of {name}")
             if not bool(m.act_quant.initialized):
                 raise ExportError(f"activation quantizer of {name} was never calibrated")
+        if m.w_step.numel() != m.weight.shape[0]:
+            raise ExportError(f"{name} has grouped weight steps (GPTQ group_size); export stores one step "
+                              "per output channel: quantize without group_size to export")
         w = m.weight.detach()
         if not torch.equal(quantize_int(w, m.w_step, m.w_bits) * m.w_step, w):
             raise ExportError(f"weight of {name} is not on its {m.w_bits}-bit grid; "

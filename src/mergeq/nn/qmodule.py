@@ -1,5 +1,6 @@
 """QuantModule: a Conv2d or Linear whose weight (per output channel) and input activation
-(per tensor) are fake-quantized.
+(per tensor) are fake-quantized. ``w_step`` is per output channel (``[C, 1, ...]``) or, after
+GPTQ with ``group_size``, per weight element (the weight's shape): every use is elementwise.
 
 Activations are quantized where they enter a Conv2d/Linear (the QDQ placement ONNX uses), so
 every layer sees quantized inputs whatever the surrounding architecture. How the weight is
@@ -77,6 +78,12 @@ class QuantModule(nn.Module):
     def forward_fp(self, x: torch.Tensor) -> torch.Tensor:
         """The full-precision layer (no weight or activation quantization)."""
         return self._linear_op(x, self.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        step = state_dict.get(prefix + "w_step")
+        if step is not None and step.shape == self.weight.shape:  # grouped steps (GPTQ group_size)
+            self.w_step = torch.empty_like(step)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def finalize(self) -> None:

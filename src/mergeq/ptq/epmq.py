@@ -131,4 +131,4 @@ def epmq(qmodel: nn.Module, ctx: PTQContext) -> None:
         Wstar, H = epmq_target(m.weight.detach().reshape(out, -1), Ws, Gs, Gm, anchor, opts.percdamp)
         Wstar = Wstar.to(m.weight.dtype)
         m.w_step.copy_(search_weight_step(Wstar.reshape(m.weight.shape), m.w_bits, ctx.config.step_method))
-        quantize_layer(m, H, opts, Wstar)
+        quantize_layer(m, H, opts, Wstar, ctx.config.step_method)

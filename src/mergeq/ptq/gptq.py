@@ -14,13 +14,19 @@ flattened, so [B, T, D] inputs work). With the layer's inputs X [n, N] GPTQ mini
         q_j = clamp(round(w_j / Δ), −2^(b−1), 2^(b−1)−1) · Δ      Δ: the QuantModule's per-channel w_step
         e_j = (w_j − q_j) / U_jj ;   w_k −= e_j U_jk  for every later column k
     act_order: columns by descending diag(H), permuted back at the end.
+    group_size g: every g columns (in processing order) get their own Δ per output row, searched
+    (like the per-channel Δ, ``step_method``) on the group's columns of the error-updated W when
+    the first of them is reached, as in the reference code; with act_order the groups follow
+    the permuted order (the reference's default, not its ``static_groups``).
 
 Choices. Sequential (default): the inputs of layer l come from the prepared model whose earlier
 layers are already GPTQ-quantized (``sequential=False``: from the full-precision model). With
 activation quantization configured, X is the input after the layer's calibrated activation
 quantizer (what the layer multiplies); activation steps are not changed. Grouped scales
 (``group_size``) are not implemented: QuantModule holds one step per output channel. Bias is
-kept. The arithmetic is float64; the result is cast back and lies exactly on the grid.
+kept. The arithmetic is float64; the result is cast back and lies exactly on the grid. Grouped
+steps are stored per weight element (``QuantModule.w_step`` then has the weight's shape), so
+every elementwise use of the step works unchanged; packed/ONNX export accept per-channel steps only.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.qmodule import QuantModule, quant_modules
-from ..quant import qrange
+from ..quant import qrange, search_weight_step
 from ..registry import PTQ_METHODS
 from .base import PTQContext
 
@@ -44,6 +50,7 @@ class GPTQOptions:
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
+    group_size: int | None = None  # columns per step (None: one step per output channel)
     sequential: bool = True  # inputs from the partly quantized model (False: the FP model)
     capture_batch: int = 128  # batch size of the forward passes that collect H
 
@@ -52,20 +59,23 @@ class GPTQOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            hint = " (grouped scales are not implemented: one step per output channel)" * ("group_size" in unknown)
-            raise TypeError(f"{method} got unknown option(s) {unknown}{hint}; known: {sorted(known | set(extra))}")
+            raise TypeError(f"{method} got unknown option(s) {unknown}; known: {sorted(known | set(extra))}")
         opts = cls(**kwargs)
-        if opts.blocksize < 1 or opts.percdamp < 0 or opts.capture_batch < 1:
-            raise ValueError(f"{method}: need blocksize >= 1, percdamp >= 0, capture_batch >= 1; got {opts}")
+        if opts.blocksize < 1 or opts.percdamp < 0 or opts.capture_batch < 1 or (opts.group_size is not None and opts.group_size < 1):
+            raise ValueError(f"{method}: need blocksize >= 1, percdamp >= 0, capture_batch >= 1, "
+                             f"group_size >= 1 or None; got {opts}")
         return opts
 
 
 @torch.no_grad()
 def gptq_quantize_matrix(W: torch.Tensor, H: torch.Tensor, step: torch.Tensor, bits: int, blocksize: int = 128,
-                         percdamp: float = 0.01, act_order: bool = False) -> torch.Tensor:
-    """GPTQ-quantize ``W`` [out, n] under the Hessian ``H`` [n, n]; ``step``: one Δ per row (or a scalar).
+                         percdamp: float = 0.01, act_order: bool = False, group_size: int | None = None,
+                         step_method: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ-quantize ``W`` [out, n] under the Hessian ``H`` [n, n]; ``step``: one Δ per row (or a scalar),
+    replaced per group of ``group_size`` columns when that is given.
 
-    Returns on-grid values (integer codes · Δ) in ``W``'s dtype."""
+    Returns the on-grid values (integer codes · Δ) in ``W``'s dtype and the steps used: ``[out, 1]``
+    per row, or ``[out, n]`` per element with ``group_size``."""
     out, n = W.shape
     if H.shape != (n, n):
         raise ValueError(f"H must be [{n}, {n}] for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
@@ -84,19 +94,25 @@ def gptq_quantize_matrix(W: torch.Tensor, H: torch.Tensor, step: torch.Tensor, b
     if int(info) != 0:
         raise ValueError("GPTQ: H is not positive definite; increase percdamp")
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    Q = torch.zeros_like(W)
+    Q, S = torch.zeros_like(W), s[:, None].expand(out, n).clone()
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            Q[:, i1 + i] = q = torch.clamp(torch.round(W1[:, i] / s), lo, hi)
+            j = i1 + i
+            if group_size and j % group_size == 0:
+                s = search_weight_step(W[:, j : j + group_size], bits, step_method)[:, 0]
+                S[:, j : j + group_size] = s[:, None]
+            Q[:, j] = q = torch.clamp(torch.round(W1[:, i] / s), lo, hi)
             E1[:, i] = e = (W1[:, i] - q * s) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return Q.to(dtype) * s.to(dtype)[:, None]
+        inv = torch.argsort(perm)
+        Q, S = Q[:, inv], S[:, inv]
+    S = S.to(dtype) if group_size else S[:, :1].to(dtype)
+    return Q.to(dtype) * S, S
 
 
 class _Stop(Exception):
@@ -160,11 +176,16 @@ def layer_order(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, Qua
     return [(n, qmodel.get_submodule(n)) for n in order]
 
 
-def quantize_layer(qm: QuantModule, H: torch.Tensor, opts: GPTQOptions, W: torch.Tensor | None = None) -> None:
-    """Set ``qm.weight`` to GPTQ's on-grid result for ``W`` (default: the current weight) under ``H``."""
+def quantize_layer(qm: QuantModule, H: torch.Tensor, opts: GPTQOptions, W: torch.Tensor | None = None,
+                   step_method: str = "mse") -> None:
+    """Set ``qm.weight`` to GPTQ's on-grid result for ``W`` (default: the current weight) under ``H``
+    (with ``opts.group_size``, ``qm.w_step`` becomes the per-element grouped steps)."""
     W = qm.weight.detach().reshape(qm.weight.shape[0], -1) if W is None else W
-    Wq = gptq_quantize_matrix(W, H, qm.w_step, qm.w_bits, opts.blocksize, opts.percdamp, opts.act_order)
+    Wq, S = gptq_quantize_matrix(W, H, qm.w_step, qm.w_bits, opts.blocksize, opts.percdamp, opts.act_order,
+                                 opts.group_size, step_method)
     qm.weight.data = Wq.reshape(qm.weight.shape).to(qm.weight.dtype)
+    if opts.group_size:
+        qm.w_step = S.reshape(qm.weight.shape).to(qm.w_step.dtype)
 
 
 @PTQ_METHODS.register("gptq")
@@ -178,4 +199,5 @@ def gptq(qmodel: nn.Module, ctx: PTQContext) -> None:
         layers = tqdm(layers, desc="gptq", unit="layer")
     for name, m in layers:
         src = qmodel if opts.sequential else ctx.fp_model
-        quantize_layer(m, input_hessian(src, name, m, ctx.calib, opts.capture_batch, ctx.device), opts)
+        quantize_layer(m, input_hessian(src, name, m, ctx.calib, opts.capture_batch, ctx.device), opts,
+                       step_method=ctx.config.step_method)
