@@ -1,0 +1,79 @@
+"""Merge, then quantize (E-PMQ setting): RTN, GPTQ and E-PMQ after Task Arithmetic and TIES, over seeds.
+
+    python benchmarks/pmq.py --seeds 0 1 2 --out docs/results/pmq_digits
+    python benchmarks/pmq.py --config benchmarks/configs/vit_digits.yaml --seeds 0 1 2 --out docs/results/pmq_vit
+
+Runs ``mergeq pmq`` (``mergeq.pmq.run_pmq``) once per seed into ``<out>/seed<k>`` (a seed whose
+``config.yaml`` and complete ``results.json`` already exist there is not rerun) and writes
+``<out>/pmq.md``: merged hmean, mean ± std over the seeds, per merge and bit width, with the
+full-precision merged model first and the best quantized method in bold.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from mergeq.config import RunConfig
+from mergeq.io import atomic_write_text
+from mergeq.pmq import run_pmq
+
+
+def pm(xs: list[float]) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def table(runs: dict[int, dict], command: str) -> str:
+    rows = [r for res in runs.values() for r in res["rows"]]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    keys = list(dict.fromkeys((r["merge"], r["w_bits"], r["a_bits"]) for r in rows))
+    first = next(iter(runs.values()))
+    lines = [f"Merged hmean in %, mean ± std over seeds {sorted(runs)} ({first['benchmark']}, targets "
+             f"{', '.join(first['targets'])}, preset `{first['preset']}`); best quantized method in bold.", "",
+             f"    {command}", "",
+             "| merge | bits | FP merged | " + " | ".join(methods) + " |", "|---|---|---:|" + "---:|" * len(methods)]
+    for merge, w, a in keys:
+        sel = [r for r in rows if (r["merge"], r["w_bits"], r["a_bits"]) == (merge, w, a)]
+        fp = pm([r["fp_merged"]["hmean"] for r in sel if r["method"] == methods[0]])
+        vals = {m: [r["merged"]["hmean"] for r in sel if r["method"] == m] for m in methods}
+        best = max((m for m in methods if vals[m]), key=lambda m: statistics.mean(vals[m]))
+        cols = [(f"**{pm(vals[m])}**" if m == best else pm(vals[m])) if vals[m] else "" for m in methods]
+        lines.append(f"| {merge} | W{w}A{a if a is not None else 32} | {fp} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="run config YAML (model, adaptation, ptq_options); default: the digits default")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--merges", nargs="+", default=["task_arithmetic", "ties"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "epmq"])
+    ap.add_argument("--bits", nargs="+", default=["W4", "W3"])
+    ap.add_argument("--anchor", type=float, default=1.0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    base = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    runs = {}
+    for seed in args.seeds:
+        cfg = RunConfig.from_dict({**base.to_dict(), "seed": seed, "methods": args.methods, "bits": args.bits})
+        out = Path(args.out) / f"seed{seed}"
+        done = out / "results.json"
+        expected = len(args.merges) * len(args.bits) * len(args.methods)
+        if (out / "config.yaml").exists() and (out / "config.yaml").read_text() == cfg.resolved().to_yaml():
+            res = json.loads(done.read_text())
+            if len(res["rows"]) == expected:
+                runs[seed] = res
+                continue
+        runs[seed] = run_pmq(cfg, out, args.merges, args.methods, args.anchor, progress=True)
+    command = "python benchmarks/pmq.py " + " ".join(
+        ([f"--config {args.config}"] if args.config else []) + [f"--seeds {' '.join(map(str, args.seeds))}",
+                                                                 f"--out {args.out}"])
+    text = table(runs, command)
+    atomic_write_text(Path(args.out) / "pmq.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
