@@ -11,7 +11,9 @@ The grid comes from a YAML file::
 Every cell (target set, seed, bits, method) writes ``cells/<key>.json`` atomically into the
 output folder when it finishes; a rerun, under either executor, skips cells whose file
 exists. ``local`` runs cells in a process pool (``workers``); ``ray`` submits each cell as a
-Ray task (to ``address``, or a local Ray instance). The tables (``bench.csv``, ``bench.md``)
+Ray task (to ``address``, or a local Ray instance) holding one CPU, or one GPU when the grid
+sets ``device: cuda``; ``out`` and ``cache_dir`` are made absolute on the driver, so they must
+name the same (shared) folder on every node. The tables (``bench.csv``, ``bench.md``)
 are rebuilt from the cell files at the end.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -98,8 +101,15 @@ def _ray(base, cells, out, address: str | None) -> Iterable[dict]:
         import ray
     except ImportError:
         raise ValueError("the ray executor needs Ray: pip install 'mergeq[ray]'") from None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    task = ray.remote(run_cell)
+    # a local instance (no address): no usage-stats reporting, no dashboard; nothing needs the network
+    local = {} if address not in (None, "local") else {"include_dashboard": False}
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **local)
+    # absolute paths: a worker on another node (or with another cwd) writes where this driver reads
+    out = str(Path(out).resolve())
+    base = {**base, "cache_dir": str(Path(base.get("cache_dir", RunConfig.cache_dir)).resolve())}
+    # a cuda cell holds one GPU (Ray then sets CUDA_VISIBLE_DEVICES for it); other cells one CPU
+    task = ray.remote(num_gpus=1 if str(base.get("device", "cpu")).startswith("cuda") else 0)(run_cell)
     pending = [task.remote(base, c, out) for c in cells]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)

@@ -254,6 +254,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tta(args: argparse.Namespace) -> int:
+    from .tta import TTAConfig, load_config, run_tta
+
+    if args.config:
+        run_cfg, tta_cfg = load_config(args.config)
+        d = asdict(run_cfg)
+        d.update({k: v for k, v in {"preset": args.preset, "seed": args.seed, "device": args.device,
+                                     "cache_dir": args.cache_dir}.items() if v is not None})
+        base = RunConfig.from_dict(d)
+        t = asdict(tta_cfg)
+    else:
+        # --methods / --bits are TTA rows here, not the run config's PTQ methods and bits
+        base = _config(argparse.Namespace(**{**vars(args), "methods": None, "bits": None}))
+        t = asdict(TTAConfig())
+    overrides = {"methods": args.methods, "bits": args.bits, "streams": args.streams, "imbalance": args.imbalance,
+                 "severity": args.severity, "corruptions": args.corruptions, "n_images": args.n_images,
+                 "batch_size": args.batch_size}
+    t.update({k: v for k, v in overrides.items() if v is not None})
+    if args.lr is not None:
+        t["tent"] = {**t["tent"], "lr": args.lr}
+    tta_cfg = TTAConfig(**t)
+    progress = not args.quiet
+
+    def on_row(row: dict) -> None:
+        if progress:
+            print(f"  {row['stream']:>10} {row['method']:>10} {row['bits']}: mean error "
+                  f"{100 * row['mean_error']:.1f}% ({row['seconds']:.0f} s)", file=sys.stderr)
+
+    run_tta(base, tta_cfg, args.out, progress=progress, on_row=on_row)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, stream_error.png", file=sys.stderr)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_benchmark, save_sample_grid
 
@@ -357,6 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tta", help="test-time adaptation of FP / PTQ / TTAQ models on a stream of corruptions")
+    p.add_argument("--config", help="config.yaml of an earlier mergeq tta run (run + tta sections)")
+    p.add_argument("--methods", type=_csv, help="comma-separated MODEL[+ADAPTER] (ADAPTER: none, tent, abl); "
+                   "default fp,fp+tent,qdrop,qdrop+tent,ttaq (ttaq = ttaq PTQ + TENT with ABL)")
+    p.add_argument("--bits", type=_csv, help="comma-separated bit pairs (default W4A4,W2A4)")
+    p.add_argument("--streams", type=_csv, help="balanced, imbalanced or both (default both)")
+    p.add_argument("--imbalance", choices=("dirichlet", "sorted"), help="label order of the imbalanced stream "
+                   "(default dirichlet, alpha 0.1)")
+    p.add_argument("--severity", type=int, help="corruption severity 1..5 (default 5)")
+    p.add_argument("--corruptions", type=_csv, help="corruptions in stream order (default: the 15 of ImageNet-C)")
+    p.add_argument("--n-images", type=int, help="clean test images per domain (default all 500)")
+    p.add_argument("--batch-size", type=int, help="test batch size (default 64)")
+    p.add_argument("--lr", type=float, help="TENT / ABL learning rate (default 1e-3, Adam)")
+    p.add_argument("--out", default="runs/tta", help="output folder (default runs/tta)")
+    _add_common(p)
+    p.set_defaults(func=cmd_tta)
 
     p = sub.add_parser("data", help="save a PNG grid of samples per domain and print split sizes")
     p.add_argument("--benchmark", default="digits")

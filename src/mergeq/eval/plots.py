@@ -63,3 +63,43 @@ def plot_surfaces(surfaces: Mapping[str, dict], path: str | os.PathLike, title: 
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def plot_stream_errors(rows: list[Mapping], path: str | os.PathLike, title: str = "", smooth: int = 3) -> Path:
+    """Error along a test-time stream (``mergeq tta`` rows): one panel per stream and bit width, one line
+    per method (moving average over ``smooth`` batches); full-precision rows (bits ``FP32``) are drawn
+    dashed in every panel of their stream; dotted lines mark where a new domain starts."""
+    import numpy as np
+
+    plt = _pyplot()
+    streams = list(dict.fromkeys(r["stream"] for r in rows))
+    bits = list(dict.fromkeys(r["bits"] for r in rows if r["bits"] != "FP32")) or ["FP32"]
+    fig, axes = plt.subplots(len(streams), len(bits), figsize=(5.2 * len(bits), 3.2 * len(streams)),
+                             squeeze=False, sharey=True)
+    for i, s in enumerate(streams):
+        for j, b in enumerate(bits):
+            ax = axes[i, j]
+            for r in rows:
+                if r["stream"] != s or r["bits"] not in (b, "FP32"):
+                    continue
+                e = 100 * np.asarray(r["batch_error"], dtype=float)
+                k = max(1, min(smooth, len(e)))
+                e = np.convolve(e, np.ones(k) / k, mode="valid")
+                ax.plot(np.arange(len(e)) + (k - 1) / 2, e, lw=1.2, ls="--" if r["bits"] == "FP32" else "-",
+                        label=f"{r['method']} ({100 * r['mean_error']:.1f})")
+            ref = next((r for r in rows if r["stream"] == s), None)
+            if ref is not None:
+                dom = ref["batch_domain"]
+                starts = [t for t in range(len(dom)) if t == 0 or dom[t] != dom[t - 1]]
+                for t in starts[1:]:
+                    ax.axvline(t - 0.5, color="grey", lw=0.5, ls=":")
+                ax.set_xticks(starts)
+                ax.set_xticklabels([dom[t][:8] for t in starts], rotation=90, fontsize=6)
+            ax.set_title(f"{s} stream, {b}", fontsize=9)
+            ax.set_ylabel("error (%)")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=6, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

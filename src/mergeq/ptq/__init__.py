@@ -1,5 +1,5 @@
 """Post-training quantization methods, each registered in ``PTQ_METHODS``."""
-from . import adaround, brecq, epmq, gptq, hdrq, qdrop, rtn  # noqa: F401  (registers the methods)
+from . import adaround, brecq, epmq, gptq, hdrq, qdrop, rtn, ttaq  # noqa: F401  (registers the methods)
 from ..registry import PTQ_METHODS
 from .base import PTQContext, quantize
 from .presets import calib_size, ptq_options

@@ -18,7 +18,7 @@ from __future__ import annotations
 PRESETS = ("paper", "default", "quick")
 _ITERS = {"paper": 20000, "default": 300, "quick": 30}
 _CALIB = {"paper": 1024, "default": 512, "quick": 128}
-_RECON = ("adaround", "brecq", "qdrop", "hdrq")
+_RECON = ("adaround", "brecq", "qdrop", "hdrq", "ttaq")
 
 
 def _check(preset: str) -> None:

@@ -12,7 +12,8 @@ the FP outputs are captured once per unit with forward hooks over the calibratio
 on CPU: three tensors of at most the calibration set's size each).
 
 Methods plug in through :class:`ReconHooks` (which w_quantizer to install, which weight
-parameters to train, the lr schedule, a phase switch per step, extra loss terms, hardening).
+parameters to train, the lr schedule, a phase switch per step, extra loss terms on the layers
+or on the unit's input and output, hardening).
 Activation steps are learned with Adam + cosine annealing (LSQ, lr 4e-5 as in BRECQ/QDrop).
 A CPU run is reproducible bit for bit: unit k reseeds torch with ``ctx.seed + k``.
 """
@@ -71,6 +72,12 @@ class ReconHooks:
 
     def penalty(self, t: int, iters: int, layers: Layers) -> torch.Tensor | float:
         """Extra loss term added to the reconstruction error at step ``t``."""
+        return 0.0
+
+    def unit_loss(self, t: int, iters: int, unit: nn.Module, x: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor | float:
+        """Extra loss term that needs the unit itself: ``x`` is the step's input batch (after QDrop
+        mixing), ``out = unit(x)`` its quantized output (TTAQ's PCR). The default adds nothing."""
         return 0.0
 
     def finish(self, layers: Layers) -> None:
@@ -138,7 +145,11 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
         x = x_q[idx].to(device)
         if opts.drop_prob > 0:
             x = torch.where(torch.rand_like(x) < opts.drop_prob, x_fp[idx].to(device), x)
-        loss = rec_loss(unit(x), y_fp[idx].to(device)) + hooks.penalty(t, opts.iters, layers)
+        out = unit(x)
+        loss = rec_loss(out, y_fp[idx].to(device)) + hooks.penalty(t, opts.iters, layers)
+        extra = hooks.unit_loss(t, opts.iters, unit, x, out)
+        if not (isinstance(extra, float) and extra == 0.0):  # the default leaves the loss bit-identical
+            loss = loss + extra
         for opt in (w_opt, a_opt):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)

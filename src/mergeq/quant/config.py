@@ -13,6 +13,9 @@ class QuantConfig:
     ``first_last_bits``: bits for the first and last Conv2d/Linear (8 by BRECQ/QDrop/HDRQ
     convention; ``None`` quantizes them like the rest). ``a_bits=None`` means weight-only.
     ``step_method``: weight step search, ``mse`` | ``lp`` | ``absmax`` (see quant.uniform).
+    ``fold_bn``: fold every BatchNorm into the preceding layer before quantization (default);
+    ``False`` keeps BN as a module after its quantized conv (running statistics used during PTQ),
+    for test-time adaptation of BN (TTAQ / TENT, ``mergeq.adapt.tta``).
     """
 
     w_bits: int = 4

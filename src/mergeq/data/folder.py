@@ -1,0 +1,344 @@
+"""Image-folder benchmarks: Office-Home (or any ``<root>/<Domain>/<Class>/<image>`` tree), read lazily.
+
+Layout (Office-Home as unpacked from ``OfficeHomeDataset_10072016.zip``)::
+
+    <root>/Art/Alarm_Clock/00001.jpg
+    <root>/Clipart/...
+    <root>/Product/...
+    <root>/Real World/...        # "Real_World" is accepted too
+
+Every domain must hold the same class folders (65 in Office-Home); the class index is the
+position of the folder name in the sorted list (as torchvision's ``ImageFolder``). Hidden
+entries and files without an image extension are skipped; a class folder with no image is
+an error. Images are decoded with Pillow only when an item is read (``FolderImages`` keeps
+paths, never pixels), converted to RGB, resized (shorter side to ``resize``, bilinear), centre
+cropped to ``crop`` x ``crop`` and normalised with the ImageNet mean and std. With
+``augment=True`` a random-resized crop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip
+(p = 0.5) replace resize + centre crop; they draw from torch's global generator, so seed with
+``torch.manual_seed`` (DataLoader workers are seeded by the DataLoader).
+
+Splits: each domain is split per class, seeded by ``seed`` and the domain name (a domain's
+split does not depend on which other domains are loaded), into ``train`` (for the source:
+labelled training images; for targets: the unlabeled adaptation / calibration data, labels
+kept for diagnostics only) and ``test`` (``test_fraction`` of every class, at least one image
+each side). Both are in a seeded shuffled order, so the first N images of ``train`` (what
+``quantize(calib_size=N)`` takes) mix all classes. ``transductive=True`` gives targets the
+protocol of SHOT and the HDRQ paper: adapt on all of a target's images and test on the same
+images (the source is still split).
+
+mergeq's SHOT and source training (``adapt.shot``, ``adapt.source``) read
+``dataset.tensors``; ``materialize`` decodes a split into a ``TensorDataset`` for them
+(about 0.6 MB per 224 x 224 image). ``quantize``, ``evaluate`` and ``accuracy`` take the lazy
+datasets (or a ``DataLoader`` over them) as they are.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..errors import MergeqError
+from .digits import BENCHMARKS, Benchmark, Domain
+
+log = logging.getLogger(__name__)
+
+OFFICE_HOME_DOMAINS = ("Art", "Clipart", "Product", "Real_World")
+OFFICE_HOME_CLASSES = 65
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Office-Home domain spellings (lower case, without " ", "_" and "-") -> canonical name
+_OFFICE_HOME_ALIASES = {"art": "Art", "a": "Art", "clipart": "Clipart", "c": "Clipart", "product": "Product",
+                        "p": "Product", "realworld": "Real_World", "real": "Real_World", "r": "Real_World"}
+_OFFICE_HOME_FOLDERS = {"Real_World": ("Real_World", "Real World")}
+
+
+class FolderDataError(MergeqError):
+    """An image-folder data set that cannot be used: bad layout, empty class, unreadable image."""
+
+
+class FolderNotFoundError(FolderDataError, FileNotFoundError):
+    """A missing data root or domain folder."""
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalised float tensor 3 x crop x crop (see the module docstring)."""
+
+    resize: int = 256
+    crop: int = 224
+    augment: bool = False
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.crop < 1 or self.resize < self.crop:
+            raise ValueError(f"need 1 <= crop <= resize, got crop={self.crop}, resize={self.resize}")
+
+    def __call__(self, img) -> torch.Tensor:
+        from PIL import Image
+
+        bilinear = getattr(Image, "Resampling", Image).BILINEAR
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        if self.augment:
+            top, left, h, w = self._random_box(img.width, img.height)
+            img = img.resize((self.crop, self.crop), bilinear, box=(left, top, left + w, top + h))
+            if torch.rand(()) < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT if hasattr(Image, "Transpose")
+                                    else Image.FLIP_LEFT_RIGHT)
+        else:
+            w, h = img.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(self.resize * long / short)
+            img = img.resize((self.resize, new_long) if w <= h else (new_long, self.resize), bilinear)
+            top = int(round((img.height - self.crop) / 2.0))
+            left = int(round((img.width - self.crop) / 2.0))
+            img = img.crop((left, top, left + self.crop, top + self.crop))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor(self.mean)[:, None, None]
+        std = torch.tensor(self.std)[:, None, None]
+        return (x - mean) / std
+
+    def _random_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop box: (top, left, h, w)."""
+        area = width * height
+        log_ratio = torch.log(torch.tensor(self.ratio))
+        for _ in range(10):
+            target = area * float(torch.empty(()).uniform_(*self.scale))
+            aspect = float(torch.exp(torch.empty(()).uniform_(float(log_ratio[0]), float(log_ratio[1]))))
+            w = int(round((target * aspect) ** 0.5))
+            h = int(round((target / aspect) ** 0.5))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, ()))
+                left = int(torch.randint(0, width - w + 1, ()))
+                return top, left, h, w
+        in_ratio = width / height  # fallback: the largest central crop within the ratio bounds
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+
+class FolderImages(Dataset):
+    """Lazy labelled images: ``dataset[i]`` decodes ``paths[i]`` and returns ``(image, label)``."""
+
+    def __init__(self, paths: Sequence[str | Path], labels: Sequence[int], classes: Sequence[str],
+                 transform: ImageTransform | None = None) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
+        self.classes = list(classes)
+        self.transform = transform or ImageTransform()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(read_image(self.paths[i])), int(self.labels[i])
+
+    def with_transform(self, transform: ImageTransform) -> "FolderImages":
+        """The same images and labels under another transform (e.g. ``augment=True`` for training)."""
+        return FolderImages(self.paths, self.labels.tolist(), self.classes, transform)
+
+
+def read_image(path: str | Path):
+    """Decode ``path`` with Pillow (fully loaded); raise :class:`FolderDataError` naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise FolderDataError(f"cannot read image {path}: {e}") from None
+
+
+def _verify_image(path: Path) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # Pillow raises many types for broken files
+        raise FolderDataError(f"cannot read image {path}: {e}") from None
+
+
+def materialize(dataset: Dataset, batch_size: int = 64, num_workers: int = 0) -> TensorDataset:
+    """Decode a (lazy) labelled dataset into a ``TensorDataset`` (what SHOT and source training read)."""
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        xs.append(x)
+        ys.append(torch.as_tensor(y, dtype=torch.int64))
+    if not xs:
+        raise FolderDataError("cannot materialize an empty dataset")
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def scan_domain(domain_dir: str | Path) -> Dict[str, list[Path]]:
+    """Class folder name -> its image files (both sorted); errors on an empty domain or class."""
+    domain_dir = Path(domain_dir)
+    if not domain_dir.is_dir():
+        raise FolderNotFoundError(f"domain folder {domain_dir} does not exist")
+    classes = sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and _visible(p))
+    if not classes:
+        raise FolderDataError(f"domain folder {domain_dir} holds no class folders (<domain>/<class>/<image>)")
+    out = {}
+    for c in classes:
+        files = sorted(p for p in (domain_dir / c).iterdir()
+                       if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FolderDataError(f"class folder {domain_dir / c} holds no images "
+                                  f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+        out[c] = files
+    return out
+
+
+def split_indices(labels: Sequence[int], test_fraction: float, seed: int, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class seeded split: (train, test) indices, disjoint, each in a seeded shuffled order."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < 2:
+            raise FolderDataError(f"domain {domain!r}: class {int(c)} has {len(idx)} image(s); "
+                                  "a train/test split needs at least 2 per class")
+        n_test = min(max(int(round(len(idx) * test_fraction)), 1), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def _check_same_classes(found: Mapping[str, Sequence[str]], dirs: Mapping[str, Path], reference: str) -> None:
+    ref = set(found[reference])
+    for name, classes in found.items():
+        if set(classes) != ref:
+            missing, extra = sorted(ref - set(classes)), sorted(set(classes) - ref)
+            raise FolderDataError(
+                f"domain {name!r} ({dirs[name]}) has different class folders from domain {reference!r}: "
+                f"missing {missing}, extra {extra}; every domain needs the same class folders")
+
+
+def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[str], seed: int,
+           test_fraction: float, transductive: bool, resize: int, crop: int, augment: bool,
+           verify: bool) -> Benchmark:
+    scans = {d: scan_domain(p) for d, p in dirs.items()}
+    _check_same_classes({d: list(s) for d, s in scans.items()}, dirs, source)
+    classes = list(scans[source])
+    eval_t = ImageTransform(resize, crop)
+    train_t = ImageTransform(resize, crop, augment=True) if augment else eval_t
+    domains = {}
+    for d, scan in scans.items():
+        paths = [p for c in classes for p in scan[c]]
+        labels = [k for k, c in enumerate(classes) for _ in scan[c]]
+        if verify:
+            for p in paths:
+                _verify_image(p)
+        if transductive and d != source:
+            order = np.random.default_rng([seed, zlib.crc32(d.encode())]).permutation(len(paths))
+            train_idx = test_idx = order
+        else:
+            train_idx, test_idx = split_indices(labels, test_fraction, seed, d)
+
+        def part(idx: np.ndarray, t: ImageTransform) -> FolderImages:
+            return FolderImages([paths[i] for i in idx], [labels[i] for i in idx], classes, t)
+
+        domains[d] = Domain(d, part(train_idx, train_t), part(test_idx, eval_t))
+    return Benchmark(name, domains[source], {t: domains[t] for t in targets}, len(classes))
+
+
+def _root(root: str | Path | None, what: str) -> Path:
+    if root is None:
+        raise FolderNotFoundError(f"{what} needs root=<folder holding one folder per domain>")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FolderNotFoundError(f"data root {root} does not exist or is not a folder")
+    return root
+
+
+def _subfolders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
+
+
+def load_folder_benchmark(root: str | Path | None = None, source: str | None = None,
+                          targets: Sequence[str] | None = None, seed: int = 0, test_fraction: float = 0.2,
+                          transductive: bool = False, resize: int = 256, crop: int = 224, augment: bool = False,
+                          verify: bool = False, name: str = "folder") -> Benchmark:
+    """A benchmark from ``<root>/<Domain>/<Class>/<image>``: domain names are folder names.
+
+    ``targets`` defaults to every other domain folder. ``augment`` applies the random-resized
+    crop and flip to the ``train`` splits (leave it off for calibration data); ``verify`` opens
+    every image once now (Pillow's header check) instead of failing on first read.
+    """
+    root = _root(root, f"benchmark {name!r}")
+    if source is None:
+        raise ValueError(f"benchmark {name!r} needs source=<domain folder>; found {_subfolders(root)}")
+    targets = [d for d in _subfolders(root) if d != source] if targets is None else list(targets)
+    return _build(name, _domain_dirs(root, [source, *targets]), source, targets, seed, test_fraction,
+                  transductive, resize, crop, augment, verify)
+
+
+def _domain_dirs(root: Path, names: Sequence[str],
+                 folders: Mapping[str, Sequence[str]] | None = None) -> Dict[str, Path]:
+    """Domain name -> its folder (the first of ``folders[name]`` that exists, default ``name``)."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"source and target domains must be distinct, got {list(names)}")
+    out = {}
+    for d in names:
+        candidates = (folders or {}).get(d, (d,))
+        found = [root / c for c in candidates if (root / c).is_dir()]
+        if not found:
+            raise FolderNotFoundError(f"domain folder {' or '.join(repr(str(root / c)) for c in candidates)} "
+                                      f"does not exist; {root} holds {_subfolders(root)}")
+        out[d] = found[0]
+    return out
+
+
+def office_home_domain(name: str) -> str:
+    """Canonical Office-Home domain name for ``name`` ("Real World", "real_world", "R", "art", ...)."""
+    key = name.lower().replace(" ", "").replace("_", "").replace("-", "")
+    if key not in _OFFICE_HOME_ALIASES:
+        raise ValueError(f"unknown Office-Home domain {name!r}; known: {', '.join(OFFICE_HOME_DOMAINS)}")
+    return _OFFICE_HOME_ALIASES[key]
+
+
+def load_office_home(root: str | Path | None = None, source: str = "Real_World",
+                     targets: Sequence[str] | None = None, seed: int = 0, test_fraction: float = 0.2,
+                     transductive: bool = False, resize: int = 256, crop: int = 224, augment: bool = False,
+                     verify: bool = False) -> Benchmark:
+    """Office-Home (Venkateswara et al., CVPR 2017) from ``root``; see the module docstring.
+
+    Domain names are canonical (``Art``, ``Clipart``, ``Product``, ``Real_World``); aliases such
+    as ``"Real World"`` or ``"R"`` are accepted. ``targets`` defaults to the three non-source domains.
+    """
+    root = _root(root, "benchmark 'office_home'")
+    source = office_home_domain(source)
+    targets = [d for d in OFFICE_HOME_DOMAINS if d != source] if targets is None else \
+        [office_home_domain(t) for t in targets]
+    bench = _build("office_home", _domain_dirs(root, [source, *targets], _OFFICE_HOME_FOLDERS), source, targets,
+                   seed, test_fraction, transductive, resize, crop, augment, verify)
+    if bench.num_classes != OFFICE_HOME_CLASSES:
+        log.warning("Office-Home has %d classes, %s holds %d", OFFICE_HOME_CLASSES, root, bench.num_classes)
+    return bench
+
+
+BENCHMARKS["office_home"] = load_office_home
+BENCHMARKS["folder"] = load_folder_benchmark
