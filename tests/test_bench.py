@@ -33,8 +33,13 @@ def grid(tmp_path):
 
 def test_two_cell_grid_and_resume(grid, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    results = run_grid(grid, out)
+    events = []
+    results = run_grid(grid, out, progress=lambda i, n, text: events.append((i, n, text)))
     assert [r["bits"] for r in results] == ["W8A8", "W4A4"]
+    # each cell is announced when it starts, then reported done with a time estimate
+    assert [(i, n) for i, n, _ in events] == [(0, 2), (1, 2), (1, 2), (2, 2)]
+    assert events[0][2].startswith("running ") and "W8A8" in events[0][2]
+    assert "done" in events[1][2] and "s left" in events[1][2] and "W4A4" in events[2][2]
     csv_lines = (out / "bench.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("targets,seed,bits,method")
     md = (out / "bench.md").read_text()
@@ -70,3 +75,12 @@ def test_ray_executor_matches_local(grid, tmp_path):
     remote = run_grid(grid, tmp_path / "ray", executor="ray")
     assert [r["merged"] for r in remote] == [r["merged"] for r in local]
     assert [r["experts"] for r in remote] == [r["experts"] for r in local]
+
+
+def test_resume_refuses_other_settings(grid, tmp_path):
+    out = tmp_path / "out"
+    (out / "cells").mkdir(parents=True)
+    (out / "grid.yaml").write_text(yaml.safe_dump({**GRID, "calib_size": 32}))
+    with pytest.raises(ValueError, match="calib_size differ"):
+        run_grid(grid, out)
+    assert not list((out / "cells").iterdir())

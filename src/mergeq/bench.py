@@ -82,11 +82,13 @@ def run_cell(base: dict[str, Any], cell: Cell, out: str) -> dict[str, Any]:
     return result
 
 
-def _local(base, cells, out, workers: int) -> Iterable[dict]:
+def _local(base, cells, out, workers: int, started: Callable[[str], None]) -> Iterable[dict]:
     if workers <= 1:
         for c in cells:
+            started(c.key)
             yield run_cell(base, c, out)
         return
+    started(f"{min(workers, len(cells))} cells in parallel")
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -96,7 +98,7 @@ def _local(base, cells, out, workers: int) -> Iterable[dict]:
             yield f.result()
 
 
-def _ray(base, cells, out, address: str | None) -> Iterable[dict]:
+def _ray(base, cells, out, address: str | None, started: Callable[[str], None]) -> Iterable[dict]:
     try:
         import ray
     except ImportError:
@@ -111,31 +113,50 @@ def _ray(base, cells, out, address: str | None) -> Iterable[dict]:
     # a cuda cell holds one GPU (Ray then sets CUDA_VISIBLE_DEVICES for it); other cells one CPU
     task = ray.remote(num_gpus=1 if str(base.get("device", "cpu")).startswith("cuda") else 0)(run_cell)
     pending = [task.remote(base, c, out) for c in cells]
+    started(f"{len(pending)} cells submitted to Ray")
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
 
 
+def _check_same_settings(out: Path, base: dict[str, Any]) -> None:
+    """Refuse to resume into ``out`` if its grid was run with other shared settings (the axes may grow)."""
+    previous = out / "grid.yaml"
+    if not previous.exists():
+        return
+    old = {k: v for k, v in (yaml.safe_load(previous.read_text()) or {}).items() if k not in GRID_KEYS}
+    if old != base:
+        changed = sorted(k for k in set(old) | set(base) if old.get(k) != base.get(k))
+        raise ValueError(f"{out} holds cells of a grid with other settings ({', '.join(changed)} differ): "
+                         "its finished cells would be mixed with new ones; use another --out or delete it")
+
+
 def run_grid(grid: str | Path, out: str | Path, executor: str = "local", workers: int = 1,
              address: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
-    """Run every unfinished cell of ``grid`` into ``out``; return all cell results."""
+    """Run every unfinished cell of ``grid`` into ``out``; return all cell results.
+
+    ``progress(done, total, text)`` is called when cells start (``done`` unchanged) and when
+    each finishes, with the cell, its hmean and an estimate of the time left."""
     base, cells = load_grid(grid)
     out = Path(out)
+    _check_same_settings(out, base)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grid.yaml", Path(grid).read_text())
     todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").exists()]
     log.info("%d of %d cells to run", len(todo), len(cells))
+    done = 0
+    report = progress or (lambda i, n, text: None)
+    started = lambda what: report(done, len(todo), f"running {what}")  # noqa: E731
     if executor == "local":
-        stream = _local(base, todo, str(out), workers)
+        stream = _local(base, todo, str(out), workers, started)
     elif executor == "ray":
-        stream = _ray(base, todo, str(out), address)
+        stream = _ray(base, todo, str(out), address, started)
     else:
         raise ValueError(f"executor must be local or ray, got {executor!r}")
     t0 = time.perf_counter()
-    for i, res in enumerate(stream, start=1):
-        if progress:
-            eta = (time.perf_counter() - t0) / i * (len(todo) - i)
-            progress(i, len(todo), f"{res['key']} done, hmean {100 * res['merged']['hmean']:.1f}%, ~{eta:.0f} s left")
+    for done, res in enumerate(stream, start=1):
+        eta = (time.perf_counter() - t0) / done * (len(todo) - done)
+        report(done, len(todo), f"{res['key']} done, hmean {100 * res['merged']['hmean']:.1f}%, ~{eta:.0f} s left")
     results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
     write_tables(results, out)
     return results

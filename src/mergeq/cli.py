@@ -244,8 +244,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.quiet:
             return
         bar = bar or tqdm(total=n, desc="cells", unit="cell")
-        bar.set_postfix_str(text[:80])
-        bar.update(1)
+        bar.set_postfix_str(text[:100])
+        bar.update(i - bar.n)
 
     run_grid(args.grid, args.out, args.executor, args.workers, args.address, progress)
     if bar:
