@@ -1,5 +1,4 @@
 """Source training and SHOT: head frozen, input untouched, seeded determinism, loss pieces."""
-import copy
 import math
 
 import pytest

@@ -4,7 +4,7 @@ import torch
 
 from mergeq.nn import QuantModule, quant_modules
 from mergeq.ptq import calib_size, ptq_options, quantize
-from mergeq.ptq.adaround import AdaRoundQuantizer, beta_schedule, init_v, rectified_sigmoid, round_penalty
+from mergeq.ptq.adaround import AdaRoundQuantizer, beta_schedule, rectified_sigmoid, round_penalty
 from mergeq.quant import ActQuantizer, quantize_int, search_weight_step
 
 from .conftest import MODEL_FACTORIES, randomize_bn

@@ -5,6 +5,7 @@ Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+
+
+def previous_rows(out: str | os.PathLike, config_yaml: str) -> list[dict]:
+    """Rows of an earlier run in ``out`` whose ``config.yaml`` is exactly ``config_yaml`` (for
+    resuming); [] when there is none, the config differs or ``results.json`` is unreadable."""
+    res, cfg = Path(out) / "results.json", Path(out) / "config.yaml"
+    if res.exists() and cfg.exists() and cfg.read_text() == config_yaml:
+        try:
+            return json.loads(res.read_text()).get("rows", [])
+        except json.JSONDecodeError:
+            logging.getLogger(__name__).warning("ignoring unreadable %s", res)
+    return []
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -22,7 +22,7 @@ import torch
 from .config import RunConfig
 from .data import load_benchmark
 from .eval import accuracy, evaluate
-from .io import atomic_write_text, write_json
+from .io import atomic_write_text, previous_rows, write_json
 from .merge import merge
 from .nn import fold_bn
 from .ptq import ptq_options, quantize
@@ -31,19 +31,6 @@ from .report import results_markdown
 from .zoo import ModelPool
 
 log = logging.getLogger(__name__)
-
-
-def _load_previous(out: Path, config_yaml: str) -> list[dict]:
-    """Rows of an earlier run in ``out`` with the identical config (resume); [] otherwise."""
-    import json
-
-    res, cfg = out / "results.json", out / "config.yaml"
-    if res.exists() and cfg.exists() and cfg.read_text() == config_yaml:
-        try:
-            return json.loads(res.read_text()).get("rows", [])
-        except json.JSONDecodeError:
-            log.warning("ignoring unreadable %s", res)
-    return []
 
 
 class Experiment:
@@ -120,7 +107,7 @@ def run(config: RunConfig, out: str | Path, progress: bool = False,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_yaml = cfg.to_yaml()
-    previous = {(r["method"], r["w_bits"], r["a_bits"]): r for r in _load_previous(out, config_yaml)}
+    previous = {(r["method"], r["w_bits"], r["a_bits"]): r for r in previous_rows(out, config_yaml)}
     atomic_write_text(out / "config.yaml", config_yaml)
     results: dict[str, Any] = {
         "benchmark": exp.bench.name, "targets": exp.targets, "seed": cfg.seed, "preset": cfg.preset,

@@ -41,7 +41,7 @@ from .adapt.tta import ABL, ABLConfig, NoAdapt, Tent, TentConfig, run_stream
 from .config import RunConfig
 from .data import load_benchmark
 from .data.corruptions import CORRUPTIONS, IMBALANCE, check_corruptions, check_severity, corruption_stream
-from .io import atomic_write_text, write_json
+from .io import atomic_write_text, previous_rows, write_json
 from .ptq import PTQ_METHODS, ptq_options, quantize
 from .quant.config import QuantConfig, parse_bits
 from .zoo import ModelPool
@@ -115,18 +115,6 @@ def load_config(path: str | Path) -> tuple[RunConfig, TTAConfig]:
     if not isinstance(data, dict) or "run" not in data or "tta" not in data:
         raise ValueError(f"{path} must hold a mapping with 'run' and 'tta' sections (as written by mergeq tta)")
     return RunConfig.from_dict(data["run"]), TTAConfig(**data["tta"])
-
-
-def _load_previous(out: Path, text: str) -> list[dict]:
-    import json
-
-    res, cfg = out / "results.json", out / "config.yaml"
-    if res.exists() and cfg.exists() and cfg.read_text() == text:
-        try:
-            return json.loads(res.read_text()).get("rows", [])
-        except json.JSONDecodeError:
-            log.warning("ignoring unreadable %s", res)
-    return []
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -227,7 +215,7 @@ def run_tta(run_cfg: RunConfig, tta_cfg: TTAConfig, out: str | Path, progress: b
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = config_yaml(exp.cfg, tta_cfg)
-    previous = {(r["stream"], r["method"], r["bits"]): r for r in _load_previous(out, text)}
+    previous = {(r["stream"], r["method"], r["bits"]): r for r in previous_rows(out, text)}
     atomic_write_text(out / "config.yaml", text)
     results: dict[str, Any] = {
         "benchmark": exp.bench.name, "seed": exp.cfg.seed, "severity": tta_cfg.severity, "preset": exp.cfg.preset,
