@@ -118,7 +118,8 @@ def load_config(path: str | Path) -> tuple[RunConfig, TTAConfig]:
 
 
 def results_markdown(results: dict[str, Any]) -> str:
-    """One table per stream: rows method x bits, columns corruptions and mean error (%)."""
+    """One table per stream: rows method x bits, columns corruptions and mean error (%); the lowest
+    mean error per bit width in bold."""
     corr = results["corruptions"]
     lines = [f"TTA on the corruption stream (severity {results['severity']}, seed {results['seed']}, "
              f"preset {results['preset']}): error in %, mean over the {len(corr)} corruptions.", ""]
@@ -129,9 +130,12 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += [f"### {stream} stream" + (f" ({imb})" if imb else ""), ""]
         lines.append("| method | bits | " + " | ".join(corr) + " | mean |")
         lines.append("|---|---|" + "---:|" * (len(corr) + 1))
+        best = {b: min(r["mean_error"] for r in rows if r["bits"] == b) for b in {r["bits"] for r in rows}}
         for r in rows:
             cells = " | ".join(f"{100 * r['error'][c]:.1f}" for c in corr)
-            lines.append(f"| {r['method']} | {r['bits']} | {cells} | **{100 * r['mean_error']:.1f}** |")
+            mean = f"{100 * r['mean_error']:.1f}"
+            mean = f"**{mean}**" if r["mean_error"] == best[r["bits"]] else mean
+            lines.append(f"| {r['method']} | {r['bits']} | {cells} | {mean} |")
         lines.append("")
     return "\n".join(lines)
 
