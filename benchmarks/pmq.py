@@ -41,6 +41,10 @@ def table(runs: dict[int, dict], command: str) -> str:
         best = max((m for m in methods if vals[m]), key=lambda m: statistics.mean(vals[m]))
         cols = [(f"**{pm(vals[m])}**" if m == best else pm(vals[m])) if vals[m] else "" for m in methods]
         lines.append(f"| {merge} | W{w}A{a if a is not None else 32} | {fp} | " + " | ".join(cols) + " |")
+    experts = [res["fp_experts"] for res in runs.values() if "fp_experts" in res]
+    if experts:
+        accs = ", ".join(f"{d} {pm([e[d] for e in experts])}" for d in first["targets"])
+        lines += ["", f"Full-precision experts on their own domains: {accs}."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import RunConfig
-from .eval import evaluate
+from .eval import accuracy, evaluate
 from .io import atomic_write_text, write_json
 from .merge import merge
 from .nn import fold_bn
@@ -38,7 +38,10 @@ def run_pmq(config: RunConfig, out: str | Path, merges: Sequence[str] = ("task_a
     share = max(1, cfg.calib_size // len(exp.targets))
     calib = [exp.bench.targets[d].train.tensors[0][:share] for d in exp.targets]
     results: dict[str, Any] = {"benchmark": exp.bench.name, "targets": exp.targets, "seed": cfg.seed,
-                               "preset": cfg.preset, "setting": "merge-then-quantize", "rows": []}
+                               "preset": cfg.preset, "setting": "merge-then-quantize",
+                               "fp_experts": {d: accuracy(e, exp.tests[d], device=cfg.device)
+                                              for d, e in zip(exp.targets, experts)},
+                               "rows": []}
     for merge_method in merges:
         opts = dict(MERGE_DEFAULTS.get(merge_method, {}))
         if merge_method != "average":
