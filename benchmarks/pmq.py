@@ -72,8 +72,9 @@ def main() -> None:
                 continue
         runs[seed] = run_pmq(cfg, out, args.merges, args.methods, args.anchor, progress=True)
     command = "python benchmarks/pmq.py " + " ".join(
-        ([f"--config {args.config}"] if args.config else []) + [f"--seeds {' '.join(map(str, args.seeds))}",
-                                                                 f"--out {args.out}"])
+        ([f"--config {args.config}"] if args.config else []) + [f"--seeds {' '.join(map(str, args.seeds))}"]
+        + ([f"--bits {' '.join(args.bits)}"] if args.bits != ["W4", "W3"] else [])
+        + ([f"--anchor {args.anchor}"] if args.anchor != 1.0 else []) + [f"--out {args.out}"])
     text = table(runs, command)
     atomic_write_text(Path(args.out) / "pmq.md", text)
     print(text)
