@@ -38,16 +38,18 @@ def tables(runs: dict[int, dict], command: str) -> str:
         means = {k: statistics.mean(r["mean_error"] for r in rs) for k, rs in per.items()}
         best = {b: min(v for (m, bb), v in means.items() if bb == b) for _, b in keys}
         lines += [f"### {stream} stream" + (f" ({imb})" if imb else ""), "",
-                  "| method | bits | mean error | " + " | ".join(corr) + " |",
-                  "|---|---|---:|" + "---:|" * len(corr)]
+                  "| method | bits | mean error | worst class | " + " | ".join(corr) + " |",
+                  "|---|---|---:|---:|" + "---:|" * len(corr)]
         for k in keys:
             rs = per[k]
             mean = pm([r["mean_error"] for r in rs])
             mean = f"**{mean}**" if means[k] == best[k[1]] else mean
             cells = " | ".join(f"{100 * statistics.mean(r['error'][c] for r in rs):.1f}" for c in corr)
-            lines.append(f"| {k[0]} | {k[1]} | {mean} | {cells} |")
+            worst = pm([max(r["class_error"]) for r in rs])
+            lines.append(f"| {k[0]} | {k[1]} | {mean} | {worst} | {cells} |")
         lines.append("")
-    lines.append("Per-corruption columns: mean over seeds.")
+    lines.append("`worst class`: the error of the class with the highest error over the whole stream (forgetting "
+                 "shows here first). Per-corruption columns: mean over seeds.")
     return "\n".join(lines) + "\n"
 
 
