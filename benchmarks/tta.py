@@ -1,6 +1,7 @@
 """TTAQ setting over seeds: error on the continual corruption stream, mean ± std.
 
     python benchmarks/tta.py --seeds 0 1 2 --out docs/results/tta
+    python benchmarks/tta.py --seeds 0 1 2 --methods qdrop+abl,ttaq+tent,ttaq+none --bits W4A4 --out docs/results/tta_ablation
 
 Runs ``mergeq tta`` (``mergeq.tta.run_tta``, default config: fp, fp+tent, qdrop, qdrop+tent,
 ttaq at W4A4 and W2A4, balanced and imbalanced streams, severity 5) once per seed into
@@ -69,11 +70,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--preset", default="default")
+    ap.add_argument("--methods", help="comma-separated MODEL[+ADAPTER] rows (default: mergeq tta's)")
+    ap.add_argument("--bits", help="comma-separated bit pairs (default W4A4,W2A4)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    runs = {s: run_tta(RunConfig(preset=args.preset, seed=s), TTAConfig(), Path(args.out) / f"seed{s}")
+    rows = {k: getattr(args, k).split(",") for k in ("methods", "bits") if getattr(args, k)}
+    runs = {s: run_tta(RunConfig(preset=args.preset, seed=s), TTAConfig(**rows), Path(args.out) / f"seed{s}")
             for s in args.seeds}
-    command = f"python benchmarks/tta.py --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
+    command = " ".join(["python benchmarks/tta.py", f"--seeds {' '.join(map(str, args.seeds))}",
+                        *(f"--{k} {','.join(v)}" for k, v in rows.items()), f"--out {args.out}"])
     text = tables(runs, command)
     atomic_write_text(Path(args.out) / "tta.md", text)
     plot_stream_errors(mean_curves(runs), Path(args.out) / "stream_error.png",
