@@ -55,14 +55,14 @@ def tables(runs: dict[int, dict], command: str) -> str:
 
 
 def mean_curves(runs: dict[int, dict]) -> list[dict]:
-    """One row per (stream, method, bits) with the per-batch error averaged over the seeds."""
+    """One row per (stream, method, bits) with the per-batch and mean error averaged over the seeds."""
     first = next(iter(runs.values()))
     out = []
     for row in first["rows"]:
         key = (row["stream"], row["method"], row["bits"])
-        curves = [r["batch_error"] for res in runs.values() for r in res["rows"]
-                  if (r["stream"], r["method"], r["bits"]) == key]
-        out.append({**row, "batch_error": [statistics.mean(v) for v in zip(*curves)]})
+        same = [r for res in runs.values() for r in res["rows"] if (r["stream"], r["method"], r["bits"]) == key]
+        out.append({**row, "batch_error": [statistics.mean(v) for v in zip(*(r["batch_error"] for r in same))],
+                    "mean_error": statistics.mean(r["mean_error"] for r in same)})
     return out
 
 
