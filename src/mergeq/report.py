@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .eval.metrics import harmonic_mean
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -25,7 +27,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         "|---|---|" + "---:|" * (2 * len(targets) + 2),
     ]
     srow = " | ".join(_pct(src[d]) for d in targets)
-    lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(src['hmean'])} | |")
+    src_hmean = harmonic_mean([src[d] for d in targets])  # ``src`` also holds the source domain
+    lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(src_hmean)} | |")
     fp = results["fp"]
     lines.append(
         "| experts, BN folded, averaged | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
