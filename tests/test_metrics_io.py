@@ -73,3 +73,14 @@ def test_missing_truncated_and_bad_metadata_checkpoints_are_refused(tmp_path):
 def test_checkpoint_written_as_json_sidecar(tmp_path):
     path = save_checkpoint({"w": torch.zeros(1)}, tmp_path / "a" / "m.safetensors", {"domain": "uci"})
     assert json.loads(path.with_suffix(".json").read_text())["domain"] == "uci"
+
+
+def test_report_source_row_hmean_is_over_targets_only():
+    from mergeq.report import results_markdown
+
+    acc = {"a": 0.5, "b": 1.0}
+    res = {"benchmark": "digits", "seed": 0, "targets": ["a", "b"], "rows": [],
+           "source": {"src": 1.0, **acc, "hmean": 0.75},  # hmean over 3 domains, as evaluate() gives it
+           "fp": {"experts": acc, "merged": {**acc, "hmean": 2 / 3}}}
+    row = next(line for line in results_markdown(res).splitlines() if line.startswith("| source"))
+    assert row.split("|")[-3].strip() == "66.7"  # 2 / (1/0.5 + 1/1.0)
