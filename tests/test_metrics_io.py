@@ -84,3 +84,24 @@ def test_report_source_row_hmean_is_over_targets_only():
            "fp": {"experts": acc, "merged": {**acc, "hmean": 2 / 3}}}
     row = next(line for line in results_markdown(res).splitlines() if line.startswith("| source"))
     assert row.split("|")[-3].strip() == "66.7"  # 2 / (1/0.5 + 1/1.0)
+
+
+def test_model_cache_key_includes_thread_count(tmp_path):
+    """CPU training repeats bit for bit only for the same number of torch threads: no cross reuse."""
+    import torch
+
+    from mergeq.adapt import PRESETS
+    from mergeq.data import load_benchmark
+    from mergeq.zoo import ModelPool
+
+    arch, kw, src, shot = PRESETS["quick"]
+    bench = load_benchmark("digits", seed=0, targets=["uci"])
+    before = torch.get_num_threads()
+    try:
+        keys = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            keys.append(ModelPool(bench, arch, kw, src, shot, 0, tmp_path)._source_key)
+    finally:
+        torch.set_num_threads(before)
+    assert keys[0] != keys[1] and keys[0] == keys[2]

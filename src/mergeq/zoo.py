@@ -1,8 +1,9 @@
 """The model pool: a source model and one SHOT expert per target, trained once and cached.
 
 Cache entries are safetensors checkpoints with JSON sidecars, keyed by a hash of everything
-that determines them (benchmark, seed, architecture, training configs), so a changed
-setting never reuses a stale model.
+that determines them (benchmark, seed, architecture, training configs, device kind and number
+of torch threads: CPU training repeats bit for bit only for the same thread count), so a
+changed setting never reuses a stale model.
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ class ModelPool:
         self.cache_dir, self.device, self.progress = Path(cache_dir), device, progress
         self._meta = {"benchmark": bench.name, "arch": arch, "arch_kwargs": self.arch_kwargs,
                       "num_classes": bench.num_classes, "seed": seed}
-        self._source_key = _key({**self._meta, "source": asdict(source_cfg)})
+        # training repeats bit for bit only on the same device kind and (CPU) number of torch threads
+        compute = {"device": torch.device(device).type, "threads": torch.get_num_threads()}
+        self._source_key = _key({**self._meta, "source": asdict(source_cfg), "compute": compute})
 
     def _cached(self, path: Path, make, meta: dict) -> nn.Module:
         if path.exists():
