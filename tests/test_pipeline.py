@@ -93,3 +93,21 @@ def test_quantize_and_merge_commands_round_trip(tiny_run, tmp_path):
     x = torch.randn(4, 3, 32, 32)
     again, _ = model_from_checkpoint(merged_path)
     assert torch.equal(merged(x), again(x))
+
+
+def test_threads_option_is_validated_and_applied():
+    import torch
+
+    from mergeq.cli import _config, build_parser
+
+    with pytest.raises(ValueError, match="threads"):
+        RunConfig(threads=0)
+    args = build_parser().parse_args(["run", "--threads", "1", "--preset", "quick"])
+    cfg = _config(args)
+    assert cfg.threads == 1
+    before = torch.get_num_threads()
+    try:
+        RunConfig(threads=1).apply_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

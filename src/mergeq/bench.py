@@ -8,6 +8,9 @@ The grid comes from a YAML file::
     target_sets: [[uci, mnistm, rotated]]
     seeds: [0, 1, 2]
 
+Cells run with one torch thread unless the grid sets ``threads`` (training and reconstruction
+repeat bit for bit only per thread count, and Ray workers default to one), so the ``local`` and
+``ray`` executors give identical numbers; parallelism comes from running cells side by side.
 Every cell (target set, seed, bits, method) writes ``cells/<key>.json`` atomically into the
 output folder when it finishes; a rerun, under either executor, skips cells whose file
 exists. ``local`` runs cells in a process pool (``workers``); ``ray`` submits each cell as a
@@ -69,14 +72,21 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
 
 def run_cell(base: dict[str, Any], cell: Cell, out: str) -> dict[str, Any]:
     """Compute one cell and write its JSON; safe to call in a worker process or a Ray task."""
+    import torch
+
     from .pipeline import Experiment
     from .quant import QuantConfig
 
+    # one thread per cell unless the grid says otherwise: every executor then computes the same bits
     cfg = RunConfig.from_dict({**base, "targets": list(cell.targets), "seed": cell.seed,
-                               "methods": [cell.method], "bits": [cell.bits]})
-    exp = Experiment(cfg)
-    w, a = parse_bits(cell.bits)
-    row = exp.row(cell.method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method))
+                               "methods": [cell.method], "bits": [cell.bits], "threads": base.get("threads") or 1})
+    threads = torch.get_num_threads()
+    try:
+        exp = Experiment(cfg)
+        w, a = parse_bits(cell.bits)
+        row = exp.row(cell.method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method))
+    finally:
+        torch.set_num_threads(threads)  # a cell run in-process leaves the caller's setting alone
     result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "bits": cell.bits, **row}
     write_json(Path(out) / "cells" / f"{cell.key}.json", result)
     return result

@@ -20,6 +20,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--targets", type=_csv, default=None, help="comma-separated target domains (default: all)")
     p.add_argument("--cache-dir", default=None, help="where trained source/expert models are cached")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); a seeded CPU run repeats bit for bit per thread count")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
@@ -27,7 +29,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     base = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
     overrides = {
         "preset": args.preset, "seed": args.seed, "device": args.device, "targets": args.targets,
-        "cache_dir": args.cache_dir,
+        "cache_dir": args.cache_dir, "threads": getattr(args, "threads", None),
         "methods": getattr(args, "methods", None), "bits": getattr(args, "bits", None),
         "rounding": getattr(args, "rounding", None), "step_method": getattr(args, "step_method", None),
     }
@@ -261,7 +263,7 @@ def cmd_tta(args: argparse.Namespace) -> int:
         run_cfg, tta_cfg = load_config(args.config)
         d = asdict(run_cfg)
         d.update({k: v for k, v in {"preset": args.preset, "seed": args.seed, "device": args.device,
-                                     "cache_dir": args.cache_dir}.items() if v is not None})
+                                     "cache_dir": args.cache_dir, "threads": args.threads}.items() if v is not None})
         base = RunConfig.from_dict(d)
         t = asdict(tta_cfg)
     else:

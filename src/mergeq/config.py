@@ -45,8 +45,11 @@ class RunConfig:
     shot: ShotConfig | None = None
     ptq_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     cache_dir: str = ".mergeq-cache"
+    threads: int | None = None  # torch CPU threads (None: torch's default); results repeat per thread count
 
     def __post_init__(self) -> None:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if self.preset not in PRESET_NAMES:
             raise ValueError(f"preset must be one of {PRESET_NAMES}, got {self.preset!r}")
         if not self.methods:
@@ -81,6 +84,13 @@ class RunConfig:
             shot=self.shot or shot,
             ptq_options=opts,
         )
+
+    def apply_threads(self) -> None:
+        """Set torch's CPU thread count if the config names one (before any model is trained)."""
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

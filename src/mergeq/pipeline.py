@@ -39,6 +39,7 @@ class Experiment:
     def __init__(self, config: RunConfig, progress: bool = False) -> None:
         self.cfg = cfg = config.resolved()
         self.progress = progress
+        cfg.apply_threads()
         torch.manual_seed(cfg.seed)
         self.bench = load_benchmark(cfg.benchmark, seed=cfg.seed, targets=cfg.targets)
         self.targets = list(self.bench.targets)

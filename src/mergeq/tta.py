@@ -147,6 +147,7 @@ class TTAExperiment:
         methods = sorted({parse_method(m)[0] for m in tta_cfg.methods} - {"fp"}) or ["qdrop"]
         self.cfg = cfg = dataclasses.replace(run_cfg, methods=methods).resolved()
         self.tta, self.progress = tta_cfg, progress
+        cfg.apply_threads()
         torch.manual_seed(cfg.seed)
         self.bench = load_benchmark(cfg.benchmark, seed=cfg.seed, targets=[])
         pool = ModelPool(self.bench, cfg.arch, cfg.arch_kwargs, cfg.source, cfg.shot, cfg.seed, cfg.cache_dir,
