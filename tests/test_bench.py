@@ -44,6 +44,8 @@ def test_two_cell_grid_and_resume(grid, tmp_path, monkeypatch):
     assert len(csv_lines) == 3 and csv_lines[0].startswith("targets,seed,bits,method")
     md = (out / "bench.md").read_text()
     assert "| rtn |" in md and "W4A4" in md and "**" in md
+    fp = results[0]["fp_merged"]["hmean"]
+    assert results[1]["fp_merged"]["hmean"] == fp and f"| full precision (merged) | {100 * fp:.1f} ± 0.0 |" in md
     # "kill" the grid after its first cell: remove the second cell's file, then rerun
     cells = sorted((out / "cells").glob("*.json"))
     second = next(p for p in cells if "W4A4" in p.name)

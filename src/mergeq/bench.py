@@ -85,6 +85,7 @@ def run_cell(base: dict[str, Any], cell: Cell, out: str) -> dict[str, Any]:
         exp = Experiment(cfg)
         w, a = parse_bits(cell.bits)
         row = exp.row(cell.method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method))
+        row["fp_merged"] = exp.fp_results()["fp"]["merged"]  # the reference: the same experts, not quantized
     finally:
         torch.set_num_threads(threads)  # a cell run in-process leaves the caller's setting alone
     result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "bits": cell.bits, **row}
@@ -179,7 +180,8 @@ def _mean_sd(xs: list[float]) -> str:
 
 def table2(results: list[dict]) -> str:
     """Paper Table 2 form: merged hmean (mean ± std over seeds), own-domain expert accuracy in
-    parentheses, one table per target set, best mean per column in bold."""
+    parentheses, one table per target set, best mean per column in bold; a first row with the
+    full-precision merge of the same experts when the cells carry it."""
     lines = []
     for targets in dict.fromkeys(tuple(r["targets"]) for r in results):
         rs = [r for r in results if tuple(r["targets"]) == targets]
@@ -191,6 +193,9 @@ def table2(results: list[dict]) -> str:
         lines += [f"Targets {', '.join(targets)}; seeds {seeds}. Merged hmean % (mean ± std over seeds), "
                   "quantized experts' own-domain accuracy % in parentheses.", "",
                   "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+        fp = {r["seed"]: r["fp_merged"]["hmean"] for r in rs if "fp_merged" in r}
+        if fp:  # one full-precision merge per seed (the same in every column)
+            lines.append(f"| full precision (merged) | " + " | ".join([_mean_sd(list(fp.values()))] * len(bits)) + " |")
         for m in methods:
             cols = []
             for b in bits:
