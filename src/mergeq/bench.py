@@ -85,7 +85,7 @@ def run_cell(base: dict[str, Any], cell: Cell, out: str) -> dict[str, Any]:
         exp = Experiment(cfg)
         w, a = parse_bits(cell.bits)
         row = exp.row(cell.method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method))
-        row["fp_merged"] = exp.fp_results()["fp"]["merged"]  # the reference: the same experts, not quantized
+        row["fp_merged"] = exp.fp_merged()  # the reference: the same experts, not quantized
     finally:
         torch.set_num_threads(threads)  # a cell run in-process leaves the caller's setting alone
     result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "bits": cell.bits, **row}
@@ -195,7 +195,7 @@ def table2(results: list[dict]) -> str:
                   "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
         fp = {r["seed"]: r["fp_merged"]["hmean"] for r in rs if "fp_merged" in r}
         if fp:  # one full-precision merge per seed (the same in every column)
-            lines.append(f"| full precision (merged) | " + " | ".join([_mean_sd(list(fp.values()))] * len(bits)) + " |")
+            lines.append("| full precision (merged) | " + " | ".join([_mean_sd(list(fp.values()))] * len(bits)) + " |")
         for m in methods:
             cols = []
             for b in bits:

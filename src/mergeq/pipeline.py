@@ -49,15 +49,19 @@ class Experiment:
         self.source = pool.source()
         self.experts = {d: pool.expert(d) for d in self.targets}
 
+    def fp_merged(self) -> dict[str, float]:
+        """Accuracy of the BN-folded full-precision experts, averaged (the reference of every row)."""
+        example = self.bench.source.test.tensors[0][:2].to(self.cfg.device)
+        folded = [fold_bn(self.experts[d], example) for d in self.targets]
+        return evaluate(merge(folded), self.tests, self.cfg.device)
+
     def fp_results(self) -> dict[str, Any]:
         cfg, bench, tests = self.cfg, self.bench, self.tests
-        example = bench.source.test.tensors[0][:2].to(cfg.device)
-        folded = [fold_bn(self.experts[d], example) for d in self.targets]
         return {
             "source": evaluate(self.source, {bench.source.name: bench.source.test, **tests}, cfg.device),
             "fp": {
                 "experts": {d: accuracy(self.experts[d], tests[d], device=cfg.device) for d in self.targets},
-                "merged": evaluate(merge(folded), tests, cfg.device),
+                "merged": self.fp_merged(),
             },
             "fp_bn_mixture": evaluate(merge(list(self.experts.values())), tests, cfg.device),
         }

@@ -22,9 +22,7 @@ flattened, so [B, T, D] inputs work). With the layer's inputs X [n, N] GPTQ mini
 Choices. Sequential (default): the inputs of layer l come from the prepared model whose earlier
 layers are already GPTQ-quantized (``sequential=False``: from the full-precision model). With
 activation quantization configured, X is the input after the layer's calibrated activation
-quantizer (what the layer multiplies); activation steps are not changed. Grouped scales
-(``group_size``) are not implemented: QuantModule holds one step per output channel. Bias is
-kept. The arithmetic is float64; the result is cast back and lies exactly on the grid. Grouped
+quantizer (what the layer multiplies); activation steps are not changed. Bias is kept. The arithmetic is float64; the result is cast back and lies exactly on the grid. Grouped
 steps are stored per weight element (``QuantModule.w_step`` then has the weight's shape), so
 every elementwise use of the step works unchanged; packed/ONNX export accept per-channel steps only.
 """
