@@ -1,11 +1,23 @@
-"""Cost of one reconstruction step relative to one FP forward+backward of the same unit.
+"""Cost of one reconstruction step relative to one plain FP forward+backward of the same unit.
 
-For every unit of a ResNet-8 (width 16, 32x32 inputs; blocks for brecq/qdrop/hdrq, single
-layers for adaround) time ``reconstruct_unit`` for ``--iters`` steps and one plain
-full-precision forward + backward (squared-error loss) of the same unit on the same batch,
-and print the ratio averaged over units plus the mean absolute step time.
+For every unit of a CIFAR ResNet (width 16, 32x32 inputs; blocks for brecq/qdrop/hdrq/ttaq,
+single layers for adaround) time ``reconstruct_unit`` for ``--iters`` steps and a plain
+full-precision forward + backward (squared-error loss, no optimizer) of the same unit on
+batches of the same size, interleaved in one run. Per method it prints
 
-    PYTHONPATH=src python benchmarks/recon_cost.py [--iters 30] [--threads 1]
+* ``ratio``: Σ_units step time / Σ_units FP forward+backward time (the cost of reconstructing
+  the whole model relative to training it in full precision for as many steps), and
+* ``max unit``: the largest per-unit ratio with its unit (the classifier head of 64 x 10
+  weights costs 0.05 ms to run forward+backward, so any fixed per-step work dominates it).
+
+Times are CPU time of the process (``time.process_time``), the minimum over ``--repeat``
+alternating measurements of the step and of the FP forward+backward, so that other load on a
+shared machine distorts them as little as possible; each measurement follows a few untimed
+warm-up steps (oneDNN primitive creation, allocator growth). ``--profile UNIT`` instead runs torch.profiler (wall
+clock) over the steps of one unit per method and prints where the time goes, by operator.
+
+    PYTHONPATH=src python benchmarks/recon_cost.py --threads 1
+    PYTHONPATH=src python benchmarks/recon_cost.py --threads 1 --model resnet20 --profile layer2.1
 """
 from __future__ import annotations
 
@@ -15,64 +27,145 @@ import time
 
 import torch
 
-from mergeq.models.resnet import resnet8
+from mergeq.models.resnet import resnet8, resnet20
 from mergeq.nn import calibrate_activations, fold_bn, prepare, quant_modules
 from mergeq.nn.blocks import partition
 from mergeq.ptq.adaround import AdaRoundHooks, AdaRoundOptions
 from mergeq.ptq.hdrq import HDRQHooks, HDRQOptions
 from mergeq.ptq.recon import capture, rec_loss, reconstruct_unit
+from mergeq.ptq.ttaq import TTAQHooks, TTAQOptions
 from mergeq.quant.config import QuantConfig
+
+METHODS = ("adaround", "brecq", "qdrop", "hdrq", "ttaq")
+WARMUP = 5
+MODELS = {"resnet8": resnet8, "resnet20": resnet20}
 
 
 def hooks_for(method: str, iters: int, bs: int, source):
     if method == "hdrq":
         o = HDRQOptions(iters=iters, batch_size=bs)
         return HDRQHooks(o, source), o
+    if method == "ttaq":
+        o = TTAQOptions(iters=iters, batch_size=bs)
+        return TTAQHooks(o), o
     o = AdaRoundOptions(iters=iters, batch_size=bs, drop_prob=0.5 if method == "qdrop" else 0.0)
     return AdaRoundHooks(o, learn_act=method != "adaround", quant_act=method != "adaround"), o
 
 
 def fp_step_time(unit, x, y, reps: int) -> float:
+    """Seconds per plain FP forward + backward (rec_loss) of ``unit`` on batches of ``x``."""
     unit = copy.deepcopy(unit).requires_grad_(True)
-    t = time.perf_counter()
-    for _ in range(reps):
-        unit.zero_grad(set_to_none=True)
-        rec_loss(unit(x), y).backward()
-    return (time.perf_counter() - t) / reps
+    bs = len(x) // 4
+
+    def run(n: int) -> None:
+        for i in range(n):
+            j = (i % 4) * bs
+            unit.zero_grad(set_to_none=True)
+            rec_loss(unit(x[j : j + bs]), y[j : j + bs]).backward()
+
+    run(WARMUP)
+    t = time.process_time()
+    run(reps)
+    return (time.process_time() - t) / reps
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = resnet8(10, 16).eval()
-    calib = torch.randn(128, 3, 32, 32)
+def setup(model_name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MODELS[model_name](10, 16).eval()
+    calib = torch.randn(256, 3, 32, 32)
     fp = fold_bn(model, calib[:2]).requires_grad_(False)
     q = prepare(model, QuantConfig(w_bits=4, a_bits=4), calib[:2])
     calibrate_activations(q, calib)
-    print(f"torch threads: {torch.get_num_threads()}, batch {args.batch}, {args.iters} steps per unit")
-    print(f"{'method':9s} {'units':>5s} {'step ms':>8s} {'fp f+b ms':>9s} {'ratio':>6s}")
-    for method in ("adaround", "brecq", "qdrop", "hdrq"):
-        rec, base = [], []
-        for name, unit in partition(q, calib[:2], layerwise=method == "adaround"):
-            x_q, _ = capture(q, name, calib, 128, "cpu", output=False)
-            x_fp, y_fp = capture(fp, name, calib, 128, "cpu", output=True)
-            u = copy.deepcopy(unit)
-            layers = [(f"{name}.{n}" if n else name, m) for n, m in quant_modules(u)]
-            hooks, opts = hooks_for(method, args.iters, args.batch, fp)
+    return fp, q, calib
+
+
+def unit_jobs(method: str, fp, q, calib, only: str | None = None):
+    """(name, unit copy, layers, data, fp unit) for every unit of ``method``'s partition."""
+    for name, unit in partition(q, calib[:2], layerwise=method == "adaround"):
+        if only is not None and name != only and not name.startswith(only + "."):
+            continue
+        x_q, _ = capture(q, name, calib, 128, "cpu", output=False)
+        x_fp, y_fp = capture(fp, name, calib, 128, "cpu", output=True)
+        yield name, copy.deepcopy(unit), (x_q, x_fp, y_fp), fp.get_submodule(name)
+
+
+def run_unit(method: str, name: str, unit, data, iters: int, bs: int, source) -> None:
+    hooks, opts = hooks_for(method, iters, bs, source)
+    layers = [(f"{name}.{n}" if n else name, m) for n, m in quant_modules(unit)]
+    reconstruct_unit(unit, layers, data, hooks, opts, "cpu")
+
+
+def measure(method: str, fp, q, calib, iters: int, bs: int, repeat: int):
+    """[(unit, step s, FP f+b s)]: each the minimum over ``repeat`` alternating measurements."""
+    jobs = list(unit_jobs(method, fp, q, calib))
+    best = {name: [float("inf"), float("inf")] for name, *_ in jobs}
+    for _ in range(repeat):
+        for name, u, data, fp_unit in jobs:
+            run_unit(method, name, copy.deepcopy(u), data, WARMUP, bs, fp)
+            torch.manual_seed(0)
+            t = time.process_time()
+            run_unit(method, name, copy.deepcopy(u), data, iters, bs, fp)
+            best[name][0] = min(best[name][0], (time.process_time() - t) / iters)
+            best[name][1] = min(best[name][1], fp_step_time(fp_unit, data[1][: 4 * bs], data[2][: 4 * bs], iters))
+    return [(name, *best[name]) for name, *_ in jobs]
+
+
+def profile(method: str, fp, q, calib, iters: int, bs: int, unit: str, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    jobs = list(unit_jobs(method, fp, q, calib, only=unit))
+    if not jobs:
+        raise SystemExit(f"no unit named {unit!r} (or below it) for {method}")
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = 0.0
+        for name, u, data, _ in jobs:
             torch.manual_seed(0)
             t = time.perf_counter()
-            reconstruct_unit(u, layers, (x_q, x_fp, y_fp), hooks, opts, "cpu")
-            rec.append((time.perf_counter() - t) / args.iters)
-            base.append(fp_step_time(fp.get_submodule(name), x_fp[: args.batch], y_fp[: args.batch], args.iters))
-        ratio = sum(r / b for r, b in zip(rec, base)) / len(rec)
-        print(f"{method:9s} {len(rec):5d} {1e3 * sum(rec) / len(rec):8.2f} {1e3 * sum(base) / len(base):9.2f} "
-              f"{ratio:6.2f}")
+            run_unit(method, name, u, data, iters, bs, fp)
+            wall += time.perf_counter() - t
+    print(f"\n### {method}: {', '.join(j[0] for j in jobs)}, {iters} steps, {1e3 * wall / iters:.2f} ms/step "
+          "under the profiler\n")
+    print("| operator | self CPU ms/step | share | calls/step |\n|---|---:|---:|---:|")
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    for e in events[:top]:
+        print(f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / iters:.3f} | {100 * e.self_cpu_time_total / total:.1f}% "
+              f"| {e.count / iters:.1f} |")
+    print(f"| all operators | {total / 1e3 / iters:.3f} | 100% | {sum(e.count for e in events) / iters:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="resnet8")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--profile", metavar="UNIT", default=None, help="profile this unit (e.g. layer1.0)")
+    ap.add_argument("--top", type=int, default=15, help="operators shown per profile")
+    ap.add_argument("--per-unit", action="store_true", help="also print every unit's ratio")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="alternating measurements per unit; the minimum counts (robust to other load)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    fp, q, calib = setup(args.model)
+    print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, "
+          f"{args.iters} steps per unit")
+    if args.profile:
+        for method in methods:
+            profile(method, fp, q, calib, args.iters, args.batch, args.profile, args.top)
+        return
+    print(f"\n| method | units | step ms (mean) | FP f+b ms (mean) | ratio | max unit ratio |\n|---|---:|---:|---:|---:|---|")
+    for method in methods:
+        rows = measure(method, fp, q, calib, args.iters, args.batch, args.repeat)
+        step, base = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        worst = max(rows, key=lambda r: r[1] / r[2])
+        if args.per_unit:
+            print("  " + ", ".join(f"{n} {1e3 * a:.2f}/{1e3 * b:.2f}={a / b:.2f}" for n, a, b in rows))
+        print(f"| {method} | {len(rows)} | {1e3 * step / len(rows):.2f} | {1e3 * base / len(rows):.2f} "
+              f"| {step / base:.2f} | {worst[1] / worst[2]:.1f} ({worst[0]}) |")
 
 
 if __name__ == "__main__":

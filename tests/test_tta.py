@@ -9,7 +9,7 @@ from mergeq.adapt.tta import ABL, ABLConfig, NoAdapt, Tent, TentConfig, configur
 from mergeq.nn import quant_modules
 from mergeq.ptq import quantize
 from mergeq.ptq.recon import ReconHooks
-from mergeq.ptq.ttaq import consistency, pcr_loss, pem_penalty
+from mergeq.ptq.ttaq import consistency, pcr_loss, pem_penalty, rng_state, set_rng_state
 from mergeq.quant import quantize_int
 from mergeq.quant.config import QuantConfig
 
@@ -93,11 +93,17 @@ def test_pcr_is_zero_without_perturbation_even_with_qdrop_masks():
         m.act_quant.train()
         m.act_quant.drop_prob = 0.5  # random masks: both passes must share them
     x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
     for kind in ("auto", "kl", "mse"):
-        assert pcr_loss(unit, x, 0.0, kind).item() == 0.0
-        assert pcr_loss(unit, x, 0.1, kind).item() > 0.0
+        for sigma in (0.0, 0.1):
+            state = rng_state(cpu)
+            out = unit(x)  # the step's own forward, with its QDrop masks
+            assert not torch.equal(out, unit(x))  # a later pass draws other masks
+            loss = pcr_loss(unit, x, out, state, sigma, kind).item()  # replays out's masks
+            assert loss == 0.0 if sigma == 0.0 else loss > 0.0
     head = nn.Linear(5, 3)
-    assert pcr_loss(head, torch.randn(4, 5), 0.0).item() == 0.0
+    x = torch.randn(4, 5)
+    assert pcr_loss(head, x, head(x), rng_state(cpu), 0.0).item() == 0.0
 
 
 def test_consistency_and_pem_values():

@@ -52,18 +52,64 @@ def round_penalty(v: torch.Tensor, beta: float) -> torch.Tensor:
     return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
 
 
+class _SoftRound(torch.autograd.Function):
+    """Soft AdaRound weight Δ·clamp(⌊w/Δ⌋ + h(V)) and, when β is given, f_reg(V), in one node."""
+
+    @staticmethod
+    def forward(ctx, v, w_floor, step, lo, hi, beta):
+        s = torch.sigmoid(v)
+        h_raw = s * (ZETA - GAMMA) + GAMMA
+        h = h_raw.clamp(0.0, 1.0)
+        t = w_floor + h
+        # ∂h/∂V = (ζ-γ)σ(1-σ) where 0 < h_raw < 1; ∂w̃/∂h = Δ where q_min < ⌊w/Δ⌋ + h < q_max
+        dh = torch.ops.aten.hardtanh_backward(s * (1.0 - s) * (ZETA - GAMMA), h_raw, 0.0, 1.0)
+        dw = torch.ops.aten.hardtanh_backward(dh * step, t, float(lo), float(hi))
+        reg, dreg = v.new_zeros(()), None
+        if beta is not None:
+            a = 2.0 * h - 1.0
+            mag = a.abs()
+            reg = (1.0 - mag.pow(beta)).sum()
+            dreg = mag.pow(beta - 1.0).mul_(torch.sign(a)).mul_(-2.0 * beta).mul_(dh)
+        ctx.save_for_backward(dw, dreg)
+        return t.clamp_(lo, hi).mul_(step), reg
+
+    @staticmethod
+    def backward(ctx, g_w, g_reg):
+        dw, dreg = ctx.saved_tensors
+        g = g_w * dw
+        if dreg is not None:
+            g = g.add_(dreg * g_reg)
+        return g, None, None, None, None, None
+
+
 class AdaRoundQuantizer(nn.Module):
-    """w_quantizer with learnable rounding V; ``soft=False`` uses the hard rounding."""
+    """w_quantizer with learnable rounding V; ``soft=False`` uses the hard rounding.
+
+    The weight is frozen while V trains, so ⌊w/Δ⌋ is computed once (again only if ``w`` or Δ
+    change in place). While ``beta`` is set (the hooks set it after the warm-up), the soft
+    forward also leaves f_reg(V) at that β in ``reg``, computed in the same fused node.
+    """
 
     def __init__(self, w: torch.Tensor, step: torch.Tensor) -> None:
         super().__init__()
         self.V = nn.Parameter(init_v(w, step))
         self.soft = True
+        self.beta: float | None = None
+        self.reg: torch.Tensor | None = None
+        self._floor_key: tuple | None = None
+
+    def _floor(self, w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        key = (id(w), w._version, id(step), step._version)
+        if key != self._floor_key:
+            self._w_floor, self._floor_key = torch.floor(w.detach() / step), key
+        return self._w_floor
 
     def forward(self, w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-        up = rectified_sigmoid(self.V) if self.soft else (self.V >= 0).to(w.dtype)
+        if not self.soft:
+            return self.hard(w, step, bits)
         lo, hi = qrange(bits, True)
-        return torch.clamp(torch.floor(w.detach() / step) + up, lo, hi) * step
+        wq, self.reg = _SoftRound.apply(self.V, self._floor(w, step), step, lo, hi, self.beta)
+        return wq
 
     def hard(self, w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
         lo, hi = qrange(bits, True)
@@ -88,15 +134,21 @@ class AdaRoundHooks(ReconHooks):
             m.w_quantizer = AdaRoundQuantizer(m.weight, m.w_step)
         return [m.w_quantizer.V for _, m in layers]
 
+    def on_step(self, t: int, iters: int, layers: Layers) -> None:
+        beta = None if t < self.o.warmup * iters else \
+            beta_schedule(t, iters, self.o.warmup, self.o.beta_start, self.o.beta_end)
+        for _, m in layers:
+            m.w_quantizer.beta = beta
+
     def penalty(self, t: int, iters: int, layers: Layers):
-        if t < self.o.warmup * iters:
+        """λ Σ f_reg(V) at this step's β, computed by the layers' forward (0 during the warm-up)."""
+        if layers[0][1].w_quantizer.beta is None:
             return 0.0
-        beta = beta_schedule(t, iters, self.o.warmup, self.o.beta_start, self.o.beta_end)
-        return self.o.round_weight * sum(round_penalty(m.w_quantizer.V, beta) for _, m in layers)
+        return self.o.round_weight * sum(m.w_quantizer.reg for _, m in layers)
 
     def finish(self, layers: Layers) -> None:
         for _, m in layers:
-            m.w_quantizer.soft = False
+            m.w_quantizer.soft, m.w_quantizer.beta, m.w_quantizer.reg = False, None, None
 
 
 @PTQ_METHODS.register("adaround")

@@ -92,8 +92,8 @@ class HDRQHooks(ReconHooks):
                 self.src[name] = w_src.to(m.weight.device)
         return [m.weight for _, m in layers]
 
-    def scheduler(self, opt, iters):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine(t, iters, self.o.lr_warmup))
+    def lr_factor(self, t: int, iters: int) -> float:
+        return warmup_cosine(t, iters, self.o.lr_warmup)
 
     def on_step(self, t: int, iters: int, layers: Layers) -> None:
         noisy = self.kind is not None and t < iters - round(self.o.switch_frac * iters)

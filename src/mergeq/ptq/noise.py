@@ -6,7 +6,8 @@ from the quantization error, so E[L(w + ε)] ≈ L(w) + ½ E[εᵀ∇²L ε] pen
 * ``empirical`` (the authors' code): a 256-bin histogram on [-½, ½] of the tensor's own
   rounding residuals (w - ŵ)/Δ over the weights inside the clipping range; a bin is drawn with
   probability ∝ its count (inverse CDF, equivalent to ``torch.multinomial``) plus a uniform
-  offset within the bin, then scaled by each channel's Δ;
+  offset within the bin, then scaled by each channel's Δ. The histogram is rebuilt at every
+  step, as the reference code does: HDRQ trains the weights, so their residuals move;
 * ``uniform`` (the paper's idealisation): ε ~ U[-Δ/2, Δ/2] per channel.
 
 Weights outside the clipping range [q_min·Δ, q_max·Δ] are clamped to it and get no noise (their
@@ -16,17 +17,23 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import qrange, quantize_int
+from ..quant import qrange
 
 NOISE_KINDS = ("empirical", "uniform")
 
 
 def residuals(w: torch.Tensor, step: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """((w - ŵ)/Δ, mask of weights strictly inside the clipping range)."""
+    r, inside = _residuals(w, step, bits)
+    return r, inside.bool()
+
+
+def _residuals(w: torch.Tensor, step: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((w - ŵ)/Δ, 0/1 float mask of q_min < w/Δ < q_max), in five element-wise ops."""
     lo, hi = qrange(bits, True)
     x = w.detach() / step
-    inside = (x > lo) & (x < hi)
-    return x - quantize_int(w.detach(), step, bits), inside
+    inside = torch.ops.aten.hardtanh_backward(torch.ones_like(x), x, float(lo), float(hi))
+    return x - torch.round(x).clamp_(lo, hi), inside
 
 
 def sample_uniform(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -36,15 +43,25 @@ def sample_uniform(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def sample_empirical(w: torch.Tensor, step: torch.Tensor, bits: int, bins: int = 256) -> torch.Tensor:
     """ε drawn from the 256-bin histogram of the tensor's own rounding residuals, times Δ."""
-    r, inside = residuals(w, step, bits)
-    hist = torch.histc(r[inside].float(), bins=bins, min=-0.5, max=0.5)
-    if hist.sum() <= 0:
-        return sample_uniform(w, step)
+    r, inside = _residuals(w, step, bits)
+    return _sample_hist(r, inside, bins) * step
+
+
+def _sample_hist(r: torch.Tensor, inside: torch.Tensor, bins: int) -> torch.Tensor:
+    """Draws from the histogram of ``r`` over ``inside`` (uniform if that is empty), shaped like r.
+
+    Weights outside are moved out of the histogram's range (histc ignores them). A bin is drawn
+    by inverse CDF (searchsorted on the cumulative counts), then a uniform offset within it. No
+    branch reads a device value, so the step never waits for the device.
+    """
+    outside = torch.rsub(inside, 1.0).mul_(2.0)  # 2 outside, 0 inside: r + 0 is exactly r
+    hist = torch.histc(outside.add_(r).float(), bins=bins, min=-0.5, max=0.5)
+    hist = hist.add_((hist.sum() == 0).to(hist.dtype))  # no weight inside: uniform
     cdf = torch.cumsum(hist, 0)
-    u = torch.rand(w.numel(), device=w.device) * cdf[-1]
-    idx = torch.searchsorted(cdf, u, right=True).clamp_max(bins - 1)
-    frac = (idx.to(w.dtype) + torch.rand(w.numel(), device=w.device, dtype=w.dtype)) / bins - 0.5
-    return frac.view_as(w) * step
+    u = torch.rand(r.numel(), device=r.device).mul_(cdf[-1])
+    idx = torch.searchsorted(cdf, u, right=True).clamp_max_(bins - 1)
+    frac = torch.rand(r.numel(), device=r.device, dtype=r.dtype).add_(idx).div_(bins).sub_(0.5)
+    return frac.view_as(r)
 
 
 def noisy_weight(w: torch.Tensor, step: torch.Tensor, bits: int, kind: str = "empirical") -> torch.Tensor:
@@ -53,7 +70,7 @@ def noisy_weight(w: torch.Tensor, step: torch.Tensor, bits: int, kind: str = "em
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
     lo, hi = qrange(bits, True)
     with torch.no_grad():
-        eps = sample_empirical(w, step, bits) if kind == "empirical" else sample_uniform(w, step)
-        _, inside = residuals(w, step, bits)
-        eps = torch.where(inside, eps, torch.zeros_like(eps))
-    return torch.clamp(w, lo * step, hi * step) + eps
+        r, inside = _residuals(w, step, bits)
+        eps = _sample_hist(r, inside, 256) if kind == "empirical" else torch.rand_like(w).sub_(0.5)
+        eps = eps.mul_(inside).mul_(step)
+    return torch.clamp(w, lo * step, hi * step).add_(eps)

@@ -20,13 +20,16 @@ A CPU run is reproducible bit for bit: unit k reseeds torch with ``ctx.seed + k`
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn.blocks import partition
 from ..nn.qmodule import QuantModule, quant_modules
+from ..quant.fakequant import bernoulli_mask
 from .base import PTQContext
 
 log = logging.getLogger(__name__)
@@ -64,11 +67,15 @@ class ReconHooks:
         """Install w_quantizers on the unit's layers; return the weight-side parameters to train."""
         return []
 
-    def scheduler(self, opt: torch.optim.Optimizer, iters: int):
-        return None
+    def lr_factor(self, t: int, iters: int) -> float:
+        """Multiplier of the weight-side learning rate at step ``t`` (default: constant)."""
+        return 1.0
 
     def on_step(self, t: int, iters: int, layers: Layers) -> None:
         """Called before step ``t`` (schedules, phase switches)."""
+
+    def before_forward(self) -> None:
+        """Called right before the step's forward pass (e.g. to snapshot the random state)."""
 
     def penalty(self, t: int, iters: int, layers: Layers) -> torch.Tensor | float:
         """Extra loss term added to the reconstruction error at step ``t``."""
@@ -118,47 +125,103 @@ def capture(model: nn.Module, name: str, calib: torch.Tensor, bs: int, device, o
 
 
 def rec_loss(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """‖pred - tgt‖² summed over channels (dim 1), averaged over the rest (BRECQ's lp_loss, p=2)."""
-    return (pred - tgt).pow(2).sum(1).mean()
+    """‖pred - tgt‖² summed over channels (dim 1), averaged over the rest (BRECQ's lp_loss, p=2),
+    computed as one fused sum of squares."""
+    return F.mse_loss(pred, tgt, reduction="sum") * (pred.shape[1] / pred.numel())
+
+
+class UnitBatches:
+    """Random mini-batches (drawn with replacement, as in BRECQ/QDrop) of a unit's cached
+    (x_q, x_fp, y_fp), gathered with ``index_select`` into buffers reused every step.
+
+    On the CPU the tensors stay where they are. On another device they move there once when
+    they fit in a quarter of its free memory (indices are then drawn on the device); otherwise
+    they stay in pinned host memory and each batch is copied asynchronously through two
+    alternating pinned buffers, so the step never waits on a host-device synchronisation.
+    """
+
+    def __init__(self, data: tuple[torch.Tensor, ...], batch_size: int, device: torch.device) -> None:
+        self.n, self.bs, self.device = len(data[0]), min(batch_size, len(data[0])), device
+        nbytes = sum(t.numel() * t.element_size() for t in data)
+        if device.type == "cpu" or nbytes < _free_memory(device) // 4:
+            self.src, self.staged = [t.to(device) for t in data], False
+            self.bufs = [[t.new_empty((self.bs, *t.shape[1:]))] for t in self.src]
+        else:
+            self.src, self.staged = [t.pin_memory() for t in data], True
+            self.bufs = [[t.new_empty((self.bs, *t.shape[1:])).pin_memory() for _ in range(2)] for t in data]
+            self.dev = [torch.empty((self.bs, *t.shape[1:]), dtype=t.dtype, device=device) for t in data]
+            self.done = [None, None]
+        self.k = 0
+
+    def next(self) -> list[torch.Tensor]:
+        """(x_q, x_fp, y_fp) batches; valid until the next call."""
+        if not self.staged:
+            idx = torch.randint(self.n, (self.bs,), device=self.src[0].device)
+            return [torch.index_select(t, 0, idx, out=b[0]) for t, b in zip(self.src, self.bufs)]
+        slot, self.k = self.k, self.k ^ 1
+        if self.done[slot] is not None:
+            self.done[slot].synchronize()  # the copy from this pinned buffer two steps ago
+        idx = torch.randint(self.n, (self.bs,))
+        out = []
+        for t, b, d in zip(self.src, self.bufs, self.dev):
+            torch.index_select(t, 0, idx, out=b[slot])
+            out.append(d.copy_(b[slot], non_blocking=True))
+        self.done[slot] = torch.cuda.Event() if self.device.type == "cuda" else None
+        if self.done[slot] is not None:
+            self.done[slot].record()
+        return out
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return 1 << 62  # other accelerators: assume it fits
+
+
+def _adam(groups: list[dict]) -> torch.optim.Optimizer:
+    """Adam over all trained tensors of a unit, one fused kernel per step where the device has it."""
+    try:
+        return torch.optim.Adam(groups, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(groups)
 
 
 @torch.enable_grad()
 def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, opts: ReconOptions, device) -> float:
-    x_q, x_fp, y_fp = data
+    device = torch.device(device)
     w_params = hooks.setup(layers)
     acts = [m.act_quant for _, m in layers if m.act_quant is not None and hooks.quant_act]
     for _, m in layers:
         m.quant_act = hooks.quant_act
-    for p in w_params + [q.step for q in acts if hooks.learn_act]:
+    a_params = [q.step for q in acts] if hooks.learn_act else []
+    for p in w_params + a_params:
         p.requires_grad_(True)
-    w_opt = torch.optim.Adam(w_params, lr=opts.lr) if w_params else None
-    w_sched = hooks.scheduler(w_opt, opts.iters) if w_opt else None
-    a_opt = torch.optim.Adam([q.step for q in acts], lr=opts.act_lr) if acts and hooks.learn_act else None
-    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=opts.iters, eta_min=0.0) if a_opt else None
+    groups = ([{"params": w_params, "lr": opts.lr, "kind": "w"}] if w_params else []) + \
+             ([{"params": a_params, "lr": opts.act_lr, "kind": "a"}] if a_params else [])
+    opt = _adam(groups) if groups else None
     for q in acts:
         q.train()
         q.drop_prob = opts.drop_prob
+    batches = UnitBatches(data, opts.batch_size, device)
     loss = torch.tensor(float("nan"))
     for t in range(opts.iters):
         hooks.on_step(t, opts.iters, layers)
-        idx = torch.randint(len(x_q), (min(opts.batch_size, len(x_q)),))
-        x = x_q[idx].to(device)
+        x, x_fp, y = batches.next()
         if opts.drop_prob > 0:
-            x = torch.where(torch.rand_like(x) < opts.drop_prob, x_fp[idx].to(device), x)
+            x = x.lerp_(x_fp, bernoulli_mask(x, opts.drop_prob))
+        hooks.before_forward()
         out = unit(x)
-        loss = rec_loss(out, y_fp[idx].to(device)) + hooks.penalty(t, opts.iters, layers)
+        loss = rec_loss(out, y) + hooks.penalty(t, opts.iters, layers)
         extra = hooks.unit_loss(t, opts.iters, unit, x, out)
-        if not (isinstance(extra, float) and extra == 0.0):  # the default leaves the loss bit-identical
+        if not (isinstance(extra, float) and extra == 0.0):
             loss = loss + extra
-        for opt in (w_opt, a_opt):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt, sched in ((w_opt, w_sched), (a_opt, a_sched)):
-            if opt is not None:
-                opt.step()
-                if sched is not None:
-                    sched.step()
+        if opt is not None:
+            for g in opt.param_groups:  # LambdaLR / CosineAnnealingLR(eta_min=0) in closed form
+                g["lr"] = opts.lr * hooks.lr_factor(t, opts.iters) if g["kind"] == "w" else \
+                    opts.act_lr * 0.5 * (1.0 + math.cos(math.pi * t / opts.iters))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     for q in acts:
         q.eval()
         q.drop_prob = 0.0

@@ -29,8 +29,9 @@ marked and every constant is an option.
   ‖·‖² of rec_loss for feature maps (``pcr_kind="auto"``; ``"kl"`` applies a channel softmax
   everywhere, ``"mse"`` the squared error everywhere). *Choices*: the paper does not say how
   it treats intermediate feature maps; the clean output is a stop-gradient target (as in
-  consistency training); the term is exactly zero when σ_pcr = 0. It costs one extra forward
-  (no grad) and one forward + backward per step: ``ttaq`` takes about 2.5x QDrop's time.
+  consistency training); the term is exactly zero when σ_pcr = 0. The clean output is the
+  step's own forward, and the perturbed pass replays its random state, so PCR costs one extra
+  forward + backward per step (``ttaq`` takes about twice QDrop's time).
 
 Defaults λ_pem = 0.5, λ_pcr = 0.1, σ_pcr = 0.1 are ours, not the paper's (unknown to us): on the
 digits ResNet-8 at W4A4 they make the PCR term 10-25% of the reconstruction error of the middle
@@ -76,20 +77,29 @@ def consistency(clean: torch.Tensor, pert: torch.Tensor, kind: str = "auto") -> 
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
-def pcr_loss(unit: nn.Module, x: torch.Tensor, sigma: float, kind: str = "auto",
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """PCR term D(sg[F(x)], F(x + δ)) with the same random state (QDrop masks) for both passes."""
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def rng_state(device: torch.device) -> tuple:
+    """The global random state of the CPU and, for a CUDA ``device``, of that device."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def pcr_loss(unit: nn.Module, x: torch.Tensor, out: torch.Tensor, state: tuple, sigma: float,
+             kind: str = "auto") -> torch.Tensor:
+    """PCR term D(sg[out], F(x + δ)) for ``out = unit(x)`` computed from random state ``state``:
+    the perturbed pass replays that state, so both passes share the QDrop masks (and the clean
+    pass costs nothing: it is the step's own forward)."""
+    noise = torch.randn_like(x)
     std = x.detach().flatten(1).std(dim=1, unbiased=False).view(-1, *([1] * (x.dim() - 1)))
-    delta = sigma * std * noise
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-    with torch.no_grad():
-        clean = unit(x)
-    torch.set_rng_state(cpu_state)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state(cuda_state, x.device)
-    return consistency(clean, unit(x + delta), kind)
+    after = rng_state(x.device)
+    set_rng_state(state, x.device)
+    pert = unit(x + sigma * std * noise)
+    set_rng_state(after, x.device)
+    return consistency(out.detach(), pert, kind)
 
 
 @dataclass
@@ -104,8 +114,9 @@ class TTAQOptions(AdaRoundOptions):
 
 
 class TTAQHooks(AdaRoundHooks):
-    def __init__(self, opts: TTAQOptions, learn_act: bool = True) -> None:
+    def __init__(self, opts: TTAQOptions, learn_act: bool = True, device: torch.device | str = "cpu") -> None:
         super().__init__(opts, learn_act=learn_act)
+        self._device, self._state = torch.device(device), None
         if opts.pcr_kind not in PCR_KINDS:
             raise ValueError(f"ttaq: pcr_kind must be one of {PCR_KINDS}, got {opts.pcr_kind!r}")
         if opts.pem_lambda < 0 or opts.pcr_weight < 0 or opts.pcr_sigma < 0:
@@ -117,14 +128,17 @@ class TTAQHooks(AdaRoundHooks):
             loss = loss + self.o.pem_lambda * sum(pem_penalty(m.quantized_weight(), m.weight) for _, m in layers)
         return loss
 
+    def before_forward(self) -> None:
+        self._state = rng_state(self._device) if self.o.pcr and self.o.pcr_weight > 0 else None
+
     def unit_loss(self, t: int, iters: int, unit: nn.Module, x: torch.Tensor, out: torch.Tensor):
-        if not self.o.pcr or self.o.pcr_weight == 0:
+        if self._state is None:
             return 0.0
-        return self.o.pcr_weight * pcr_loss(unit, x, self.o.pcr_sigma, self.o.pcr_kind)
+        return self.o.pcr_weight * pcr_loss(unit, x, out, self._state, self.o.pcr_sigma, self.o.pcr_kind)
 
 
 @PTQ_METHODS.register("ttaq")
 def ttaq(qmodel: nn.Module, ctx: PTQContext) -> None:
     """QDrop + PEM + PCR (see the module docstring). Quantize with ``fold_bn=False`` for TTA."""
     opts = TTAQOptions.from_kwargs("ttaq", ctx.options)
-    reconstruct(qmodel, ctx, TTAQHooks(opts, learn_act=ctx.config.a_bits is not None), opts)
+    reconstruct(qmodel, ctx, TTAQHooks(opts, learn_act=ctx.config.a_bits is not None, device=ctx.device), opts)

@@ -6,7 +6,10 @@ ratios of the calibration activations' absolute maximum. The grid is unsigned wh
 calibration activations are non-negative (after ReLU) and signed otherwise.
 
 ``drop_prob`` implements QDrop (Wei et al., 2022, Sec. 3.3): while training, each element keeps
-its full-precision value with probability ``drop_prob`` instead of its quantized one.
+its full-precision value with probability ``drop_prob`` instead of its quantized one. The
+training forward is one fused autograd node (quant.fakequant.lsq_fake_quant). The grid bounds
+are kept as Python numbers next to the ``signed``/``initialized`` buffers, so a forward never
+reads a device tensor back to the host.
 """
 from __future__ import annotations
 
@@ -16,13 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationDataError
-from .uniform import check_bits, qrange, round_ste
+from .fakequant import bernoulli_mask, lsq_fake_quant
+from .uniform import check_bits, qrange
 
 _MAX_OBSERVED = 1 << 18  # elements kept per quantizer while calibrating (bounded memory)
-
-
-def _grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    return (x - x * scale).detach() + x * scale
 
 
 class ActQuantizer(nn.Module):
@@ -34,6 +34,14 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.drop_prob = 0.0
         self._observed: list[torch.Tensor] | None = None
+        self._grid: tuple[int, int] | None = None  # (q_min, q_max) once calibrated
+
+    def _sync_grid(self) -> None:
+        self._grid = qrange(self.bits, bool(self.signed)) if bool(self.initialized) else None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_grid()
 
     # -- calibration -------------------------------------------------------------------
     def start_observing(self) -> None:
@@ -63,6 +71,7 @@ class ActQuantizer(nn.Module):
         self.signed.fill_(signed)
         self.step.data.fill_(float(best))
         self.initialized.fill_(True)
+        self._sync_grid()
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,16 +85,13 @@ class ActQuantizer(nn.Module):
                     flat = flat[torch.randint(flat.numel(), (budget,), generator=g, device=flat.device)]
                 self._observed.append(flat.cpu())
             return x
-        if not bool(self.initialized):
+        if self._grid is None:
             raise CalibrationDataError("activation quantizer used before calibration")
-        lo, hi = qrange(self.bits, bool(self.signed))
-        g = 1.0 / math.sqrt(x[0].numel() * hi) if self.training else 1.0
-        s = _grad_scale(self.step, g).abs().clamp_min(1e-8)
-        xq = torch.clamp(round_ste(x / s), lo, hi) * s
-        if self.training and self.drop_prob > 0:
-            keep_fp = torch.rand_like(x) < self.drop_prob
-            xq = torch.where(keep_fp, x, xq)
-        return xq
+        lo, hi = self._grid
+        if not self.training:  # straight-through for x (test-time adaptation trains through it)
+            return lsq_fake_quant(x, self.step, lo, hi)
+        keep = bernoulli_mask(x, self.drop_prob) if self.drop_prob > 0 else None
+        return lsq_fake_quant(x, self.step, lo, hi, 1.0 / math.sqrt(x[0].numel() * hi), keep)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={bool(self.signed)}, step={float(self.step):.4g}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BitWidthError
+from .fakequant import ste_fake_quant
 
 MIN_BITS, MAX_BITS = 2, 8
 STEP_METHODS = ("mse", "lp", "absmax")
@@ -45,9 +46,10 @@ def quantize_int(w: torch.Tensor, step: torch.Tensor, bits: int, signed: bool = 
 
 
 def fake_quantize(w: torch.Tensor, step: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
-    """clamp(round(w/Δ))·Δ with a straight-through gradient for ``w`` (and LSQ-style for Δ)."""
+    """clamp(round(w/Δ))·Δ with a straight-through gradient for ``w`` (and LSQ-style for Δ), as
+    one fused autograd node (quant.fakequant)."""
     lo, hi = qrange(bits, signed)
-    return torch.clamp(round_ste(w / step), lo, hi) * step
+    return ste_fake_quant(w, step, lo, hi)
 
 
 def _channel_view(w: torch.Tensor) -> torch.Tensor:
