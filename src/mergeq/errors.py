@@ -19,3 +19,7 @@ class CalibrationDataError(MergeqError):
 
 class CheckpointError(MergeqError):
     """A missing, truncated or corrupt checkpoint file."""
+
+
+class ConfigError(MergeqError):
+    """A config or spec mapping with an unknown key, a missing key or a value of the wrong type."""
