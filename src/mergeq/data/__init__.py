@@ -8,5 +8,6 @@ from .folder import (OFFICE_HOME_DOMAINS, FolderDataError, FolderImages, FolderN
 from .spec import load_data, load_stream
 
 __all__ = ["BENCHMARKS", "OFFICE_HOME_DOMAINS", "TARGET_DOMAINS", "Benchmark", "Domain", "FolderDataError",
-           "FolderImages", "FolderNotFoundError", "ImageTransform", "load_benchmark", "load_data", "load_digits_benchmark",
-           "load_folder_benchmark", "load_office_home", "load_stream", "materialize", "save_sample_grid", "standardize"]
+           "FolderImages", "FolderNotFoundError", "ImageTransform", "load_benchmark", "load_data",
+           "load_digits_benchmark", "load_folder_benchmark", "load_office_home", "load_stream", "materialize",
+           "save_sample_grid", "standardize"]

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..nn.output import LogitsAdapter, _describe
+from ..nn.output import LogitsAdapter, describe_output
 from ..typed import from_mapping
 
 
@@ -110,7 +110,8 @@ def build(spec: ModelSpec, num_classes: int) -> nn.Module:
         model = fn(**kw)
     elif spec.name.startswith("torchvision:"):
         torchvision = _import_extra("torchvision")
-        model = torchvision.models.get_model(spec.name.partition(":")[2], weights=None, **{"num_classes": num_classes, **kw})
+        kw = {"num_classes": num_classes, **kw}
+        model = torchvision.models.get_model(spec.name.partition(":")[2], weights=None, **kw)
     elif spec.name.startswith("timm:"):
         timm = _import_extra("timm")
         model = timm.create_model(spec.name.partition(":")[2], pretrained=False, **{"num_classes": num_classes, **kw})
@@ -181,8 +182,8 @@ def check_logits(model: nn.Module, example_input: torch.Tensor, num_classes: int
     finally:
         model.train(was_training)
     if not torch.is_tensor(out):
-        raise ModelError(f"{what} returns {_describe(out)}, not a logits tensor: set model.output to pick the logits "
-                         "('auto', a key or attribute name, or an index)")
+        raise ModelError(f"{what} returns {describe_output(out)}, not a logits tensor: set model.output to pick "
+                         "the logits ('auto', a key or attribute name, or an index)")
     if out.dim() != 2 or out.shape != (len(example_input), num_classes):
         raise ModelError(f"{what} returns logits of shape {tuple(out.shape)} for {len(example_input)} inputs; "
                          f"expected ({len(example_input)}, {num_classes}) for {num_classes} classes")

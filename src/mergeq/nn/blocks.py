@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .output import LogitsAdapter, _describe
+from .output import LogitsAdapter, describe_output
 from .prepare import call_order
 from .qmodule import QuantModule
 
@@ -85,9 +85,9 @@ def partition(
         def hook(mod, args, kwargs, out):
             if name in calls:
                 return
-            calls[name] = (torch.is_tensor(out), _describe(out))
+            calls[name] = (torch.is_tensor(out), describe_output(out))
             if kwargs or len(args) != 1 or not torch.is_tensor(args[0]):
-                got = ", ".join([_describe(a) if not torch.is_tensor(a) else "a tensor" for a in args]
+                got = ", ".join([describe_output(a) if not torch.is_tensor(a) else "a tensor" for a in args]
                                 + [f"{k}=..." for k in kwargs]) or "no arguments"
                 raise ModelError(f"reconstruction unit {name!r} ({type(mod).__name__}) is called with {got}; "
                                  "mergeq reconstructs units that take one tensor and return one tensor")

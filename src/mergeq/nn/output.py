@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import ModelError
 
 
-def _describe(out) -> str:
+def describe_output(out) -> str:
     if isinstance(out, Mapping):
         return f"a {type(out).__name__} with keys {list(out)}"
     if isinstance(out, (tuple, list)):
@@ -53,7 +53,7 @@ def select_logits(out, select: str | int = "auto") -> torch.Tensor:
     elif isinstance(out, (tuple, list)) and -len(out) <= select < len(out):
         found = out[select]
     if not torch.is_tensor(found):
-        raise ModelError(f"the model returned {_describe(out)}: output selector {select!r} finds no logits "
+        raise ModelError(f"the model returned {describe_output(out)}: output selector {select!r} finds no logits "
                          "tensor there; set the model's output selector to the key, attribute or index of the logits")
     return found
 
