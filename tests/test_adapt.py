@@ -100,6 +100,13 @@ def test_lazy_datasets_train_bit_identically_to_tensor_datasets(source_model):
     assert _equal(tensor_expert, _state(shot(source_model, _Lazy(data, labels=False), scfg, seed=3)))
     with pytest.raises(ValueError, match="labeled"):
         train_source(init, _Lazy(data, labels=False), cfg)
+    from mergeq.adapt.tta import Tent, run_stream
+
+    streams = [[("a", data), ("b", _toy(20, seed=6))], [("a", _Lazy(data)), ("b", _Lazy(_toy(20, seed=6)))]]
+    a, b = (run_stream(Tent(source_model), s, batch_size=16) for s in streams)
+    assert a == b and a["n"] == {"a": 48, "b": 20}
+    with pytest.raises(ValueError, match="no labels"):
+        run_stream(Tent(source_model), [("a", _Lazy(data, labels=False))], batch_size=16)
     with pytest.raises(ValueError, match="non-empty"):
         shot(source_model, TensorDataset(torch.zeros(0, 3, 32, 32)), scfg)
 
