@@ -94,7 +94,7 @@ def test_lazy_datasets_train_bit_identically_to_tensor_datasets(source_model):
     torch.manual_seed(0)
     init = resnet8(width=8)
     assert _equal(_state(train_source(init, data, cfg, seed=1)), _state(train_source(init, _Lazy(data), cfg, seed=1)))
-    scfg = ShotConfig(epochs=2, batch_size=16)
+    scfg = ShotConfig(epochs=1, batch_size=16)
     tensor_expert = _state(shot(source_model, data, scfg, seed=3))
     assert _equal(tensor_expert, _state(shot(source_model, _Lazy(data), scfg, seed=3)))
     assert _equal(tensor_expert, _state(shot(source_model, _Lazy(data, labels=False), scfg, seed=3)))
