@@ -75,6 +75,42 @@ def test_shot_works_on_a_generic_module():
     assert not torch.equal(expert[1].running_mean, model[1].running_mean)
 
 
+class _Lazy(torch.utils.data.Dataset):
+    """A non-tensor Dataset over the same items (what lazy image folders look like to mergeq)."""
+
+    def __init__(self, ds, labels=True):
+        self.ds, self.labels = ds, labels
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return (x.clone(), int(y)) if self.labels else x.clone()
+
+
+def test_lazy_datasets_train_bit_identically_to_tensor_datasets(source_model):
+    data, cfg = _toy(48, seed=5), SourceConfig(epochs=1, batch_size=16, noise=0.1)
+    torch.manual_seed(0)
+    init = resnet8(width=8)
+    assert _equal(_state(train_source(init, data, cfg, seed=1)), _state(train_source(init, _Lazy(data), cfg, seed=1)))
+    scfg = ShotConfig(epochs=1, batch_size=16)
+    tensor_expert = _state(shot(source_model, data, scfg, seed=3))
+    assert _equal(tensor_expert, _state(shot(source_model, _Lazy(data), scfg, seed=3)))
+    assert _equal(tensor_expert, _state(shot(source_model, _Lazy(data, labels=False), scfg, seed=3)))
+    with pytest.raises(ValueError, match="labeled"):
+        train_source(init, _Lazy(data, labels=False), cfg)
+    from mergeq.adapt.tta import Tent, run_stream
+
+    streams = [[("a", data), ("b", _toy(20, seed=6))], [("a", _Lazy(data)), ("b", _Lazy(_toy(20, seed=6)))]]
+    a, b = (run_stream(Tent(source_model), s, batch_size=16) for s in streams)
+    assert a == b and a["n"] == {"a": 48, "b": 20}
+    with pytest.raises(ValueError, match="no labels"):
+        run_stream(Tent(source_model), [("a", _Lazy(data, labels=False))], batch_size=16)
+    with pytest.raises(ValueError, match="non-empty"):
+        shot(source_model, TensorDataset(torch.zeros(0, 3, 32, 32)), scfg)
+
+
 def test_information_maximization_values():
     # confident and balanced: entropy 0, diversity log K -> -log K
     logits = torch.eye(4) * 50

@@ -6,7 +6,7 @@ from torch import nn
 
 from mergeq.nn import quant_modules
 from mergeq.ptq import PTQ_METHODS, quantize
-from mergeq.ptq.gptq import gptq_quantize_matrix, layer_rows
+from mergeq.ptq.gptq import GPTQOptions, gptq_quantize_matrix, input_hessian, layer_rows, quantize_layer
 from mergeq.quant import QuantConfig, qrange, quantize_int, search_weight_step
 
 from .conftest import randomize_bn
@@ -124,9 +124,83 @@ def test_gptq_options_and_grouped_conv():
         quantize(_conv_model(), "gptq", x, group_size=0)
     with pytest.raises(ValueError):
         quantize(_conv_model(), "gptq", x, blocksize=0)
-    dw = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, groups=3))
-    with pytest.raises(ValueError, match="groups"):
-        quantize(dw, "gptq", x)
+
+
+def _grouped_layer(c_in=4, c_out=6, groups=2, k=2, seed=0):
+    """A grouped conv QuantModule (8 bits, no activation quantizer) and correlated inputs."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, k, padding=1, groups=groups, bias=False)
+    conv.weight.data = torch.randn(conv.weight.shape, generator=g)
+    mix = torch.randn(c_in, c_in, generator=g)  # channels correlated within and across groups
+    x = torch.einsum("ij,njhw->nihw", mix, torch.randn(6, c_in, 5, 5, generator=g))
+    qm = quantize(nn.Sequential(conv), "rtn", x, config=QuantConfig(w_bits=3, a_bits=None, first_last_bits=None))[0]
+    qm.weight.data = conv.weight.detach().clone()  # back to the full-precision weight (rtn rounded it)
+    return conv, qm, x
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", [(4, 6, 2), (3, 6, 3), (4, 4, 4)])
+def test_grouped_conv_hessian_is_the_brute_force_hessian_of_the_layer_error(c_in, c_out, groups):
+    """H[g] = the autograd Hessian of E(W) = ‖conv(x, W) − conv(x, W0)‖² / N (N patch rows) for
+    every row of group g, and E has no cross-row terms (depthwise: groups = channels)."""
+    conv, qm, x = _grouped_layer(c_in, c_out, groups)
+    H = input_hessian(nn.Sequential(qm), "0", qm, x, bs=4, device="cpu")
+    n = conv.weight[0].numel()
+    assert H.shape == (groups, n, n)
+    W0, x64 = conv.weight.detach().double(), x.double()
+    N = x.shape[0] * F.conv2d(x64, W0, padding=1, groups=groups)[0, 0].numel()
+
+    def err(w):
+        return (F.conv2d(x64, w.reshape(W0.shape), padding=1, groups=groups)
+                - F.conv2d(x64, W0, padding=1, groups=groups)).pow(2).sum() / N
+
+    brute = torch.autograd.functional.hessian(err, W0.reshape(-1)).reshape(c_out, n, c_out, n)
+    per_group = c_out // groups
+    for o in range(c_out):
+        for o2 in range(c_out):
+            want = H[o // per_group] if o == o2 else torch.zeros(n, n, dtype=torch.float64)
+            torch.testing.assert_close(brute[o, :, o2, :], want, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("act_order,group_size", [(False, None), (True, None), (False, 4)])
+def test_grouped_conv_gptq_is_gptq_of_each_group_as_its_own_conv(act_order, group_size):
+    """Reference: every conv group cut out as an ordinary conv on its own input channels, its H
+    from the groups == 1 path, quantized with the matrix algorithm; and the result beats RTN."""
+    conv, qm, x = _grouped_layer(4, 6, 2, k=3)
+    opts = GPTQOptions(act_order=act_order, group_size=group_size, blocksize=5)
+    rtn_w = qm.int_weight() * qm.w_step
+    step = qm.w_step.clone()
+    quantize_layer(qm, input_hessian(nn.Sequential(qm), "0", qm, x, 4, "cpu"), opts)
+    for g in range(2):
+        part = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        part.weight.data = conv.weight.detach()[3 * g:3 * g + 3].clone()
+        ref = quantize(nn.Sequential(part), "rtn", x[:, 2 * g:2 * g + 2],
+                       config=QuantConfig(w_bits=3, a_bits=None, first_last_bits=None))[0]
+        H_g = input_hessian(nn.Sequential(ref), "0", ref, x[:, 2 * g:2 * g + 2], 4, "cpu")
+        want, _ = gptq_quantize_matrix(part.weight.detach().reshape(3, -1), H_g, step[3 * g:3 * g + 3], 3,
+                                       5, 0.01, act_order, group_size)
+        assert torch.equal(qm.weight[3 * g:3 * g + 3].reshape(3, -1), want)
+    assert torch.equal(qm.weight, qm.int_weight() * qm.w_step)
+
+    def out_err(w):
+        return (F.conv2d(x, w, padding=1, groups=2) - conv(x)).pow(2).sum()
+
+    assert out_err(qm.weight) < out_err(rtn_w)
+
+
+def test_gptq_on_a_depthwise_separable_model():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),   # depthwise
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),                     # pointwise
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4), nn.ReLU(),                      # grouped
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)))
+    x = torch.randn(32, 3, 8, 8)
+    cfg = QuantConfig(w_bits=3, a_bits=None, first_last_bits=None)
+    q, r = quantize(model, "gptq", x, config=cfg), quantize(model, "rtn", x, config=cfg)
+    assert all(torch.equal(m.weight, m.int_weight() * m.w_step) for _, m in quant_modules(q))
+    ref = model(x)
+    assert (q(x) - ref).pow(2).mean() < (r(x) - ref).pow(2).mean()
 
 
 @pytest.mark.parametrize("act_order", [False, True])

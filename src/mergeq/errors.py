@@ -19,3 +19,12 @@ class CalibrationDataError(MergeqError):
 
 class CheckpointError(MergeqError):
     """A missing, truncated or corrupt checkpoint file."""
+
+
+class ConfigError(MergeqError):
+    """A config or spec mapping with an unknown key, a missing key or a value of the wrong type."""
+
+
+class ModelError(MergeqError):
+    """A model mergeq cannot use as given: a spec that builds nothing, weights that do not fit,
+    an output with no logits, a reconstruction unit that does not map one tensor to one tensor."""

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset
 
+from ..data_utils import iter_batches, take
 from ..models import get_classifier
 from .source import make_optimizer
 
@@ -89,43 +90,49 @@ def centroid_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: 
 
 
 @torch.no_grad()
-def _features_and_probs(model: nn.Module, rec: _HeadInput, x: torch.Tensor, bs: int, device: str):
+def _features_and_probs(model: nn.Module, rec: _HeadInput, data: torch.Tensor | Dataset, bs: int, device: str):
     feats, probs = [], []
-    for i in range(0, len(x), bs):
-        probs.append(model(x[i:i + bs].to(device)).softmax(dim=1).cpu())
+    for x in iter_batches(data, bs):
+        probs.append(model(x.to(device)).softmax(dim=1).cpu())
         feats.append(rec.value.cpu())
     return torch.cat(feats), torch.cat(probs)
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, bs: int = 256, device: str = "cpu") -> None:
-    """Reset every BN's running statistics and re-estimate them on ``x`` (cumulative average)."""
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor | Dataset, bs: int = 256, device: str = "cpu") -> None:
+    """Reset every BN's running statistics and re-estimate them on ``x`` (images, or a Dataset of
+    (image, label) items) by a cumulative average."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for i in range(0, len(x), bs):
-        model(x[i:i + bs].to(device))
+    for xb in iter_batches(x, bs):
+        model(xb.to(device))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.eval()
 
 
-def shot(source_model: nn.Module, dataset: TensorDataset, cfg: ShotConfig, seed: int = 0,
+def shot(source_model: nn.Module, dataset: Dataset, cfg: ShotConfig, seed: int = 0,
          device: str = "cpu", progress: bool = False) -> nn.Module:
-    """Adapt a copy of ``source_model`` to the unlabeled images ``dataset.tensors[0]`` with SHOT."""
+    """Adapt a copy of ``source_model`` to the unlabeled images of ``dataset`` with SHOT.
+
+    ``dataset``: any map-style Dataset of images or (image, label) items (labels are never read),
+    a ``TensorDataset`` or lazy images decoded batch by batch."""
     model = copy.deepcopy(source_model).to(device)
     head = get_classifier(model)
     for p in head.parameters():
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    x_all = dataset.tensors[0]
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("shot needs a non-empty target dataset")
     g = torch.Generator().manual_seed(seed)
     rec = _HeadInput(head)
-    steps_per_epoch = max(1, len(x_all) // cfg.batch_size)  # drop the ragged last batch
+    steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch
     total, step = cfg.epochs * steps_per_epoch, 0
     epochs = range(cfg.epochs)
     if progress:
@@ -135,16 +142,16 @@ def shot(source_model: nn.Module, dataset: TensorDataset, cfg: ShotConfig, seed:
     try:
         for epoch in epochs:
             if cfg.recalibrate_bn:
-                recalibrate_batchnorm(model, x_all, device=device)
+                recalibrate_batchnorm(model, dataset, device=device)
             model.eval()
-            feats, probs = _features_and_probs(model, rec, x_all, 256, device)
+            feats, probs = _features_and_probs(model, rec, dataset, 256, device)
             pseudo = centroid_pseudo_labels(feats, probs, rounds=1)
             model.train()
-            perm = torch.randperm(len(x_all), generator=g)
+            perm = torch.randperm(n, generator=g)
             running = 0.0
             for i in range(steps_per_epoch):
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                logits = model(x_all[idx].to(device))
+                logits = model(take(dataset, idx)[0].to(device))
                 loss = cfg.ent_weight * information_maximization(logits, cfg.epsilon)
                 if cfg.beta:
                     loss = loss + cfg.beta * F.cross_entropy(logits, pseudo[idx].to(device))
@@ -159,7 +166,7 @@ def shot(source_model: nn.Module, dataset: TensorDataset, cfg: ShotConfig, seed:
     finally:
         rec.handle.remove()
     if cfg.recalibrate_bn:
-        recalibrate_batchnorm(model, x_all, device=device)
+        recalibrate_batchnorm(model, dataset, device=device)
     for p in head.parameters():
         p.requires_grad_(True)
     return model.eval()

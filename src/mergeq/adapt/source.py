@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset
 
 from ..data.digits import standardize
+from ..data_utils import take
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,18 @@ def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: 
     raise ValueError(f"unknown optimizer {name!r}; known: adam, sgd")
 
 
-def train_source(model: nn.Module, dataset: TensorDataset, cfg: SourceConfig, seed: int = 0,
+def train_source(model: nn.Module, dataset: Dataset, cfg: SourceConfig, seed: int = 0,
                  device: str = "cpu", progress: bool = False) -> nn.Module:
-    """Train a copy of ``model`` on labeled ``dataset`` (images, labels); returns it in eval mode."""
+    """Train a copy of ``model`` on ``dataset`` of (image, label) items; returns it in eval mode.
+
+    ``dataset``: any map-style Dataset (a ``TensorDataset``, or lazy images read batch by batch)."""
     model = copy.deepcopy(model).to(device).train()
-    x_all, y_all = dataset.tensors[0], dataset.tensors[1]
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("train_source needs a non-empty labeled dataset")
     g = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = max(1, len(x_all) // cfg.batch_size)  # drop the ragged last batch
+    steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch
     total, step = cfg.epochs * steps_per_epoch, 0
     epochs = range(cfg.epochs)
     if progress:
@@ -95,12 +100,13 @@ def train_source(model: nn.Module, dataset: TensorDataset, cfg: SourceConfig, se
 
         epochs = tqdm(epochs, desc="source", unit="epoch")
     for epoch in epochs:
-        perm = torch.randperm(len(x_all), generator=g)
+        perm = torch.randperm(n, generator=g)
         running = 0.0
         for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb = augment(x_all[idx], cfg, g).to(device)
-            yb = y_all[idx].to(device)
+            xb, yb = take(dataset, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+            if yb is None:
+                raise ValueError("train_source needs labeled data: (image, label) items")
+            xb, yb = augment(xb, cfg, g).to(device), yb.to(device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg.lr, step, total)
             loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)

@@ -201,7 +201,8 @@ Adapter = Callable[[torch.Tensor], torch.Tensor]
 
 def run_stream(adapter: Adapter | nn.Module, stream, batch_size: int = 64, device: str | torch.device = "cpu",
                progress: bool = False, desc: str = "stream") -> dict[str, Any]:
-    """Feed ``stream`` ([(domain, TensorDataset)], data.corruptions) batch by batch, online, no reset.
+    """Feed ``stream`` ([(domain, Dataset of (image, label))], data.corruptions) batch by batch, online,
+    no reset.
 
     Returns ``{"domains", "error": {domain: error}, "mean_error", "batch_error": [...],
     "batch_domain": [...], "class_error": [per class over the whole stream], "n"}``; errors are

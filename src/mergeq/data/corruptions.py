@@ -46,8 +46,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
+from ..data_utils import take
 from ..io import atomic_write_bytes
 from .digits import NUM_CLASSES, standardize
 
@@ -59,7 +60,7 @@ CORRUPTIONS = (
 )
 IMBALANCE = (None, "sorted", "dirichlet")
 CIFAR10C_PER_SEVERITY = 10000
-Stream = list[tuple[str, TensorDataset]]
+Stream = list[tuple[str, Dataset]]  # (domain, (image, label) items); built ones hold TensorDatasets
 
 
 def check_corruptions(names: Sequence[str] | None) -> list[str]:
@@ -240,13 +241,21 @@ def digits_stream(severity: int = 5, order: Sequence[str] | None = None, seed: i
 
 
 def stream_batches(stream: Stream, batch_size: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(domain, x, y)`` batches, domain after domain; a batch never spans two domains."""
+    """``(domain, x, y)`` batches, domain after domain; a batch never spans two domains. A domain
+    is any Dataset of (image, label) items (a TensorDataset, or lazy images read batch by batch)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for name, ds in stream:
-        x, y = ds.tensors
-        for i in range(0, len(x), batch_size):
-            yield name, x[i:i + batch_size], y[i:i + batch_size]
+        if isinstance(ds, TensorDataset):
+            x, y = ds.tensors
+            for i in range(0, len(x), batch_size):
+                yield name, x[i:i + batch_size], y[i:i + batch_size]
+            continue
+        for i in range(0, len(ds), batch_size):
+            x, y = take(ds, range(i, min(i + batch_size, len(ds))))
+            if y is None:
+                raise ValueError(f"stream domain {name!r} has no labels: expected (image, label) items")
+            yield name, x, y
 
 
 def load_cifar10c(folder: str | Path, corruptions: Sequence[str] | None = None, severity: int = 5,

@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, Sequence
@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
+
+from ..data_utils import take
 
 NUM_CLASSES = 10
 MNISTM_STRENGTH = 0.4
@@ -82,6 +84,7 @@ class Benchmark:
     source: Domain
     targets: Dict[str, Domain]
     num_classes: int
+    spec: dict = field(default_factory=dict)  # what chose it (``data.spec.load_data`` fills it: the resolved spec)
 
 
 @lru_cache(maxsize=1)
@@ -247,7 +250,7 @@ def save_sample_grid(benchmark: Benchmark, path: str | os.PathLike, per_domain: 
     fig, axes = plt.subplots(len(domains), per_domain, figsize=(per_domain * 0.8, len(domains) * 0.95),
                              squeeze=False)
     for r, dom in enumerate(domains):
-        x, y = dom.test.tensors
+        x, y = take(dom.test, range(min(per_domain, len(dom.test))))
         for c in range(per_domain):
             ax = axes[r, c]
             ax.axis("off")

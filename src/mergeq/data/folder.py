@@ -7,15 +7,21 @@ Layout (Office-Home as unpacked from ``OfficeHomeDataset_10072016.zip``)::
     <root>/Product/...
     <root>/Real World/...        # "Real_World" is accepted too
 
-Every domain must hold the same class folders (65 in Office-Home); the class index is the
+Every domain must hold the same class folders (65 in Office-Home; a domain that differs from
+the source is an error naming it and the missing and extra classes); the class index is the
 position of the folder name in the sorted list (as torchvision's ``ImageFolder``). Hidden
 entries and files without an image extension are skipped; a class folder with no image is
 an error. Images are decoded with Pillow only when an item is read (``FolderImages`` keeps
-paths, never pixels), converted to RGB, resized (shorter side to ``resize``, bilinear), centre
-cropped to ``crop`` x ``crop`` and normalised with the ImageNet mean and std. With
-``augment=True`` a random-resized crop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip
-(p = 0.5) replace resize + centre crop; they draw from torch's global generator, so seed with
-``torch.manual_seed`` (DataLoader workers are seeded by the DataLoader).
+paths, never pixels), converted to RGB, resized (shorter side to ``resize``, bilinear) and
+centre cropped to ``crop`` x ``crop``: 3 x crop x crop float tensors. Normalisation
+(``normalize``): ``"imagenet"`` (default; (x - mean) / std with ImageNet's mean and std, what
+torchvision / timm weights expect), ``"standardize"`` (per image and channel, as the digits
+benchmark: ``digits.standardize``; what ``adapt.source``'s colour jitter assumes) or ``"none"``
+(values in [0, 1]). With ``augment=True`` the source's training split gets a random-resized
+crop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip (p = 0.5) in place of resize + centre
+crop (targets' training splits are calibration data and stay unaugmented); they draw from
+torch's global generator, so seed with ``torch.manual_seed`` (DataLoader workers are seeded by
+the DataLoader).
 
 Splits: each domain is split per class, seeded by ``seed`` and the domain name (a domain's
 split does not depend on which other domains are loaded), into ``train`` (for the source:
@@ -24,15 +30,17 @@ kept for diagnostics only) and ``test`` (``test_fraction`` of every class, at le
 each side). Both are in a seeded shuffled order, so the first N images of ``train`` (what
 ``quantize(calib_size=N)`` takes) mix all classes. ``transductive=True`` gives targets the
 protocol of SHOT and the HDRQ paper: adapt on all of a target's images and test on the same
-images (the source is still split).
+images (the source is still split). ``Benchmark.spec`` reports the class list and, per domain,
+the split sizes and a fingerprint of the split (a hash of the files' paths relative to the
+domain folder, in split order): the same folder and seed give the same fingerprints.
 
-mergeq's SHOT and source training (``adapt.shot``, ``adapt.source``) read
-``dataset.tensors``; ``materialize`` decodes a split into a ``TensorDataset`` for them
-(about 0.6 MB per 224 x 224 image). ``quantize``, ``evaluate`` and ``accuracy`` take the lazy
-datasets (or a ``DataLoader`` over them) as they are.
+Every mergeq function takes the lazy datasets as they are (a ``DataLoader`` over them works
+too); ``materialize`` decodes a split into a ``TensorDataset`` once (about 0.6 MB per 224 x 224
+image), which saves decoding again in every epoch.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
@@ -44,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import MergeqError
-from .digits import BENCHMARKS, Benchmark, Domain
+from .digits import BENCHMARKS, Benchmark, Domain, standardize
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ OFFICE_HOME_DOMAINS = ("Art", "Clipart", "Product", "Real_World")
 OFFICE_HOME_CLASSES = 65
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("imagenet", "standardize", "none")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Office-Home domain spellings (lower case, without " ", "_" and "-") -> canonical name
 _OFFICE_HOME_ALIASES = {"art": "Art", "a": "Art", "clipart": "Clipart", "c": "Clipart", "product": "Product",
@@ -78,10 +87,21 @@ class ImageTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    standardize: bool = False  # per image and channel (digits.standardize) instead of mean / std
 
     def __post_init__(self) -> None:
         if self.crop < 1 or self.resize < self.crop:
             raise ValueError(f"need 1 <= crop <= resize, got crop={self.crop}, resize={self.resize}")
+
+    @classmethod
+    def named(cls, normalize: str, resize: int, crop: int, augment: bool = False) -> "ImageTransform":
+        """The transform for a ``normalize`` name of the module docstring."""
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+        if normalize == "imagenet":
+            return cls(resize, crop, augment)
+        return cls(resize, crop, augment, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                   standardize=normalize == "standardize")
 
     def __call__(self, img) -> torch.Tensor:
         from PIL import Image
@@ -103,6 +123,8 @@ class ImageTransform:
             left = int(round((img.width - self.crop) / 2.0))
             img = img.crop((left, top, left + self.crop, top + self.crop))
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        if self.standardize:
+            return standardize(x[None])[0]
         mean = torch.tensor(self.mean)[:, None, None]
         std = torch.tensor(self.std)[:, None, None]
         return (x - mean) / std
@@ -237,15 +259,21 @@ def _check_same_classes(found: Mapping[str, Sequence[str]], dirs: Mapping[str, P
                 f"missing {missing}, extra {extra}; every domain needs the same class folders")
 
 
+def _fingerprint(parts: Mapping[str, Sequence[Path]], folder: Path) -> str:
+    """Hash of ``<split>:<path relative to folder>`` lines, in split order."""
+    text = "\n".join(f"{k}:{p.relative_to(folder).as_posix()}" for k, ps in parts.items() for p in ps)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[str], seed: int,
            test_fraction: float, transductive: bool, resize: int, crop: int, augment: bool,
-           verify: bool) -> Benchmark:
+           verify: bool, normalize: str) -> Benchmark:
     scans = {d: scan_domain(p) for d, p in dirs.items()}
     _check_same_classes({d: list(s) for d, s in scans.items()}, dirs, source)
     classes = list(scans[source])
-    eval_t = ImageTransform(resize, crop)
-    train_t = ImageTransform(resize, crop, augment=True) if augment else eval_t
-    domains = {}
+    eval_t = ImageTransform.named(normalize, resize, crop)
+    train_t = ImageTransform.named(normalize, resize, crop, augment=True) if augment else eval_t
+    domains, splits = {}, {}
     for d, scan in scans.items():
         paths = [p for c in classes for p in scan[c]]
         labels = [k for k, c in enumerate(classes) for _ in scan[c]]
@@ -261,8 +289,12 @@ def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[s
         def part(idx: np.ndarray, t: ImageTransform) -> FolderImages:
             return FolderImages([paths[i] for i in idx], [labels[i] for i in idx], classes, t)
 
-        domains[d] = Domain(d, part(train_idx, train_t), part(test_idx, eval_t))
-    return Benchmark(name, domains[source], {t: domains[t] for t in targets}, len(classes))
+        train, test = part(train_idx, train_t if d == source else eval_t), part(test_idx, eval_t)
+        domains[d] = Domain(d, train, test)
+        splits[d] = {"train": len(train), "test": len(test),
+                     "fingerprint": _fingerprint({"train": train.paths, "test": test.paths}, dirs[d])}
+    return Benchmark(name, domains[source], {t: domains[t] for t in targets}, len(classes),
+                     {"classes": classes, "splits": splits})
 
 
 def _root(root: str | Path | None, what: str) -> Path:
@@ -281,19 +313,19 @@ def _subfolders(root: Path) -> list[str]:
 def load_folder_benchmark(root: str | Path | None = None, source: str | None = None,
                           targets: Sequence[str] | None = None, seed: int = 0, test_fraction: float = 0.2,
                           transductive: bool = False, resize: int = 256, crop: int = 224, augment: bool = False,
-                          verify: bool = False, name: str = "folder") -> Benchmark:
+                          verify: bool = False, name: str = "folder", normalize: str = "imagenet") -> Benchmark:
     """A benchmark from ``<root>/<Domain>/<Class>/<image>``: domain names are folder names.
 
     ``targets`` defaults to every other domain folder. ``augment`` applies the random-resized
-    crop and flip to the ``train`` splits (leave it off for calibration data); ``verify`` opens
-    every image once now (Pillow's header check) instead of failing on first read.
+    crop and flip to the source's ``train`` split; ``verify`` opens every image once now
+    (Pillow's header check) instead of failing on first read; ``normalize``: see the module docstring.
     """
     root = _root(root, f"benchmark {name!r}")
     if source is None:
         raise ValueError(f"benchmark {name!r} needs source=<domain folder>; found {_subfolders(root)}")
     targets = [d for d in _subfolders(root) if d != source] if targets is None else list(targets)
     return _build(name, _domain_dirs(root, [source, *targets]), source, targets, seed, test_fraction,
-                  transductive, resize, crop, augment, verify)
+                  transductive, resize, crop, augment, verify, normalize)
 
 
 def _domain_dirs(root: Path, names: Sequence[str],
@@ -323,7 +355,7 @@ def office_home_domain(name: str) -> str:
 def load_office_home(root: str | Path | None = None, source: str = "Real_World",
                      targets: Sequence[str] | None = None, seed: int = 0, test_fraction: float = 0.2,
                      transductive: bool = False, resize: int = 256, crop: int = 224, augment: bool = False,
-                     verify: bool = False) -> Benchmark:
+                     verify: bool = False, normalize: str = "imagenet") -> Benchmark:
     """Office-Home (Venkateswara et al., CVPR 2017) from ``root``; see the module docstring.
 
     Domain names are canonical (``Art``, ``Clipart``, ``Product``, ``Real_World``); aliases such
@@ -334,7 +366,7 @@ def load_office_home(root: str | Path | None = None, source: str = "Real_World",
     targets = [d for d in OFFICE_HOME_DOMAINS if d != source] if targets is None else \
         [office_home_domain(t) for t in targets]
     bench = _build("office_home", _domain_dirs(root, [source, *targets], _OFFICE_HOME_FOLDERS), source, targets,
-                   seed, test_fraction, transductive, resize, crop, augment, verify)
+                   seed, test_fraction, transductive, resize, crop, augment, verify, normalize)
     if bench.num_classes != OFFICE_HOME_CLASSES:
         log.warning("Office-Home has %d classes, %s holds %d", OFFICE_HOME_CLASSES, root, bench.num_classes)
     return bench

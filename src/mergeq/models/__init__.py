@@ -1,4 +1,8 @@
-"""Small models for CPU experiments; any ``torch.nn.Module`` works with the rest of mergeq."""
+"""Small models for CPU experiments; any ``torch.nn.Module`` works with the rest of mergeq.
+
+``resolve_model`` builds a model from a config's ``model:`` spec: a registered name,
+``torchvision:NAME`` / ``timm:NAME``, or your own ``builder``, with safetensors starting weights
+and an output adapter (``mergeq.models.spec``)."""
 from __future__ import annotations
 
 from typing import Callable, Dict
@@ -28,5 +32,7 @@ def get_classifier(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-__all__ = ["ARCHITECTURES", "BasicBlock", "ResNet", "ViT", "build_model", "get_classifier", "resnet8", "resnet20",
-           "vit_tiny"]
+from .spec import ModelSpec, load_weights, resolve_model, resolved_spec  # noqa: E402  (spec uses build_model)
+
+__all__ = ["ARCHITECTURES", "BasicBlock", "ModelSpec", "ResNet", "ViT", "build_model", "get_classifier", "load_weights",
+           "resnet8", "resnet20", "resolve_model", "resolved_spec", "vit_tiny"]

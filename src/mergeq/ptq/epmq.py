@@ -33,7 +33,9 @@ features the quantized layer will really see on domain k. ``sequential=False``: 
 full-precision expert k on D_k and X_m from the full-precision merged model (the experts'
 own activations). With activation quantization, X is taken after the layer's activation
 quantizer. The weight step is searched again (per channel, ``config.step_method``) on W*, which
-may leave W_m's range. Bias stays the merged bias.
+may leave W_m's range. Bias stays the merged bias. Grouped / depthwise convolutions: every Gram
+matrix is per conv group (G_k,g, G_m,g; see :mod:`mergeq.ptq.gptq`), the objective splits into
+one independent term per group, and W* and GPTQ are computed group by group.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from ..nn import fold_bn
 from ..quant import search_weight_step
 from ..registry import PTQ_METHODS
 from .base import PTQContext
-from .gptq import GPTQOptions, input_hessian, layer_order, quantize_layer
+from .gptq import GPTQOptions, group_rows, input_hessian, layer_order, quantize_layer
 
 _OWN = ("experts", "expert_calib", "anchor")
 
@@ -105,6 +107,17 @@ def epmq_target(Wm: torch.Tensor, Ws: list[torch.Tensor], Gs: list[torch.Tensor]
     return torch.linalg.solve(A, num.T).T, H  # A is symmetric
 
 
+def grouped_target(Wm: torch.Tensor, Ws: list[torch.Tensor], Gs: list[torch.Tensor], Gm: torch.Tensor | None,
+                   anchor: float, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`epmq_target` for Gram matrices [n, n], or per conv group ([G, n, n]; rows of group g
+    solved with the g-th matrices): (W* [out, n], H [n, n] or [G, n, n])."""
+    if Gs[0].dim() == 2:
+        return epmq_target(Wm, Ws, Gs, Gm, anchor, percdamp)
+    parts = [epmq_target(Wm[rows], [W[rows] for W in Ws], [G[g] for G in Gs], None if Gm is None else Gm[g],
+                         anchor, percdamp) for g, rows in enumerate(group_rows(Wm.shape[0], len(Gs[0])))]
+    return torch.cat([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
 @PTQ_METHODS.register("epmq")
 def epmq(qmodel: nn.Module, ctx: PTQContext) -> None:
     own = {k: ctx.options[k] for k in _OWN if k in ctx.options}
@@ -128,7 +141,7 @@ def epmq(qmodel: nn.Module, ctx: PTQContext) -> None:
             Gm = input_hessian(qmodel if opts.sequential else ctx.fp_model, name, m, ctx.calib, bs, dev)
         out = m.weight.shape[0]
         Ws = [e.get_submodule(name).weight.detach().reshape(out, -1) for e in experts]
-        Wstar, H = epmq_target(m.weight.detach().reshape(out, -1), Ws, Gs, Gm, anchor, opts.percdamp)
+        Wstar, H = grouped_target(m.weight.detach().reshape(out, -1), Ws, Gs, Gm, anchor, opts.percdamp)
         Wstar = Wstar.to(m.weight.dtype)
         m.w_step.copy_(search_weight_step(Wstar.reshape(m.weight.shape), m.w_bits, ctx.config.step_method))
         quantize_layer(m, H, opts, Wstar, ctx.config.step_method)

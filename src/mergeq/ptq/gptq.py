@@ -1,10 +1,10 @@
 """GPTQ (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers", Alg. 1), layer by layer for every Conv2d/Linear of a prepared model.
 
-A layer's weight is a matrix W [out, n] (a Conv2d's [out, in, kh, kw] flattened; its inputs
-unfolded with F.unfold into patch rows, groups == 1 only; a Linear's leading input dims
-flattened, so [B, T, D] inputs work). With the layer's inputs X [n, N] GPTQ minimises
-‖W X − Ŵ X‖² over on-grid Ŵ:
+A layer's weight is a matrix W [out, n] (a Conv2d's [out, in/groups, kh, kw] flattened; its
+inputs unfolded with F.unfold into patch rows; a Linear's leading input dims flattened, so
+[B, T, D] inputs work). With the layer's inputs X [n, N] GPTQ minimises ‖W X − Ŵ X‖² over
+on-grid Ŵ:
 
     H = 2 X Xᵀ / N                       accumulated (float64) over calibration batches
     dead inputs (H_ii = 0): H_ii := 1, W[:, i] := 0          (as in the reference code)
@@ -18,6 +18,14 @@ flattened, so [B, T, D] inputs work). With the layer's inputs X [n, N] GPTQ mini
     (like the per-channel Δ, ``step_method``) on the group's columns of the error-updated W when
     the first of them is reached, as in the reference code; with act_order the groups follow
     the permuted order (the reference's default, not its ``static_groups``).
+
+Grouped and depthwise convolutions (``groups`` = G > 1). Output row o of conv group
+g = o // (out/G) multiplies only the patches X_g of its group's in/G input channels, so the
+layer's error Σ_o ‖(w_o − ŵ_o) X_g(o)‖² splits into per-row terms with the Hessian
+H_g = 2 X_g X_gᵀ / N of its own group. GPTQ's Alg. 1 already treats rows independently under
+one shared H; with groups it runs once per conv group, on that group's rows and H_g (damped by
+its own mean diagonal, dead inputs and act_order per group). Only the G diagonal blocks of
+the full patch Gram matrix are accumulated ([G, n, n], n = in/G·kh·kw).
 
 Choices. Sequential (default): the inputs of layer l come from the prepared model whose earlier
 layers are already GPTQ-quantized (``sequential=False``: from the full-precision model). With
@@ -117,8 +125,13 @@ class _Stop(Exception):
     """Ends a forward pass once the hooked layer has seen its input."""
 
 
+def conv_groups(qm: QuantModule) -> int:
+    return qm.conv_kwargs["groups"] if qm.kind == "conv" else 1
+
+
 def layer_rows(qm: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """The inputs ``qm`` multiplies, as rows [N, n] matching ``qm.weight.reshape(out, -1)``."""
+    """The inputs ``qm`` multiplies, as rows [N, G·n] (G conv groups as consecutive column blocks
+    of n, each matching ``qm.weight.reshape(out, -1)``; G = 1 for a Linear or ungrouped conv)."""
     if qm.act_quant is not None and qm.quant_act:
         x = qm.act_quant(x)
     if qm.kind == "linear":
@@ -130,13 +143,19 @@ def layer_rows(qm: QuantModule, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def input_hessian(model: nn.Module, name: str, qm: QuantModule, data: torch.Tensor, bs: int, device) -> torch.Tensor:
-    """H = 2 X Xᵀ / N of the inputs submodule ``name`` of ``model`` gets on ``data`` (first call per forward)."""
-    n = qm.weight[0].numel()
-    acc = [torch.zeros(n, n, dtype=torch.float64, device=device), 0]
+    """H = 2 X Xᵀ / N of the inputs submodule ``name`` of ``model`` gets on ``data`` (first call per
+    forward): [n, n], or [G, n, n] per conv group of a grouped conv (H_g, module docstring)."""
+    n, groups = qm.weight[0].numel(), conv_groups(qm)
+    shape = (n, n) if groups == 1 else (groups, n, n)
+    acc = [torch.zeros(shape, dtype=torch.float64, device=device), 0]
 
     def hook(mod, args):
         X = layer_rows(qm, args[0]).to(torch.float64)
-        acc[0] += X.T @ X
+        if groups == 1:
+            acc[0] += X.T @ X
+        else:
+            Xg = X.reshape(len(X), groups, n)
+            acc[0] += torch.einsum("ngi,ngj->gij", Xg, Xg)
         acc[1] += X.shape[0]
         raise _Stop
 
@@ -159,9 +178,6 @@ def input_hessian(model: nn.Module, name: str, qm: QuantModule, data: torch.Tens
 def layer_order(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, QuantModule]]:
     """QuantModules in execution order; layers the forward never calls are left out (they stay RTN)."""
     mods, order = quant_modules(qmodel), []
-    for name, m in mods:
-        if m.kind == "conv" and m.conv_kwargs["groups"] != 1:
-            raise ValueError(f"GPTQ supports Conv2d with groups == 1 only; {name!r} has groups={m.conv_kwargs['groups']}")
     hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
              for n, m in mods]
     try:
@@ -174,13 +190,25 @@ def layer_order(qmodel: nn.Module, example: torch.Tensor) -> list[tuple[str, Qua
     return [(n, qmodel.get_submodule(n)) for n in order]
 
 
+def group_rows(out: int, groups: int) -> list[slice]:
+    """The output rows of each conv group (``out / groups`` consecutive rows each)."""
+    rows = out // groups
+    return [slice(g * rows, (g + 1) * rows) for g in range(groups)]
+
+
 def quantize_layer(qm: QuantModule, H: torch.Tensor, opts: GPTQOptions, W: torch.Tensor | None = None,
                    step_method: str = "mse") -> None:
     """Set ``qm.weight`` to GPTQ's on-grid result for ``W`` (default: the current weight) under ``H``
-    (with ``opts.group_size``, ``qm.w_step`` becomes the per-element grouped steps)."""
+    ([n, n], or [G, n, n]: conv group g's rows under H[g]); with ``opts.group_size``, ``qm.w_step``
+    becomes the per-element grouped steps."""
     W = qm.weight.detach().reshape(qm.weight.shape[0], -1) if W is None else W
-    Wq, S = gptq_quantize_matrix(W, H, qm.w_step, qm.w_bits, opts.blocksize, opts.percdamp, opts.act_order,
-                                 opts.group_size, step_method)
+    if qm.w_step.numel() != W.shape[0]:
+        raise ValueError(f"GPTQ starts from one step per output channel, got w_step of shape {tuple(qm.w_step.shape)}")
+    Hs, step = (H[None] if H.dim() == 2 else H), qm.w_step.reshape(-1)
+    parts = [gptq_quantize_matrix(W[rows], Hg, step[rows], qm.w_bits, opts.blocksize, opts.percdamp, opts.act_order,
+                                  opts.group_size, step_method)
+             for rows, Hg in zip(group_rows(W.shape[0], len(Hs)), Hs)]
+    Wq, S = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     qm.weight.data = Wq.reshape(qm.weight.shape).to(qm.weight.dtype)
     if opts.group_size:
         qm.w_step = S.reshape(qm.weight.shape).to(qm.w_step.dtype)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.blocks import partition
+from ..nn.output import LogitsAdapter, select_logits
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant.fakequant import bernoulli_mask
 from .base import PTQContext
@@ -96,12 +97,16 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, name: str, calib: torch.Tensor, bs: int, device, output: bool):
-    """Inputs (and outputs) of submodule ``name`` over ``calib``, concatenated on CPU."""
+def capture(model: nn.Module, name: str, calib: torch.Tensor, bs: int, device, output: bool,
+            select: str | int | None = None):
+    """Inputs (and outputs, through the logits selector ``select`` if given) of submodule ``name``
+    over ``calib``, concatenated on CPU."""
     unit = model.get_submodule(name) if name else model
     ins, outs = [], []
 
     def hook(mod, args, out=None):
+        if output and select is not None:
+            out = select_logits(out, select)
         if len(args) != 1 or not torch.is_tensor(args[0]) or (output and not torch.is_tensor(out)):
             raise TypeError(f"reconstruction unit {name!r} must map one tensor to one tensor")
         ins.append(args[0].detach().cpu())
@@ -238,6 +243,8 @@ def reconstruct(qmodel: nn.Module, ctx: PTQContext, hooks: ReconHooks, opts: Rec
     calib, device = ctx.calib, ctx.device
     qmodel.eval().requires_grad_(False)
     units = partition(qmodel, calib[:2].to(device), layerwise=layerwise)
+    # the last unit of a LogitsAdapter may return the dict / tuple its selector reads: compare logits
+    last_select = qmodel.select if isinstance(qmodel, LogitsAdapter) else None
     it = units
     if ctx.progress:
         from tqdm.auto import tqdm
@@ -245,8 +252,10 @@ def reconstruct(qmodel: nn.Module, ctx: PTQContext, hooks: ReconHooks, opts: Rec
         it = tqdm(units, desc="reconstruction", unit="unit")
     for k, (name, unit) in enumerate(it):
         torch.manual_seed(ctx.seed + k)
+        select = last_select if k == len(units) - 1 else None
         x_q, _ = capture(qmodel, name, calib, opts.capture_batch, device, output=False)
-        x_fp, y_fp = capture(ctx.fp_model, name, calib, opts.capture_batch, device, output=True)
+        x_fp, y_fp = capture(ctx.fp_model, name, calib, opts.capture_batch, device, output=True, select=select)
         layers = [(f"{name}.{n}" if n and name else n or name, m) for n, m in quant_modules(unit)]
-        loss = reconstruct_unit(unit, layers, (x_q, x_fp, y_fp), hooks, opts, device)
+        run = unit if select is None else LogitsAdapter(unit, select)
+        loss = reconstruct_unit(run, layers, (x_q, x_fp, y_fp), hooks, opts, device)
         log.info("unit %s (%d layers): final loss %.4g", name, len(layers), loss)

@@ -1,0 +1,143 @@
+"""Data from a spec: the mapping a config's ``data:`` section holds, checked, loaded and resolved.
+
+``load_data(spec, seed)`` returns the :class:`~mergeq.data.digits.Benchmark` that
+``load_benchmark`` returns (source and targets, each with a ``train`` split, for targets the
+unlabeled adaptation / calibration data, and a labelled ``test`` split), with ``bench.spec`` set
+to the *resolved* spec: every default filled in, paths absolute, and the outcome of the seed
+(class list, split sizes, split fingerprints). Loading the resolved spec again with the same
+seed gives the same splits, and refuses a folder whose files changed since (the fingerprints
+differ). Kinds::
+
+    {kind: digits, source: mnist, targets: [uci, mnistm, noisy]}          # the embedded benchmark
+    {kind: folder, root: PATH, source: Real_World, targets: [Art, Clipart, Product],
+     image_size: 224, normalize: imagenet}                                # <root>/<Domain>/<Class>/<image>
+    {kind: office_home, root: PATH, source: R}                            # folder + Office-Home's names
+
+``load_stream(spec, seed)`` does the same for a test-time-adaptation stream::
+
+    {kind: cifar10c, root: PATH, severity: 5, corruptions: [gaussian_noise, ...], n: 10000}
+
+Image size, normalisation and splits of the folder kinds: :mod:`mergeq.data.folder`; of the
+stream: :func:`mergeq.data.corruptions.load_cifar10c`. Keys are checked by
+:func:`mergeq.typed.from_mapping` (unknown key or wrong type: a one-line error naming it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ..errors import ConfigError
+from ..typed import from_mapping
+from .corruptions import Stream, load_cifar10c
+from .digits import DOMAINS, Benchmark, load_digits_benchmark
+from .folder import FolderDataError, load_folder_benchmark, load_office_home, materialize
+
+
+@dataclass
+class DigitsData:
+    """The embedded digits benchmark (:mod:`mergeq.data.digits`)."""
+
+    kind: Literal["digits"] = "digits"
+    source: str = "mnist"
+    targets: list[str] | None = None  # None: the other three domains
+
+
+@dataclass
+class FolderData:
+    """One folder per domain, one subfolder per class (Office-Home / DomainNet / PACS layout)."""
+
+    root: str
+    kind: Literal["folder", "office_home"] = "folder"
+    source: str | None = None  # required for folder; office_home: Real_World
+    targets: list[str] | None = None  # None: every other domain
+    image_size: int = 224  # side of the square centre crop the model sees
+    resize: int | None = None  # shorter side before the crop; None: round(image_size * 8 / 7) (256 for 224)
+    normalize: Literal["imagenet", "standardize", "none"] = "imagenet"
+    test_fraction: float = 0.2
+    transductive: bool = False  # targets: adapt and test on all their images (SHOT's protocol)
+    augment: bool = False  # random-resized crop + flip on the source's training split
+    verify: bool = False  # open every image once at load time
+    in_memory: bool = False  # decode every split once into tensors (no augmentation then)
+    classes: list[str] | None = None  # resolved: the class list (checked when given)
+    splits: dict[str, dict[str, Any]] | None = None  # resolved: per domain {train, test, fingerprint}
+
+
+@dataclass
+class Cifar10CData:
+    """CIFAR-10-C arrays (``<root>/<corruption>.npy`` and ``labels.npy``) as a stream of domains."""
+
+    root: str
+    kind: Literal["cifar10c"] = "cifar10c"
+    corruptions: list[str] | None = None  # None: the 15 standard ones, in order
+    severity: int = 5
+    n: int | None = None  # images per corruption (None: all 10,000)
+    imbalance: Literal["sorted", "dirichlet"] | None = None
+    alpha: float = 0.1  # Dirichlet concentration of the dirichlet stream
+    slots: int = 10
+    normalize: Literal["standardize", "none"] = "standardize"
+
+
+BENCHMARK_KINDS: dict[str, type] = {"digits": DigitsData, "folder": FolderData, "office_home": FolderData}
+STREAM_KINDS: dict[str, type] = {"cifar10c": Cifar10CData}
+
+
+def parse_spec(spec: Mapping[str, Any], kinds: Mapping[str, type], where: str = "data"):
+    """The dataclass of ``spec['kind']`` built from ``spec`` (ConfigError naming a bad key)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with a 'kind' key, got {type(spec).__name__} {spec!r}")
+    kind = spec.get("kind", "digits" if "digits" in kinds else None)
+    if kind not in kinds:
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(kinds)}, got {kind!r}")
+    return from_mapping(kinds[kind], spec, where)
+
+
+def _folder(spec: FolderData, seed: int) -> Benchmark:
+    resize = spec.resize if spec.resize is not None else round(spec.image_size * 8 / 7)
+    if spec.in_memory and spec.augment:
+        raise ConfigError("data.in_memory: decoding once would freeze one random augmentation; "
+                          "set augment: false or in_memory: false")
+    kw = dict(root=spec.root, targets=spec.targets, seed=seed, test_fraction=spec.test_fraction,
+              transductive=spec.transductive, resize=resize, crop=spec.image_size, augment=spec.augment,
+              verify=spec.verify, normalize=spec.normalize)
+    if spec.kind == "office_home":
+        bench = load_office_home(source=spec.source or "Real_World", **kw)
+    else:
+        bench = load_folder_benchmark(source=spec.source, **kw)
+    found = bench.spec
+    if spec.classes is not None and spec.classes != found["classes"]:
+        raise FolderDataError(f"data.classes: the config lists {spec.classes}, {spec.root} holds {found['classes']}")
+    for d, want in (spec.splits or {}).items():
+        got = found["splits"].get(d)
+        if got is not None and want.get("fingerprint") not in (None, got["fingerprint"]):
+            raise FolderDataError(f"data.splits.{d}: the files of domain {d!r} under {spec.root} changed since the "
+                                  f"config was written (split fingerprint {got['fingerprint']}, config "
+                                  f"{want['fingerprint']}); remove data.splits to accept the new split")
+    if spec.in_memory:
+        for dom in (bench.source, *bench.targets.values()):
+            dom.train, dom.test = materialize(dom.train), materialize(dom.test)
+    bench.spec = {**dataclasses.asdict(spec), "root": str(Path(spec.root).expanduser().resolve()),
+                  "source": bench.source.name, "targets": list(bench.targets), "resize": resize, **found}
+    return bench
+
+
+def load_data(spec: Mapping[str, Any], seed: int = 0) -> Benchmark:
+    """The benchmark a ``data:`` spec describes (see the module docstring), ``bench.spec`` resolved."""
+    parsed = parse_spec(spec, BENCHMARK_KINDS)
+    if isinstance(parsed, FolderData):
+        return _folder(parsed, seed)
+    if parsed.source not in DOMAINS:
+        raise ConfigError(f"data.source: expected one of {', '.join(DOMAINS)}, got {parsed.source!r}")
+    bench = load_digits_benchmark(seed=seed, targets=parsed.targets, source=parsed.source)
+    bench.spec = {**dataclasses.asdict(parsed), "targets": list(bench.targets)}
+    return bench
+
+
+def load_stream(spec: Mapping[str, Any], seed: int = 0) -> tuple[Stream, dict[str, Any]]:
+    """The stream of domains a ``cifar10c`` spec describes, and its resolved spec."""
+    s = parse_spec(spec, STREAM_KINDS, "stream")
+    stream = load_cifar10c(s.root, s.corruptions, s.severity, s.n, s.imbalance, seed, s.normalize, s.alpha, s.slots)
+    resolved = {**dataclasses.asdict(s), "root": str(Path(s.root).expanduser().resolve()),
+                "corruptions": [name for name, _ in stream], "n": len(stream[0][1])}
+    return stream, resolved
