@@ -104,3 +104,51 @@ def test_unknown_option_and_presets():
 def test_weight_only_config_and_unit_types():
     q = quantize(_model("vgg"), "qdrop", _calib(), w_bits=4, a_bits=None, iters=3, batch_size=4)
     assert all(isinstance(m, QuantModule) and m.act_quant is None for _, m in quant_modules(q))
+
+
+def test_qdrop_unit_input_is_fp_or_quantized_per_element_once():
+    """QDrop's rule at a unit's input: each element is x_fp (p = 0.5) or Q(x_q), never x_q or Q(x_fp);
+    the two layers that read a down-sampling block's input share one mask."""
+    from mergeq.nn import calibrate_activations, fold_bn, prepare
+    from mergeq.ptq.adaround import AdaRoundHooks, AdaRoundOptions
+    from mergeq.ptq.recon import capture, reconstruct_unit
+    from mergeq.quant.config import QuantConfig
+
+    model, calib = _model(), _calib()
+    fp = fold_bn(model, calib[:2]).requires_grad_(False)
+    q = prepare(model, QuantConfig(4, 4), calib[:2])
+    calibrate_activations(q, calib)
+    name = "4"  # Basic(8, 16, stride=2): conv1 and the 1x1 down-sampling conv read the block input
+    unit = q.get_submodule(name)
+    x_q, _ = capture(q, name, calib, 8, "cpu", output=False)
+    x_fp, y_fp = capture(fp, name, calib, 8, "cpu", output=True)
+    seen = {}
+
+    def record(tag):
+        def hook(mod, args, out):
+            if not mod.training:  # the probe forward that finds the input layers
+                return
+            s = mod.step.detach().abs()
+            seen[tag] = (args[0].detach().clone(), out.detach().clone(),
+                         torch.clamp(torch.round(args[0] / s), *mod._grid) * s, mod.fp_input[1].clone())
+        return hook
+
+    handles = [unit.conv1.act_quant.register_forward_hook(record("conv1")),
+               unit.down[0].act_quant.register_forward_hook(record("down"))]
+    opts = AdaRoundOptions(iters=1, batch_size=24, drop_prob=0.5)
+    torch.manual_seed(0)
+    reconstruct_unit(unit, [(n, m) for n, m in quant_modules(unit)], (x_q, x_fp, y_fp),
+                     AdaRoundHooks(opts), opts, "cpu")
+    for h in handles:
+        h.remove()
+    xin, out, quantized, alt = seen["conv1"]
+    fp_kept = (out == alt) & (quantized != alt)
+    q_kept = (out == quantized) & (quantized != alt)
+    assert torch.all(fp_kept | q_kept | (quantized == alt))  # every element is one of the two
+    differ = quantized != alt
+    assert float(fp_kept.sum() / differ.sum()) == pytest.approx(0.5, abs=0.03)
+    assert not torch.any((out == xin) & (xin != quantized) & (xin != alt))  # x_q itself never passes
+    _, out_down, quantized_down, _ = seen["down"]
+    assert torch.equal(out_down == alt, out == alt)  # one mask for both layers reading the input
+    for _, m in quant_modules(unit):
+        assert m.act_quant.fp_input is None  # cleared after reconstruction

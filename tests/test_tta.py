@@ -9,7 +9,7 @@ from mergeq.adapt.tta import ABL, ABLConfig, NoAdapt, Tent, TentConfig, configur
 from mergeq.nn import quant_modules
 from mergeq.ptq import quantize
 from mergeq.ptq.recon import ReconHooks
-from mergeq.ptq.ttaq import consistency, pcr_loss, pem_penalty, rng_state, set_rng_state
+from mergeq.ptq.ttaq import consistency, pcr_loss, pem_penalty, rng_state
 from mergeq.quant import quantize_int
 from mergeq.quant.config import QuantConfig
 
@@ -99,11 +99,11 @@ def test_pcr_is_zero_without_perturbation_even_with_qdrop_masks():
             state = rng_state(cpu)
             out = unit(x)  # the step's own forward, with its QDrop masks
             assert not torch.equal(out, unit(x))  # a later pass draws other masks
-            loss = pcr_loss(unit, x, out, state, sigma, kind).item()  # replays out's masks
+            loss = pcr_loss(lambda a, a_fp: unit(a), x, x, out, state, sigma, kind).item()  # replays out's masks
             assert loss == 0.0 if sigma == 0.0 else loss > 0.0
     head = nn.Linear(5, 3)
     x = torch.randn(4, 5)
-    assert pcr_loss(head, x, head(x), rng_state(cpu), 0.0).item() == 0.0
+    assert pcr_loss(lambda a, a_fp: head(a), x, x, head(x), rng_state(cpu), 0.0).item() == 0.0
 
 
 def test_consistency_and_pem_values():
@@ -119,7 +119,7 @@ def test_consistency_and_pem_values():
 
 
 def test_default_unit_loss_adds_nothing():
-    assert ReconHooks().unit_loss(0, 1, nn.Identity(), torch.ones(1), torch.ones(1)) == 0.0
+    assert ReconHooks().unit_loss(0, 1, nn.Identity(), torch.ones(1), torch.ones(1), torch.ones(1)) == 0.0
 
 
 def test_ttaq_keeps_bn_unfolded_and_on_grid():

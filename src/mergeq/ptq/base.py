@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data_utils import DataLike, as_tensor
 from ..nn import calibrate_activations, fold_bn, prepare, quant_modules
+from ..quant import quantize_int
 from ..quant.config import QuantConfig
 from ..registry import PTQ_METHODS
 
@@ -32,6 +33,7 @@ class PTQContext:
     seed: int = 0
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # what the method measured (recon losses)
 
 
 def quantize(
@@ -77,5 +79,17 @@ def quantize(
     for _, m in quant_modules(qmodel):
         m.finalize()
     qmodel.eval().requires_grad_(False)
-    qmodel.mergeq_meta = {"method": method, "w_bits": config.w_bits, "a_bits": config.a_bits}
+    qmodel.mergeq_meta = {"method": method, "w_bits": config.w_bits, "a_bits": config.a_bits,
+                          "changed_codes": changed_codes(qmodel, fp_model), **ctx.report}
     return qmodel
+
+
+def changed_codes(qmodel: nn.Module, fp_model: nn.Module) -> float:
+    """Fraction of ``qmodel``'s weight codes that differ from round-to-nearest of the full-precision
+    weights on the same grids (0 for RTN; how far a method moved its rounding)."""
+    changed = total = 0
+    for name, m in quant_modules(qmodel):
+        rtn = quantize_int(fp_model.get_submodule(name).weight.detach(), m.w_step, m.w_bits)
+        changed += int((m.int_weight() != rtn).sum())
+        total += rtn.numel()
+    return changed / max(total, 1)

@@ -14,8 +14,12 @@ weights themselves are trained (no AdaRound V):
 * Adam, lr 1e-3 (paper; code 1e-4) with linear warm-up from 1e-3·lr over the first 20% of the
   steps and cosine annealing to 0 after (the code's CosineWithWarmup).
 
-The final weights are the trained weights rounded to nearest on the fixed per-channel grid.
-Caveat: the reference code also trains the weight step Δ; here Δ stays at its MSE value.
+The final weights are the trained weights rounded to nearest on the per-channel grid.
+Reference-code choices, as options (defaults follow the paper): ``act_noise`` makes the
+activation quantizers noisy too during the noise phase (its noise fake-quantizer for
+activations, QDrop's dropping on top); ``train_w_step`` trains the weight step Δ together
+with the weights (same Adam group and schedule, no LSQ gradient scale: the code's per-tensor
+HDRQFakeQuantize scale; ours stays per channel); ``lr=1e-4`` is the code's learning rate.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ class NoiseQuantizer(nn.Module):
         self.kind, self.noisy = kind, kind is not None
 
     def forward(self, w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+        if step.requires_grad:  # option train_w_step: keep Δ positive
+            step = step.abs().clamp_min(1e-8)
         return noisy_weight(w, step, bits, self.kind) if self.noisy else fake_quantize(w, step, bits)
 
     def hard(self, w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
@@ -71,6 +77,8 @@ class HDRQOptions(ReconOptions):
     distance: bool = True
     dist_lambda: float = 5e-2
     dist_squared: bool = False
+    act_noise: bool = False  # reference code: activation quantizers noisy during the noise phase too
+    train_w_step: bool = False  # reference code: the weight step Δ trained with the weights
 
 
 class HDRQHooks(ReconHooks):
@@ -79,9 +87,11 @@ class HDRQHooks(ReconHooks):
         kind = "empirical" if opts.noise is True else (opts.noise or None)
         if kind is not None and kind not in NOISE_KINDS:
             raise ValueError(f"hdrq: noise must be True, False or one of {NOISE_KINDS}, got {opts.noise!r}")
+        if opts.act_noise and kind is None:
+            raise ValueError("hdrq: act_noise needs weight noise on (noise='empirical' or 'uniform')")
         self.kind, self.src = kind, {}
 
-    def setup(self, layers: Layers) -> list[nn.Parameter]:
+    def setup(self, layers: Layers) -> list[torch.Tensor]:
         for name, m in layers:
             m.w_quantizer = NoiseQuantizer(self.kind)
             if self.o.distance:
@@ -90,7 +100,7 @@ class HDRQHooks(ReconHooks):
                     raise ValueError(f"hdrq: source layer {name!r} has shape {tuple(w_src.shape)}, "
                                      f"expected {tuple(m.weight.shape)}")
                 self.src[name] = w_src.to(m.weight.device)
-        return [m.weight for _, m in layers]
+        return [m.weight for _, m in layers] + ([m.w_step for _, m in layers] if self.o.train_w_step else [])
 
     def lr_factor(self, t: int, iters: int) -> float:
         return warmup_cosine(t, iters, self.o.lr_warmup)
@@ -99,6 +109,8 @@ class HDRQHooks(ReconHooks):
         noisy = self.kind is not None and t < iters - round(self.o.switch_frac * iters)
         for _, m in layers:
             m.w_quantizer.noisy = noisy
+            if self.o.act_noise and m.act_quant is not None:
+                m.act_quant.noise = self.kind if noisy else None
 
     def penalty(self, t: int, iters: int, layers: Layers):
         if not self.o.distance:
@@ -109,6 +121,11 @@ class HDRQHooks(ReconHooks):
     def finish(self, layers: Layers) -> None:
         for _, m in layers:
             m.w_quantizer.noisy = False
+            if m.act_quant is not None:
+                m.act_quant.noise = None
+            if self.o.train_w_step:
+                m.w_step.requires_grad_(False)
+                m.w_step.data = m.w_step.data.abs().clamp_min(1e-8)
 
 
 @PTQ_METHODS.register("hdrq")

@@ -11,7 +11,10 @@ from the quantization error, so E[L(w + ε)] ≈ L(w) + ½ E[εᵀ∇²L ε] pen
 * ``uniform`` (the paper's idealisation): ε ~ U[-Δ/2, Δ/2] per channel.
 
 Weights outside the clipping range [q_min·Δ, q_max·Δ] are clamped to it and get no noise (their
-quantization error is zero once clamped), as in the reference code.
+quantization error is zero once clamped), as in the reference code. The reference code draws
+from the histogram of ŵ - w (the mirror image of the paper's w - ŵ); we follow the paper.
+The same noise applies to activations on their unsigned or signed grid (``noisy_quant``), the
+reference code's noise fake-quantizer for activations (HDRQ option ``act_noise``).
 """
 from __future__ import annotations
 
@@ -23,17 +26,16 @@ NOISE_KINDS = ("empirical", "uniform")
 
 
 def residuals(w: torch.Tensor, step: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """((w - ŵ)/Δ, mask of weights strictly inside the clipping range)."""
-    r, inside = _residuals(w, step, bits)
+    """((w - ŵ)/Δ, mask of weights strictly inside the clipping range) on a signed ``bits`` grid."""
+    r, inside = _residuals(w, step, *qrange(bits, True))
     return r, inside.bool()
 
 
-def _residuals(w: torch.Tensor, step: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """((w - ŵ)/Δ, 0/1 float mask of q_min < w/Δ < q_max), in five element-wise ops."""
-    lo, hi = qrange(bits, True)
-    x = w.detach() / step
-    inside = torch.ops.aten.hardtanh_backward(torch.ones_like(x), x, float(lo), float(hi))
-    return x - torch.round(x).clamp_(lo, hi), inside
+def _residuals(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((x - x̂)/Δ, 0/1 float mask of q_min < x/Δ < q_max), in five element-wise ops."""
+    v = x.detach() / step.detach()
+    inside = torch.ops.aten.hardtanh_backward(torch.ones_like(v), v, float(lo), float(hi))
+    return v - torch.round(v).clamp_(lo, hi), inside
 
 
 def sample_uniform(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -43,20 +45,20 @@ def sample_uniform(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def sample_empirical(w: torch.Tensor, step: torch.Tensor, bits: int, bins: int = 256) -> torch.Tensor:
     """ε drawn from the 256-bin histogram of the tensor's own rounding residuals, times Δ."""
-    r, inside = _residuals(w, step, bits)
+    r, inside = _residuals(w, step, *qrange(bits, True))
     return _sample_hist(r, inside, bins) * step
 
 
 def _sample_hist(r: torch.Tensor, inside: torch.Tensor, bins: int) -> torch.Tensor:
     """Draws from the histogram of ``r`` over ``inside`` (uniform if that is empty), shaped like r.
 
-    Weights outside are moved out of the histogram's range (histc ignores them). A bin is drawn
+    Elements outside are moved out of the histogram's range (histc ignores them). A bin is drawn
     by inverse CDF (searchsorted on the cumulative counts), then a uniform offset within it. No
     branch reads a device value, so the step never waits for the device.
     """
     outside = torch.rsub(inside, 1.0).mul_(2.0)  # 2 outside, 0 inside: r + 0 is exactly r
     hist = torch.histc(outside.add_(r).float(), bins=bins, min=-0.5, max=0.5)
-    hist = hist.add_((hist.sum() == 0).to(hist.dtype))  # no weight inside: uniform
+    hist = hist.add_((hist.sum() == 0).to(hist.dtype))  # nothing inside: uniform
     cdf = torch.cumsum(hist, 0)
     u = torch.rand(r.numel(), device=r.device).mul_(cdf[-1])
     idx = torch.searchsorted(cdf, u, right=True).clamp_max_(bins - 1)
@@ -64,13 +66,20 @@ def _sample_hist(r: torch.Tensor, inside: torch.Tensor, bins: int) -> torch.Tens
     return frac.view_as(r)
 
 
-def noisy_weight(w: torch.Tensor, step: torch.Tensor, bits: int, kind: str = "empirical") -> torch.Tensor:
-    """clamp(w, q_min·Δ, q_max·Δ) + ε, with ε = 0 where w was clamped; gradient 1 inside the range."""
+def noisy_quant(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, kind: str = "empirical") -> torch.Tensor:
+    """clamp(x, q_min·Δ, q_max·Δ) + ε·Δ, ε = 0 where x was clamped (Eq. 8-9 on a [q_min, q_max] grid).
+
+    Gradients: 1 for x inside the range; for a Δ that requires grad, q_min or q_max where x is
+    clamped and ε inside (the reference code's noise fake-quantizer)."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
-    lo, hi = qrange(bits, True)
     with torch.no_grad():
-        r, inside = _residuals(w, step, bits)
-        eps = _sample_hist(r, inside, 256) if kind == "empirical" else torch.rand_like(w).sub_(0.5)
-        eps = eps.mul_(inside).mul_(step)
-    return torch.clamp(w, lo * step, hi * step).add_(eps)
+        r, inside = _residuals(x, step, lo, hi)
+        eps = _sample_hist(r, inside, 256) if kind == "empirical" else torch.rand_like(x).sub_(0.5)
+        eps = eps.mul_(inside)
+    return torch.clamp(x, lo * step, hi * step) + eps * step
+
+
+def noisy_weight(w: torch.Tensor, step: torch.Tensor, bits: int, kind: str = "empirical") -> torch.Tensor:
+    """:func:`noisy_quant` on the signed ``bits``-bit weight grid."""
+    return noisy_quant(w, step, *qrange(bits, True), kind)

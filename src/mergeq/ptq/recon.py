@@ -2,11 +2,18 @@
 
 For each unit F (nn.blocks.partition) in execution order, minimise (BRECQ, Li et al. 2021, Eq. 7)
 
-    E ‖F_fp(x_fp) - F_q(x̃)‖²,   x̃ = x_q              (BRECQ)
-                                x̃ = m ⊙ x_fp + (1-m) ⊙ x_q,  m ~ Bernoulli(p)   (QDrop, Wei et al. 2022)
+    E ‖F_fp(x_fp) - F_q(x̃)‖²,   x̃ = Q(x_q)              (BRECQ)
+                                x̃ = m ⊙ x_fp + (1-m) ⊙ Q(x_q),  m ~ Bernoulli(p)   (QDrop, Wei et al. 2022)
 
-where x_fp is the unit input in the full-precision model and x_q the input produced by the
-already reconstructed (and hardened) preceding units. The squared error is summed over
+where x_fp is the unit input in the full-precision model, x_q the input produced by the
+already reconstructed (and hardened) preceding units and Q the input's activation quantizer.
+Placement: QDrop's code quantizes activations at a block's output, so a block's input arrives
+quantized and is mixed with x_fp once. Here the quantizer sits at each layer's input, inside
+the unit; the layers that read the unit input receive x_fp as their quantizer's drop
+alternative (one mask shared by them), so the unit sees exactly QDrop's per-element choice of
+x_fp or Q(x_q), each input element dropped once. Quantizers deeper in the unit drop their own
+input as in QDrop (ActQuantizer.drop_prob). A unit whose input reaches no quantizer directly
+(a LayerNorm first) mixes x_fp and x_q at its input instead. The squared error is summed over
 channels and averaged over batch and positions, as in the BRECQ/QDrop code. Unit inputs and
 the FP outputs are captured once per unit with forward hooks over the calibration set (kept
 on CPU: three tensors of at most the calibration set's size each).
@@ -82,10 +89,11 @@ class ReconHooks:
         """Extra loss term added to the reconstruction error at step ``t``."""
         return 0.0
 
-    def unit_loss(self, t: int, iters: int, unit: nn.Module, x: torch.Tensor,
+    def unit_loss(self, t: int, iters: int, forward, x: torch.Tensor, x_fp: torch.Tensor,
                   out: torch.Tensor) -> torch.Tensor | float:
-        """Extra loss term that needs the unit itself: ``x`` is the step's input batch (after QDrop
-        mixing), ``out = unit(x)`` its quantized output (TTAQ's PCR). The default adds nothing."""
+        """Extra loss term that needs the unit itself (TTAQ's PCR): ``forward(x, x_fp)`` runs the
+        unit as the step does (QDrop's input rule included) and gave ``out`` for this step's
+        inputs ``x`` (quantized path) and ``x_fp``. The default adds nothing."""
         return 0.0
 
     def finish(self, layers: Layers) -> None:
@@ -191,9 +199,24 @@ def _adam(groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.Adam(groups)
 
 
+def input_layers(unit: nn.Module, layers: Layers, x: torch.Tensor) -> list[QuantModule]:
+    """The layers of ``unit`` that receive the unit's input tensor itself (found with one forward)."""
+    hit: list[QuantModule] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: hit.append(mod) if args and args[0] is x else None)
+             for _, m in layers]
+    try:
+        with torch.no_grad():
+            unit(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(hit))
+
+
 @torch.enable_grad()
 def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, opts: ReconOptions, device) -> float:
     device = torch.device(device)
+    entry = input_layers(unit, layers, data[0][:2].to(device))  # before setup: draws no random numbers
     w_params = hooks.setup(layers)
     acts = [m.act_quant for _, m in layers if m.act_quant is not None and hooks.quant_act]
     for _, m in layers:
@@ -204,20 +227,33 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
     groups = ([{"params": w_params, "lr": opts.lr, "kind": "w"}] if w_params else []) + \
              ([{"params": a_params, "lr": opts.act_lr, "kind": "a"}] if a_params else [])
     opt = _adam(groups) if groups else None
+    p_drop = opts.drop_prob if acts else 0.0
+    entry = [m.act_quant for m in entry if m.act_quant is not None and m.act_quant in acts]
     for q in acts:
         q.train()
-        q.drop_prob = opts.drop_prob
+        q.drop_prob = p_drop
+
+    def forward(x: torch.Tensor, x_fp: torch.Tensor) -> torch.Tensor:
+        """The unit on x_q, where QDrop's input rule applies: each element of the input is x_fp
+        with probability p, else the quantized x_q (one mask shared by the layers reading it)."""
+        if p_drop > 0:
+            keep = bernoulli_mask(x, p_drop)
+            if entry:
+                for q in entry:
+                    q.fp_input = (keep, x_fp)
+            else:  # no quantizer reads the input directly (e.g. a LayerNorm first): mix it here
+                x = torch.lerp(x, x_fp, keep)
+        return unit(x)
+
     batches = UnitBatches(data, opts.batch_size, device)
     loss = torch.tensor(float("nan"))
     for t in range(opts.iters):
         hooks.on_step(t, opts.iters, layers)
         x, x_fp, y = batches.next()
-        if opts.drop_prob > 0:
-            x = x.lerp_(x_fp, bernoulli_mask(x, opts.drop_prob))
         hooks.before_forward()
-        out = unit(x)
+        out = forward(x, x_fp)
         loss = rec_loss(out, y) + hooks.penalty(t, opts.iters, layers)
-        extra = hooks.unit_loss(t, opts.iters, unit, x, out)
+        extra = hooks.unit_loss(t, opts.iters, forward, x, x_fp, out)
         if not (isinstance(extra, float) and extra == 0.0):
             loss = loss + extra
         if opt is not None:
@@ -229,12 +265,22 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
             opt.step()
     for q in acts:
         q.eval()
-        q.drop_prob = 0.0
+        q.drop_prob, q.fp_input = 0.0, None
     for _, m in layers:
         m.quant_act = True
     hooks.finish(layers)
     unit.requires_grad_(False)
     return float(loss.detach())
+
+
+@torch.no_grad()
+def hardened_error(unit: nn.Module, x_q: torch.Tensor, y_fp: torch.Tensor, bs: int, device) -> float:
+    """rec_loss of the finished (hardened, deterministic) unit over all cached calibration inputs."""
+    unit.eval()
+    total = 0.0
+    for i in range(0, len(x_q), bs):
+        total += float(rec_loss(unit(x_q[i : i + bs].to(device)), y_fp[i : i + bs].to(device))) * len(x_q[i : i + bs])
+    return total / len(x_q)
 
 
 def reconstruct(qmodel: nn.Module, ctx: PTQContext, hooks: ReconHooks, opts: ReconOptions,
@@ -258,4 +304,7 @@ def reconstruct(qmodel: nn.Module, ctx: PTQContext, hooks: ReconHooks, opts: Rec
         layers = [(f"{name}.{n}" if n and name else n or name, m) for n, m in quant_modules(unit)]
         run = unit if select is None else LogitsAdapter(unit, select)
         loss = reconstruct_unit(run, layers, (x_q, x_fp, y_fp), hooks, opts, device)
-        log.info("unit %s (%d layers): final loss %.4g", name, len(layers), loss)
+        err = hardened_error(run, x_q, y_fp, opts.capture_batch, device)
+        ctx.report.setdefault("recon_loss", {})[name or "<model>"] = err
+        log.info("unit %s (%d layers): last step's loss %.4g, reconstruction error after hardening %.4g",
+                 name, len(layers), loss, err)

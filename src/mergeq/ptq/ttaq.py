@@ -88,16 +88,17 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def pcr_loss(unit: nn.Module, x: torch.Tensor, out: torch.Tensor, state: tuple, sigma: float,
+def pcr_loss(forward, x: torch.Tensor, x_fp: torch.Tensor, out: torch.Tensor, state: tuple, sigma: float,
              kind: str = "auto") -> torch.Tensor:
-    """PCR term D(sg[out], F(x + δ)) for ``out = unit(x)`` computed from random state ``state``:
-    the perturbed pass replays that state, so both passes share the QDrop masks (and the clean
-    pass costs nothing: it is the step's own forward)."""
+    """PCR term D(sg[out], F(x + δ)) for ``out = forward(x, x_fp)`` computed from random state
+    ``state``: the perturbed pass (both inputs moved by the same δ) replays that state, so both
+    passes share the QDrop masks, and the clean pass costs nothing: it is the step's own forward."""
     noise = torch.randn_like(x)
     std = x.detach().flatten(1).std(dim=1, unbiased=False).view(-1, *([1] * (x.dim() - 1)))
+    delta = sigma * std * noise
     after = rng_state(x.device)
     set_rng_state(state, x.device)
-    pert = unit(x + sigma * std * noise)
+    pert = forward(x + delta, x_fp + delta)
     set_rng_state(after, x.device)
     return consistency(out.detach(), pert, kind)
 
@@ -131,10 +132,10 @@ class TTAQHooks(AdaRoundHooks):
     def before_forward(self) -> None:
         self._state = rng_state(self._device) if self.o.pcr and self.o.pcr_weight > 0 else None
 
-    def unit_loss(self, t: int, iters: int, unit: nn.Module, x: torch.Tensor, out: torch.Tensor):
+    def unit_loss(self, t: int, iters: int, forward, x: torch.Tensor, x_fp: torch.Tensor, out: torch.Tensor):
         if self._state is None:
             return 0.0
-        return self.o.pcr_weight * pcr_loss(unit, x, out, self._state, self.o.pcr_sigma, self.o.pcr_kind)
+        return self.o.pcr_weight * pcr_loss(forward, x, x_fp, out, self._state, self.o.pcr_sigma, self.o.pcr_kind)
 
 
 @PTQ_METHODS.register("ttaq")

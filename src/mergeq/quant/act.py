@@ -6,7 +6,9 @@ ratios of the calibration activations' absolute maximum. The grid is unsigned wh
 calibration activations are non-negative (after ReLU) and signed otherwise.
 
 ``drop_prob`` implements QDrop (Wei et al., 2022, Sec. 3.3): while training, each element keeps
-its full-precision value with probability ``drop_prob`` instead of its quantized one. The
+its full-precision value with probability ``drop_prob`` instead of its quantized one. At a
+reconstruction unit's input the full-precision value is the FP model's input (``fp_input``,
+set by ptq.recon for each step), not the quantizer's own input. The
 training forward is one fused autograd node (quant.fakequant.lsq_fake_quant). The grid bounds
 are kept as Python numbers next to the ``signed``/``initialized`` buffers, so a forward never
 reads a device tensor back to the host.
@@ -35,6 +37,9 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self._observed: list[torch.Tensor] | None = None
         self._grid: tuple[int, int] | None = None  # (q_min, q_max) once calibrated
+        # QDrop at a unit's input (ptq.recon): (keep mask, x_fp) for the next training forward
+        self.fp_input: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.noise: str | None = None  # HDRQ's act_noise: pseudo-quantization noise while training
 
     def _sync_grid(self) -> None:
         self._grid = qrange(self.bits, bool(self.signed)) if bool(self.initialized) else None
@@ -90,8 +95,17 @@ class ActQuantizer(nn.Module):
         lo, hi = self._grid
         if not self.training:  # straight-through for x (test-time adaptation trains through it)
             return lsq_fake_quant(x, self.step, lo, hi)
-        keep = bernoulli_mask(x, self.drop_prob) if self.drop_prob > 0 else None
-        return lsq_fake_quant(x, self.step, lo, hi, 1.0 / math.sqrt(x[0].numel() * hi), keep)
+        g = 1.0 / math.sqrt(x[0].numel() * hi)
+        keep, alt = self.fp_input if self.fp_input is not None else (None, None)
+        if keep is None and self.drop_prob > 0:
+            keep = bernoulli_mask(x, self.drop_prob)
+        if self.noise is not None:
+            from ..ptq.noise import noisy_quant  # HDRQ's option: the slower, unfused path
+
+            step = (self.step - self.step * g).detach() + self.step * g  # LSQ gradient scale
+            out = noisy_quant(x, step.abs().clamp_min(1e-8), lo, hi, self.noise)
+            return out if keep is None else torch.lerp(out, x if alt is None else alt, keep)
+        return lsq_fake_quant(x, self.step, lo, hi, g, keep, alt)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={bool(self.signed)}, step={float(self.step):.4g}"
+        return f"bits={self.bits}, signed={bool(self.signed)}, step={float(self.step.detach()):.4g}"
