@@ -54,7 +54,7 @@ def test_two_cell_grid_and_resume(grid, tmp_path, monkeypatch):
     second.unlink()
     ran = []
     real = bench.run_cell
-    monkeypatch.setattr(bench, "run_cell", lambda b, c, o: ran.append(c.key) or real(b, c, o))
+    monkeypatch.setattr(bench, "run_cell", lambda b, c, o, *a: ran.append(c.key) or real(b, c, o, *a))
     again = run_grid(grid, out)
     assert ran == [json.loads(second.read_text())["key"]]
     assert first.read_text() == first_text

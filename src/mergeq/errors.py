@@ -19,3 +19,7 @@ class CalibrationDataError(MergeqError):
 
 class CheckpointError(MergeqError):
     """A missing, truncated or corrupt checkpoint file."""
+
+
+class ConfigError(MergeqError):
+    """A config key that is unknown, of the wrong type or out of range."""

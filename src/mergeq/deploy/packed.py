@@ -65,8 +65,7 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QuantModule]]:
         if m.w_step.numel() != m.weight.shape[0]:
             raise ExportError(f"{name} has grouped weight steps (GPTQ group_size); export stores one step "
                               "per output channel: quantize without group_size to export")
-        w = m.weight.detach()
-        if not torch.equal(quantize_int(w, m.w_step, m.w_bits) * m.w_step, w):
+        if not m.on_grid():
             raise ExportError(f"weight of {name} is not on its {m.w_bits}-bit grid; "
                               "call QuantModule.finalize() before exporting")
     return qms

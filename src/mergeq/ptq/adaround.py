@@ -99,7 +99,7 @@ class AdaRoundHooks(ReconHooks):
             m.w_quantizer.soft = False
 
 
-@PTQ_METHODS.register("adaround")
+@PTQ_METHODS.register("adaround", options=AdaRoundOptions)
 def adaround(qmodel: nn.Module, ctx: PTQContext) -> None:
     """Layer-wise AdaRound: weight-only reconstruction of each layer's output (activation steps
     keep their MSE initialisation and are applied at inference)."""

@@ -111,7 +111,7 @@ class HDRQHooks(ReconHooks):
             m.w_quantizer.noisy = False
 
 
-@PTQ_METHODS.register("hdrq")
+@PTQ_METHODS.register("hdrq", options=HDRQOptions)
 def hdrq(qmodel: nn.Module, ctx: PTQContext) -> None:
     opts = HDRQOptions.from_kwargs("hdrq", ctx.options)
     if opts.distance and ctx.source is None:
