@@ -40,12 +40,14 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from .config import RunConfig
-from .errors import MergeqError
+from .errors import ConfigError, MergeqError
 from .io import atomic_write_text, check_out_dir, file_lock, read_json, write_json
 from .quant.config import parse_bits
+from .typecheck import check_fields, check_unique
 
 log = logging.getLogger(__name__)
 GRID_KEYS = ("methods", "bits", "target_sets", "seeds")
+_AXIS_TYPES = {"methods": list[str], "bits": list[str], "target_sets": list[list[str]], "seeds": list[int]}
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,18 @@ class Cell:
 def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     """Read a grid YAML; return the RunConfig fields shared by all cells and the cells."""
     data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file {path} must hold a YAML mapping")
     missing = [k for k in GRID_KEYS if k not in data]
     if missing:
-        raise ValueError(f"grid file {path} lacks {missing}; it needs {list(GRID_KEYS)}")
+        raise ConfigError(f"grid file {path} lacks {missing}; it needs {list(GRID_KEYS)}")
+    check_fields({k: data[k] for k in GRID_KEYS}, _AXIS_TYPES)
+    check_unique("seeds", data["seeds"])
+    check_unique("target_sets", [tuple(t) for t in data["target_sets"]], data["target_sets"])
+    for t in data["target_sets"]:
+        check_unique("each target set", t)
     base = {k: v for k, v in data.items() if k not in GRID_KEYS}
     RunConfig.from_dict({**base, "methods": data["methods"], "bits": data["bits"]})  # validate early
-    for b in data["bits"]:
-        parse_bits(b)
     cells = [Cell(tuple(t), int(s), b, m) for t, s, b, m in
              itertools.product(data["target_sets"], data["seeds"], data["bits"], data["methods"])]
     return base, cells

@@ -119,7 +119,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     dom = bench.targets[args.domain]
     expert = shot(source, dom.train, cfg.shot, seed=cfg.seed, device=cfg.device, progress=not args.quiet)
     before, after = accuracy(source, dom.test, device=cfg.device), accuracy(expert, dom.test, device=cfg.device)
-    save_model(expert, args.out, {**{k: meta[k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes")},
+    save_model(expert, args.out, {"benchmark": bench.name, "arch": meta["arch"],
+                                  "arch_kwargs": meta.get("arch_kwargs", {}), "num_classes": meta["num_classes"],
                                   "seed": cfg.seed, "domain": args.domain, "role": "expert",
                                   "config": asdict(cfg.shot), "accuracy": {"source": before, "expert": after}})
     print(f"{args.domain}: source {100 * before:.1f}% -> SHOT expert {100 * after:.1f}%")
@@ -129,26 +130,29 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import load_benchmark
     from .eval import accuracy
+    from .io import check_out_file
     from .ptq import quantize
     from .quant import QuantConfig, parse_bits
-    from .io import check_out_file
     from .zoo import model_from_checkpoint, save_model
 
     cfg = _config(argparse.Namespace(**vars(args), methods=[args.method])).resolved()  # the preset's options
+    w_bits, a_bits = parse_bits(args.bit_pair)
+    qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
     check_out_file(args.out)
     cfg.apply_threads()
     model, meta = model_from_checkpoint(args.model, cfg.device)
     source = model_from_checkpoint(args.source, cfg.device)[0] if args.source else None
     domain = args.domain or meta.get("domain")
-    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=meta.get("seed", cfg.seed), targets=[domain])
+    if not domain:
+        raise MergeqError(f"{args.model} names no domain to calibrate on: pass --domain")
+    seed = meta.get("seed", cfg.seed)
+    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=seed, targets=[domain])
     dom = bench.targets[domain]
-    w_bits, a_bits = parse_bits(args.bit_pair)
-    qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
     q = quantize(model, args.method, calib=dom.train, config=qcfg, source=source, calib_size=cfg.calib_size,
                  device=cfg.device, seed=cfg.seed, progress=not args.quiet, **cfg.ptq_options.get(args.method, {}))
     acc = accuracy(q, dom.test, device=cfg.device)
-    save_model(q, args.out, {**{k: meta[k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes", "seed")},
-                             "domain": domain, "role": "quantized expert", "method": args.method,
+    save_model(q, args.out, {"benchmark": bench.name, "arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
+                             "num_classes": meta["num_classes"], "seed": seed, "domain": domain, "role": "quantized expert", "method": args.method,
                              "bits": qcfg.tag, "accuracy": acc})
     print(f"{domain}: {args.method} {qcfg.tag} accuracy {100 * acc:.1f}% -> {args.out}")
     return 0

@@ -23,7 +23,7 @@ from .adapt.source import SourceConfig
 from .errors import ConfigError
 from .quant.config import parse_bits
 from .quant.uniform import STEP_METHODS, check_bits
-from .typecheck import check_fields, hints_of
+from .typecheck import check_fields, check_unique, hints_of
 
 PRESET_NAMES = ("quick", "default", "paper")
 
@@ -73,10 +73,10 @@ class RunConfig:
             raise ConfigError(f"preset must be one of {PRESET_NAMES}, got {self.preset!r}")
         if self.arch is not None and self.arch not in ARCHITECTURES:
             raise ConfigError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
-        _unique("methods", self.methods)
-        _unique("bits", [parse_bits(spec) for spec in self.bits], self.bits)
+        check_unique("methods", self.methods)
+        check_unique("bits", [parse_bits(spec) for spec in self.bits], self.bits)
         if self.targets is not None:
-            _unique("targets", self.targets)
+            check_unique("targets", self.targets)
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
         for m in self.methods:
@@ -143,14 +143,3 @@ class RunConfig:
             raise ConfigError(f"{path} must hold a YAML mapping of run config keys")
         return cls.from_dict(data)
 
-
-def _unique(key: str, items: list, shown: list | None = None) -> None:
-    """A non-empty list without repeats (``items`` compared, ``shown`` named in the error)."""
-    shown = items if shown is None else shown
-    if not items:
-        raise ConfigError(f"{key} must list at least one entry")
-    seen: dict = {}
-    for item, name in zip(items, shown):
-        if item in seen:
-            raise ConfigError(f"{key} lists {seen[item]!r} twice" + (f" (as {name!r})" if name != seen[item] else ""))
-        seen[item] = name

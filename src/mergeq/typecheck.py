@@ -59,3 +59,15 @@ def check_fields(d: Any, hints: dict[str, Any], where: str = "") -> None:
     for key, value in d.items():
         if not type_ok(value, hints[key]):
             raise ConfigError(f"{where}{key} must be {_name(hints[key])}, got {value!r}")
+
+
+def check_unique(key: str, items: list, shown: list | None = None) -> None:
+    """A non-empty list without repeats (``items`` compared, ``shown`` named in the error)."""
+    shown = items if shown is None else shown
+    if not items:
+        raise ConfigError(f"{key} must list at least one entry")
+    seen: dict = {}
+    for item, name in zip(items, shown):
+        if item in seen:
+            raise ConfigError(f"{key} lists {seen[item]!r} twice" + (f" (as {name!r})" if name != seen[item] else ""))
+        seen[item] = name
