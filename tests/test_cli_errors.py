@@ -150,3 +150,20 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGEQ_DEBUG", "1")
     with pytest.raises(ConfigError, match="seed"):
         main(argv)
+
+
+def test_tta_and_bench_check_their_out_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"rows": [{"method": "rtn", "w_bits": 4, "a_bits": 4}]}')
+    (out / "config.yaml").write_text(yaml.safe_dump({"benchmark": "digits", "methods": ["rtn"]}))
+    cache = tmp_path / "cache"
+    err = _fails(capsys, ["tta", "--out", str(out), "--preset", "quick", "--cache-dir", str(cache), "--quiet"],
+                 "holds results of a run with other settings", cache)
+    assert "run" in err and "tta" in err
+    afile = tmp_path / "f"
+    afile.write_text("")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"methods": ["rtn"], "bits": ["W4A4"], "target_sets": [["uci"]], "seeds": [0],
+                                    "cache_dir": str(cache)}))
+    _fails(capsys, ["bench", str(grid), "--out", str(afile), "--quiet"], "is an existing file", cache)

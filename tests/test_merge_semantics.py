@@ -93,3 +93,4 @@ def test_merge_package_is_importable_and_callable():
     assert tv is tv2 and tv.trim is trim
     m = mergeq.merge([nn.Linear(2, 2), nn.Linear(2, 2)], method="average")
     assert isinstance(m, nn.Linear)
+

@@ -100,7 +100,7 @@ def packed_metadata(model: nn.Module, meta: dict | None = None) -> dict[str, Any
 def save_packed(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write ``model`` (quantized, possibly merged) as a packed integer checkpoint at ``path``.
 
-    ``meta`` is the model's mergeq metadata (e.g. the sidecar of a ``zoo.save_model``
+    ``meta`` is the model's mergeq metadata (e.g. the header metadata of a ``zoo.save_model``
     checkpoint); it must name ``arch`` and ``num_classes`` for :func:`load_packed` to rebuild the
     model without a template.
     """
