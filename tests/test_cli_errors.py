@@ -167,3 +167,21 @@ def test_tta_and_bench_check_their_out_before_any_work(tmp_path, capsys):
     grid.write_text(yaml.safe_dump({"methods": ["rtn"], "bits": ["W4A4"], "target_sets": [["uci"]], "seeds": [0],
                                     "cache_dir": str(cache)}))
     _fails(capsys, ["bench", str(grid), "--out", str(afile), "--quiet"], "is an existing file", cache)
+
+
+def test_quantize_takes_the_presets_options_for_any_method(tmp_path, monkeypatch, capsys, two_checkpoints):
+    """Found with issue 15: brecq/adaround/ttaq got no preset options (20,000 iterations at --preset quick)."""
+    import mergeq.ptq
+
+    seen = {}
+
+    def fake_quantize(model, method, **kw):
+        seen.update(method=method, **kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mergeq.ptq, "quantize", fake_quantize)
+    argv = ["quantize", "--model", two_checkpoints[0], "--method", "brecq", "--preset", "quick",
+            "--out", str(tmp_path / "q.safetensors"), "--quiet"]
+    _fails(capsys, argv, "names no domain to calibrate on: pass --domain")
+    _fails(capsys, [*argv, "--domain", "uci"], "stop here")
+    assert seen["method"] == "brecq" and seen["iters"] == 30 and seen["calib_size"] == 128
