@@ -117,8 +117,6 @@ class FakeExperiment:
                 "merged": {**acc, "hmean": 0.5}, "seconds": 0.0, "seconds_per_expert": 0.0}
     def fp_merged(self):
         return {**{d: 0.5 for d in self.cfg.targets}, "hmean": 0.5}
-
-mergeq.pipeline.Experiment = FakeExperiment
 '''
 
 SIX_BITS = ["W8A8", "W7A7", "W6A6", "W5A5", "W4A4", "W3A3"]
@@ -176,7 +174,8 @@ def _python(code: str, env: dict, *args: str) -> subprocess.Popen:
 
 def test_two_bench_processes_on_one_out_split_the_cells(tmp_path):
     grid, out, marks = _fake_grid(tmp_path), tmp_path / "out", tmp_path / "marks"
-    code = FAKE_EXPERIMENT + "\nfrom mergeq.cli import main\nsys.exit(main(sys.argv[1:]))"
+    code = FAKE_EXPERIMENT + "\n".join(["", "mergeq.pipeline.Experiment = FakeExperiment",
+                                         "from mergeq.cli import main", "sys.exit(main(sys.argv[1:]))"])
     env = {"MARKS": str(marks), "CELL_SECONDS": "1"}
     cmd = ["bench", str(grid), "--out", str(out), "--quiet"]
     first = _python(code, env, *cmd)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import os
 import statistics
