@@ -1,9 +1,8 @@
-import json
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -64,15 +63,17 @@ def test_missing_truncated_and_bad_metadata_checkpoints_are_refused(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(path)
-    save_checkpoint({"w": torch.randn(2)}, path, {})
+    # the earlier two-file form: a broken sidecar is named
+    save_file({"w": torch.randn(2)}, str(path), metadata={"format": "pt", "mergeq": "1"})
     path.with_suffix(".json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(path)
 
 
-def test_checkpoint_written_as_json_sidecar(tmp_path):
+def test_checkpoint_is_one_file_with_its_metadata_in_the_header(tmp_path):
     path = save_checkpoint({"w": torch.zeros(1)}, tmp_path / "a" / "m.safetensors", {"domain": "uci"})
-    assert json.loads(path.with_suffix(".json").read_text())["domain"] == "uci"
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]
+    assert load_checkpoint(path)[1] == {"domain": "uci"}
 
 
 def test_report_source_row_hmean_is_over_targets_only():

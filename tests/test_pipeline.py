@@ -111,3 +111,27 @@ def test_threads_option_is_validated_and_applied():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_run_into_a_folder_of_other_bits_keeps_its_rows(tiny_run, tmp_path):
+    """Issue 15: results.json once went from 4 rows to 1 when --out held another run's rows."""
+    import dataclasses
+    import shutil
+
+    from mergeq.errors import MergeqError
+
+    base, cfg, res = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(base / "out", out)
+    more = run(dataclasses.replace(cfg, bits=["W4A4"]), out)
+    assert [(r["method"], r["w_bits"], r["a_bits"]) for r in more["rows"]] == [("rtn", 8, 8), ("rtn", 3, 3),
+                                                                              ("rtn", 4, 4)]
+    assert more["rows"][:2] == res["rows"]  # the earlier rows, untouched
+    assert json.loads((out / "results.json").read_text())["rows"] == more["rows"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["bits"] == ["W8A8", "W3A3", "W4A4"]
+    before = (out / "results.json").read_text()
+    for change, name in [({"seed": 1}, "seed"), ({"calib_size": 32}, "calib_size"),
+                         ({"step_method": "absmax"}, "step_method")]:
+        with pytest.raises(MergeqError, match=f"other settings .*{name}"):
+            run(dataclasses.replace(cfg, **change), out)
+    assert (out / "results.json").read_text() == before

@@ -93,3 +93,14 @@ def test_activation_quantizer_needs_calibration_and_rejects_nan():
     q(torch.tensor([1.0, float("nan")]))
     with pytest.raises(CalibrationDataError, match="NaN"):
         q.finish_observing()
+
+
+def test_quantize_refuses_a_calib_size_below_one():
+    from torch import nn
+
+    from mergeq import quantize
+    from mergeq.errors import CalibrationDataError
+
+    for bad in (0, -5):  # -5 once calibrated on all but the last 5 inputs, 0 on the preset's number
+        with pytest.raises(CalibrationDataError, match="positive integer"):
+            quantize(nn.Sequential(nn.Linear(4, 2)), "rtn", calib=torch.randn(8, 4), calib_size=bad)

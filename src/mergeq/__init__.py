@@ -7,8 +7,8 @@
 """
 __version__ = "0.1.0"
 
+from . import merge  # noqa: E402  (a callable package: mergeq.merge(models, ...) and mergeq.merge.ties)
 from .eval import evaluate, harmonic_mean  # noqa: E402
-from .merge import merge  # noqa: E402
 from .ptq import quantize  # noqa: E402
 from .quant.config import QuantConfig  # noqa: E402
 

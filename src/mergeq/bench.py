@@ -13,7 +13,10 @@ repeat bit for bit only per thread count, and Ray workers default to one), so th
 ``ray`` executors give identical numbers; parallelism comes from running cells side by side.
 Every cell (target set, seed, bits, method) writes ``cells/<key>.json`` atomically into the
 output folder when it finishes; a rerun, under either executor, skips cells whose file
-exists. ``local`` runs cells in a process pool (``workers``); ``ray`` submits each cell as a
+exists. A cell is computed under an exclusive lock (``.locks/<key>.lock``, released by the OS
+when its holder dies), so runs started side by side on one ``out`` split the cells: a cell
+locked by another process is put off, then waited for (and computed if that process died).
+Pool workers exit when their parent process dies. ``local`` runs cells in a process pool (``workers``); ``ray`` submits each cell as a
 Ray task (to ``address``, or a local Ray instance) holding one CPU, or one GPU when the grid
 sets ``device: cuda``; ``out`` and ``cache_dir`` are made absolute on the driver, so they must
 name the same (shared) folder on every node. The tables (``bench.csv``, ``bench.md``)
@@ -24,10 +27,10 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +39,14 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from .config import RunConfig
-from .io import atomic_write_text, write_json
+from .errors import ConfigError, MergeqError
+from .io import atomic_write_text, check_out_dir, file_lock, read_json, write_json
 from .quant.config import parse_bits
+from .typecheck import check_fields, check_unique
 
 log = logging.getLogger(__name__)
 GRID_KEYS = ("methods", "bits", "target_sets", "seeds")
+_AXIS_TYPES = {"methods": list[str], "bits": list[str], "target_sets": list[list[str]], "seeds": list[int]}
 
 
 @dataclass(frozen=True)
@@ -58,58 +64,115 @@ class Cell:
 def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     """Read a grid YAML; return the RunConfig fields shared by all cells and the cells."""
     data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file {path} must hold a YAML mapping")
     missing = [k for k in GRID_KEYS if k not in data]
     if missing:
-        raise ValueError(f"grid file {path} lacks {missing}; it needs {list(GRID_KEYS)}")
+        raise ConfigError(f"grid file {path} lacks {missing}; it needs {list(GRID_KEYS)}")
+    check_fields({k: data[k] for k in GRID_KEYS}, _AXIS_TYPES)
+    check_unique("seeds", data["seeds"])
+    check_unique("target_sets", [tuple(t) for t in data["target_sets"]], data["target_sets"])
+    for t in data["target_sets"]:
+        check_unique("each target set", t)
     base = {k: v for k, v in data.items() if k not in GRID_KEYS}
     RunConfig.from_dict({**base, "methods": data["methods"], "bits": data["bits"]})  # validate early
-    for b in data["bits"]:
-        parse_bits(b)
     cells = [Cell(tuple(t), int(s), b, m) for t, s, b, m in
              itertools.product(data["target_sets"], data["seeds"], data["bits"], data["methods"])]
     return base, cells
 
 
-def run_cell(base: dict[str, Any], cell: Cell, out: str) -> dict[str, Any]:
-    """Compute one cell and write its JSON; safe to call in a worker process or a Ray task."""
+def _cell_path(out: str | Path, cell: Cell) -> Path:
+    return Path(out) / "cells" / f"{cell.key}.json"
+
+
+def read_cell(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except MergeqError as e:
+        raise MergeqError(f"bench cell {e}; delete the file to recompute the cell") from None
+
+
+def run_cell(base: dict[str, Any], cell: Cell, out: str, wait: bool = True) -> dict[str, Any] | None:
+    """Compute one cell and write its JSON; safe to call in a worker process or a Ray task.
+
+    The cell is computed under its lock; if another process holds it, return None at once
+    (``wait=False``) or wait for it and return that process's result (computing the cell if
+    it died first)."""
     import torch
 
     from .pipeline import Experiment
     from .quant import QuantConfig
 
-    # one thread per cell unless the grid says otherwise: every executor then computes the same bits
-    cfg = RunConfig.from_dict({**base, "targets": list(cell.targets), "seed": cell.seed,
-                               "methods": [cell.method], "bits": [cell.bits], "threads": base.get("threads") or 1})
-    threads = torch.get_num_threads()
-    try:
-        exp = Experiment(cfg)
-        w, a = parse_bits(cell.bits)
-        row = exp.row(cell.method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method))
-        row["fp_merged"] = exp.fp_merged()  # the reference: the same experts, not quantized
-    finally:
-        torch.set_num_threads(threads)  # a cell run in-process leaves the caller's setting alone
-    result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "bits": cell.bits, **row}
-    write_json(Path(out) / "cells" / f"{cell.key}.json", result)
-    return result
+    path = _cell_path(out, cell)
+    with file_lock(Path(out) / ".locks" / f"{cell.key}.lock", blocking=wait) as mine:
+        if not mine:
+            return None
+        if path.exists():  # finished by another process meanwhile
+            return read_cell(path)
+        log.info("computing cell %s", cell.key)
+        # one thread per cell unless the grid says otherwise: every executor then computes the same bits
+        cfg = RunConfig.from_dict({**base, "targets": list(cell.targets), "seed": cell.seed, "methods": [cell.method],
+                                   "bits": [cell.bits], "threads": base.get("threads") or 1})
+        threads = torch.get_num_threads()
+        try:
+            exp = Experiment(cfg)
+            w, a = parse_bits(cell.bits)
+            row = exp.row(cell.method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method))
+            row["fp_merged"] = exp.fp_merged()  # the reference: the same experts, not quantized
+        finally:
+            torch.set_num_threads(threads)  # a cell run in-process leaves the caller's setting alone
+        result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "bits": cell.bits, **row}
+        write_json(path, result)
+        return result
 
 
-def _local(base, cells, out, workers: int, started: Callable[[str], None]) -> Iterable[dict]:
-    if workers <= 1:
-        for c in cells:
-            started(c.key)
-            yield run_cell(base, c, out)
-        return
-    started(f"{min(workers, len(cells))} cells in parallel")
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_cell, base, c, out) for c in cells]
-        for f in as_completed(futures):
-            yield f.result()
+Runner = Callable[[list[Cell], bool], Iterable[tuple[Cell, "dict | None"]]]
 
 
-def _ray(base, cells, out, address: str | None, started: Callable[[str], None]) -> Iterable[dict]:
+def _split_with_others(runner: Runner, cells: list[Cell]) -> Iterable[dict]:
+    """Run ``cells``; those another process is computing are put off, then waited for."""
+    busy = []
+    for cell, res in runner(cells, False):
+        if res is None:
+            busy.append(cell)
+        else:
+            yield res
+    if busy:
+        log.info("%d cells are being computed by another process: waiting for them", len(busy))
+        yield from (res for _, res in runner(busy, True))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool-worker initializer: exit as soon as the parent process is gone (killed or crashed)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _local(base, out, workers: int, started: Callable[[str], None]) -> Runner:
+    def runner(cells: list[Cell], wait: bool):
+        if workers <= 1:
+            for c in cells:
+                started(c.key)
+                yield c, run_cell(base, c, out, wait)
+            return
+        started(f"{min(workers, len(cells))} cells in parallel")
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(run_cell, base, c, out, wait): c for c in cells}
+            for f in as_completed(futures):
+                yield futures[f], f.result()
+
+    return runner
+
+
+def _ray(base, out, address: str | None, started: Callable[[str], None]) -> Runner:
     try:
         import ray
     except ImportError:
@@ -123,11 +186,15 @@ def _ray(base, cells, out, address: str | None, started: Callable[[str], None]) 
     base = {**base, "cache_dir": str(Path(base.get("cache_dir", RunConfig.cache_dir)).resolve())}
     # a cuda cell holds one GPU (Ray then sets CUDA_VISIBLE_DEVICES for it); other cells one CPU
     task = ray.remote(num_gpus=1 if str(base.get("device", "cpu")).startswith("cuda") else 0)(run_cell)
-    pending = [task.remote(base, c, out) for c in cells]
-    started(f"{len(pending)} cells submitted to Ray")
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+
+    def runner(cells: list[Cell], wait: bool):
+        pending = {task.remote(base, c, out, wait): c for c in cells}
+        started(f"{len(pending)} cells submitted to Ray")
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), ray.get(done[0])
+
+    return runner
 
 
 def _check_same_settings(out: Path, base: dict[str, Any]) -> None:
@@ -148,27 +215,31 @@ def run_grid(grid: str | Path, out: str | Path, executor: str = "local", workers
 
     ``progress(done, total, text)`` is called when cells start (``done`` unchanged) and when
     each finishes, with the cell, its hmean and an estimate of the time left."""
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be local or ray, got {executor!r}")
     base, cells = load_grid(grid)
-    out = Path(out)
-    _check_same_settings(out, base)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "grid.yaml", Path(grid).read_text())
-    todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").exists()]
+    out = check_out_dir(out)
+    with file_lock(out / ".locks" / "grid.lock"):  # two runs starting at once: the second sees the first's grid
+        _check_same_settings(out, base)
+        atomic_write_text(out / "grid.yaml", Path(grid).read_text())
+    (out / "cells").mkdir(exist_ok=True)
+    todo = [c for c in cells if not _cell_path(out, c).exists()]
+    for c in cells:
+        if c not in todo:
+            read_cell(_cell_path(out, c))  # a damaged cell file is named before any work
     log.info("%d of %d cells to run", len(todo), len(cells))
     done = 0
     report = progress or (lambda i, n, text: None)
     started = lambda what: report(done, len(todo), f"running {what}")  # noqa: E731
     if executor == "local":
-        stream = _local(base, todo, str(out), workers, started)
-    elif executor == "ray":
-        stream = _ray(base, todo, str(out), address, started)
+        runner = _local(base, str(out), workers, started)
     else:
-        raise ValueError(f"executor must be local or ray, got {executor!r}")
+        runner = _ray(base, str(out), address, started)
     t0 = time.perf_counter()
-    for done, res in enumerate(stream, start=1):
+    for done, res in enumerate(_split_with_others(runner, todo), start=1):
         eta = (time.perf_counter() - t0) / done * (len(todo) - done)
         report(done, len(todo), f"{res['key']} done, hmean {100 * res['merged']['hmean']:.1f}%, ~{eta:.0f} s left")
-    results = [json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells]
+    results = [read_cell(_cell_path(out, c)) for c in cells]
     write_tables(results, out)
     return results
 

@@ -3,15 +3,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from .config import PRESET_NAMES, RunConfig
+from .errors import MergeqError
 
 
 def _csv(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def _at_least(n: int):
+    def parse(s: str) -> int:
+        v = int(s)
+        if v < n:
+            raise argparse.ArgumentTypeError(f"must be at least {n}, got {v}")
+        return v
+
+    return parse
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -73,9 +85,12 @@ def cmd_pmq(args: argparse.Namespace) -> int:
 def cmd_train_source(args: argparse.Namespace) -> int:
     from .data import load_benchmark
     from .eval import evaluate
+    from .io import check_out_file
     from .zoo import ModelPool, save_model
 
     cfg = _config(args).resolved()
+    check_out_file(args.out)
+    cfg.apply_threads()
     bench = load_benchmark(cfg.benchmark, seed=cfg.seed, targets=cfg.targets)
     pool = ModelPool(bench, cfg.arch, cfg.arch_kwargs, cfg.source, cfg.shot, cfg.seed, cfg.cache_dir,
                      cfg.device, not args.quiet)
@@ -93,15 +108,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from .adapt.shot import shot
     from .data import load_benchmark
     from .eval import accuracy
+    from .io import check_out_file
     from .zoo import model_from_checkpoint, save_model
 
     cfg = _config(args).resolved()
+    check_out_file(args.out)
+    cfg.apply_threads()
     source, meta = model_from_checkpoint(args.source, cfg.device)
     bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=cfg.seed, targets=[args.domain])
     dom = bench.targets[args.domain]
     expert = shot(source, dom.train, cfg.shot, seed=cfg.seed, device=cfg.device, progress=not args.quiet)
     before, after = accuracy(source, dom.test, device=cfg.device), accuracy(expert, dom.test, device=cfg.device)
-    save_model(expert, args.out, {**{k: meta[k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes")},
+    save_model(expert, args.out, {"benchmark": bench.name, "arch": meta["arch"],
+                                  "arch_kwargs": meta.get("arch_kwargs", {}), "num_classes": meta["num_classes"],
                                   "seed": cfg.seed, "domain": args.domain, "role": "expert",
                                   "config": asdict(cfg.shot), "accuracy": {"source": before, "expert": after}})
     print(f"{args.domain}: source {100 * before:.1f}% -> SHOT expert {100 * after:.1f}%")
@@ -111,23 +130,29 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .data import load_benchmark
     from .eval import accuracy
+    from .io import check_out_file
     from .ptq import quantize
     from .quant import QuantConfig, parse_bits
     from .zoo import model_from_checkpoint, save_model
 
-    cfg = _config(args).resolved()
+    cfg = _config(argparse.Namespace(**vars(args), methods=[args.method])).resolved()  # the preset's options
+    w_bits, a_bits = parse_bits(args.bit_pair)
+    qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
+    check_out_file(args.out)
+    cfg.apply_threads()
     model, meta = model_from_checkpoint(args.model, cfg.device)
     source = model_from_checkpoint(args.source, cfg.device)[0] if args.source else None
     domain = args.domain or meta.get("domain")
-    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=meta.get("seed", cfg.seed), targets=[domain])
+    if not domain:
+        raise MergeqError(f"{args.model} names no domain to calibrate on: pass --domain")
+    seed = meta.get("seed", cfg.seed)
+    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=seed, targets=[domain])
     dom = bench.targets[domain]
-    w_bits, a_bits = parse_bits(args.bit_pair)
-    qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
     q = quantize(model, args.method, calib=dom.train, config=qcfg, source=source, calib_size=cfg.calib_size,
                  device=cfg.device, seed=cfg.seed, progress=not args.quiet, **cfg.ptq_options.get(args.method, {}))
     acc = accuracy(q, dom.test, device=cfg.device)
-    save_model(q, args.out, {**{k: meta[k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes", "seed")},
-                             "domain": domain, "role": "quantized expert", "method": args.method,
+    save_model(q, args.out, {"benchmark": bench.name, "arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
+                             "num_classes": meta["num_classes"], "seed": seed, "domain": domain, "role": "quantized expert", "method": args.method,
                              "bits": qcfg.tag, "accuracy": acc})
     print(f"{domain}: {args.method} {qcfg.tag} accuracy {100 * acc:.1f}% -> {args.out}")
     return 0
@@ -136,17 +161,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .data import load_benchmark
     from .eval import evaluate
-    from .io import write_json
-    from .merge import merge
+    from .io import check_out_file, write_json
+    from .merge import MERGE_METHODS, check_rounding_options, merge
     from .pipeline import rounding_options
     from .zoo import model_from_checkpoint, save_model
 
+    MERGE_METHODS.get(args.method)
+    options = {}
+    extra = {"samples": args.samples} if args.samples is not None else {}
+    if args.method == "average":
+        rounding = args.rounding or "float"
+        options = {"rounding": rounding, **rounding_options(rounding, extra, args.seed)}
+        check_rounding_options(rounding, {k: v for k, v in options.items() if k != "rounding"})
+    elif args.rounding or extra:
+        raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {args.method}")
+    report_path = Path(args.report) if args.report else Path(args.out).with_suffix(".report.json")
+    if report_path.resolve() == Path(args.out).resolve():
+        raise MergeqError(f"the report path {report_path} is the checkpoint path: pass another --report")
+    check_out_file(args.out)
+    check_out_file(report_path)
     loaded = [model_from_checkpoint(p, args.device or "cpu") for p in args.experts]
     models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
-    options = {}
-    if args.method == "average":
-        extra = {"samples": args.samples} if args.samples is not None else {}
-        options = {"rounding": args.rounding, **rounding_options(args.rounding, extra, args.seed)}
     if args.base:
         options["base"] = model_from_checkpoint(args.base, args.device or "cpu")[0]
     merged = merge(models, method=args.method, **options)
@@ -158,7 +193,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         bench = load_benchmark(meta["benchmark"], seed=meta.get("seed", 0), targets=domains)
         report["accuracy"] = evaluate(merged, {d: bench.targets[d].test for d in domains}, args.device or "cpu")
     save_model(merged, args.out, {**meta, "role": "merged", "domains": domains, "merge": report})
-    write_json(args.report or Path(args.out).with_suffix(".report.json"), report)
+    write_json(report_path, report)
     print(report.get("accuracy", "merged (no benchmark metadata to evaluate on)"))
     return 0
 
@@ -169,7 +204,10 @@ def _analysis_models(args: argparse.Namespace, n_targets: int):
     from .pipeline import Experiment
     from .quant import QuantConfig, parse_bits
 
+    from .io import check_out_dir
+
     cfg = _config(args)
+    check_out_dir(args.out)
     exp = Experiment(cfg, progress=not args.quiet)
     if len(exp.targets) < n_targets:
         raise ValueError(f"this analysis needs {n_targets} target domains, got {exp.targets}")
@@ -222,8 +260,10 @@ def cmd_surface(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_onnx, save_packed
+    from .io import check_out_file
     from .zoo import model_from_checkpoint
 
+    check_out_file(args.out)
     model, meta = model_from_checkpoint(args.model)
     if args.format == "onnx":
         path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta)
@@ -292,7 +332,9 @@ def cmd_tta(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_benchmark, save_sample_grid
+    from .io import check_out_file
 
+    check_out_file(args.out)
     bench = load_benchmark(args.benchmark, seed=args.seed or 0, targets=args.targets)
     path = save_sample_grid(bench, args.out, per_domain=args.per_domain)
     for d in [bench.source, *bench.targets.values()]:
@@ -303,6 +345,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mergeq", description=__doc__)
+    ap.add_argument("--debug", action="store_true",
+                    help="show the full traceback of an error (also: environment variable MERGEQ_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train source, adapt experts, quantize each, merge, evaluate")
@@ -328,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pmq)
 
     p = sub.add_parser("train-source", help="train (or reuse the cached) source model and save it")
-    p.add_argument("--out", required=True, help="checkpoint path (.safetensors; a .json sidecar is written too)")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors: weights and metadata in one file)")
     _add_common(p)
     p.set_defaults(func=cmd_train_source)
 
@@ -352,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge expert checkpoints into one; writes the checkpoint and a JSON report")
     p.add_argument("experts", nargs="+", help="expert checkpoints (all full precision or all quantized)")
     p.add_argument("--method", default="average", help="average, task_arithmetic or ties")
-    p.add_argument("--rounding", default="float", help="for quantized experts: float, nearest, noise, noise-ties")
+    p.add_argument("--rounding", help="for quantized experts: float (default), nearest, noise, noise-ties")
     p.add_argument("--samples", type=int, help="noise samples (noise: 30, noise-ties: 100)")
     p.add_argument("--base", help="shared source checkpoint (task_arithmetic, ties)")
     p.add_argument("--seed", type=int, default=0)
@@ -368,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--methods", type=_csv, default=["rtn", "brecq", "qdrop", "hdrq"])
         p.add_argument("--bits", dest="bit_pair", default="W4A4", help="bit pair for the quantized experts")
-        p.add_argument("--points", type=int, default=11, help="grid points along each axis")
+        p.add_argument("--points", type=_at_least(2), default=11, help="grid points along each axis (at least 2)")
         if name == "surface":
             p.add_argument("--radius", type=float, default=1.0, help="grid half-width in direction norms")
         p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
@@ -427,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"mergeq {args.command}: error: {e}", file=sys.stderr)
+    except (MergeqError, ValueError, KeyError, OSError, TypeError) as e:
+        # bad input, a missing or unwritable file: one line; --debug shows where a real bug is
+        if args.debug or os.environ.get("MERGEQ_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"mergeq {args.command}: error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,9 @@
 Presets fill in what the user does not set: the model, the source-training and SHOT
 settings (``mergeq.adapt.PRESETS``) and each PTQ method's options (``mergeq.ptq.presets``).
 A run writes its resolved config as ``config.yaml``; ``mergeq run --config that.yaml``
-repeats it.
+repeats it. Every field is checked when the config is made (types, naming the key; ranges;
+registered names; each method's options against its options dataclass), so a bad value
+fails before any model is trained.
 """
 from __future__ import annotations
 
@@ -12,13 +14,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .adapt import PRESETS as ADAPT_PRESETS
 from .adapt.shot import ShotConfig
 from .adapt.source import SourceConfig
+from .errors import ConfigError
 from .quant.config import parse_bits
-from .quant.uniform import STEP_METHODS
+from .quant.uniform import STEP_METHODS, check_bits
+from .typecheck import check_fields, check_unique, hints_of
 
 PRESET_NAMES = ("quick", "default", "paper")
 
@@ -48,34 +53,53 @@ class RunConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default); results repeat per thread count
 
     def __post_init__(self) -> None:
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
-        if self.preset not in PRESET_NAMES:
-            raise ValueError(f"preset must be one of {PRESET_NAMES}, got {self.preset!r}")
-        if not self.methods:
-            raise ValueError("methods must name at least one PTQ method")
-        for spec in self.bits:
-            parse_bits(spec)
-        from .merge import ROUNDINGS
-        from .ptq import PTQ_METHODS
+        """Validate every field before any work: types (naming the key), ranges, registered names,
+        each method's ``ptq_options`` against its options dataclass, ``merge_options`` against the
+        rounding policy."""
+        from .merge import check_rounding_options
+        from .models import ARCHITECTURES
+        from .ptq import PTQ_METHODS, check_options
 
+        check_fields({f.name: getattr(self, f.name) for f in fields(self)}, hints_of(RunConfig))
+        for key, cls in (("source", SourceConfig), ("shot", ShotConfig)):
+            if isinstance(getattr(self, key), dict):
+                check_fields(getattr(self, key), hints_of(cls), f"{key}.")
+                setattr(self, key, cls(**getattr(self, key)))
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be a positive integer or None, got {self.threads!r}")
+        if self.calib_size is not None and self.calib_size < 1:
+            raise ConfigError(f"calib_size must be a positive integer or None (the preset's), got {self.calib_size}")
+        if self.preset not in PRESET_NAMES:
+            raise ConfigError(f"preset must be one of {PRESET_NAMES}, got {self.preset!r}")
+        if self.arch is not None and self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
+        check_unique("methods", self.methods)
+        check_unique("bits", [parse_bits(spec) for spec in self.bits], self.bits)
+        if self.targets is not None:
+            check_unique("targets", self.targets)
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
         for m in self.methods:
             PTQ_METHODS.get(m)  # raises KeyError naming the known methods
-        ROUNDINGS.get(self.rounding)
+        for m, opts in self.ptq_options.items():
+            check_options(m, opts)
+        check_rounding_options(self.rounding, self.merge_options)
         if self.step_method not in STEP_METHODS:
-            raise ValueError(f"step_method must be one of {STEP_METHODS}, got {self.step_method!r}")
-        if isinstance(self.source, dict):
-            self.source = SourceConfig(**self.source)
-        if isinstance(self.shot, dict):
-            self.shot = ShotConfig(**self.shot)
+            raise ConfigError(f"step_method must be one of {STEP_METHODS}, got {self.step_method!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must name a torch device such as cpu or cuda, got {self.device!r}") from None
 
     def resolved(self) -> "RunConfig":
         """A copy with every preset-dependent field filled in (what ``config.yaml`` records)."""
         from .ptq.presets import calib_size, ptq_options
 
+        from .models import build_model
+
         arch, arch_kwargs, source, shot = ADAPT_PRESETS["default" if self.preset == "paper" else self.preset]
         opts = {m: {**ptq_options(m, self.preset), **self.ptq_options.get(m, {})} for m in self.methods}
-        return dataclasses.replace(
+        cfg = dataclasses.replace(
             self,
             arch=self.arch or arch,
             arch_kwargs=self.arch_kwargs if self.arch_kwargs is not None else dict(arch_kwargs),
@@ -84,6 +108,12 @@ class RunConfig:
             shot=self.shot or shot,
             ptq_options=opts,
         )
+        try:  # on the meta device: no memory, no time
+            with torch.device("meta"):
+                build_model(cfg.arch, 2, **cfg.arch_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"arch_kwargs {cfg.arch_kwargs} do not fit arch {cfg.arch!r}: {e}") from None
+        return cfg
 
     def apply_threads(self) -> None:
         """Set torch's CPU thread count if the config names one (before any model is trained)."""
@@ -100,15 +130,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown run config keys {unknown}; known: {sorted(known)}")
+        check_fields(d, hints_of(cls), "")
         return cls(**d)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a YAML mapping of run config keys")
+            raise ConfigError(f"{path} must hold a YAML mapping of run config keys")
         return cls.from_dict(data)
+

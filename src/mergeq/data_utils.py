@@ -58,6 +58,9 @@ def take(data: torch.Tensor | Dataset, idx: torch.Tensor | Sequence[int]) -> tup
 
 def as_tensor(data: DataLike, limit: int | None = None, what: str = "calibration data") -> torch.Tensor:
     """Collect up to ``limit`` inputs into one tensor; raise :class:`CalibrationDataError` if empty or not finite."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CalibrationDataError(f"the number of inputs to take from the {what} must be a positive integer "
+                                   f"or None (all), got {limit!r}")
     parts, n = [], 0
     for x in iter_batches(data):
         parts.append(x)

@@ -22,7 +22,8 @@ class CheckpointError(MergeqError):
 
 
 class ConfigError(MergeqError):
-    """A config or spec mapping with an unknown key, a missing key or a value of the wrong type."""
+    """A config or spec mapping with an unknown key, a missing key, a value of the wrong type or
+    out of range."""
 
 
 class ModelError(MergeqError):

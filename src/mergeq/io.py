@@ -1,41 +1,47 @@
-"""Checkpoints as safetensors plus a JSON sidecar, written atomically (temp file, then rename).
+"""Checkpoints and outputs written atomically (temp file, then rename), readable per the umask.
 
-Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
+A checkpoint is ONE safetensors file: the metadata (JSON) and a SHA-256 digest of the tensors
+live in its header, so a crash leaves the old file or the new one, never a half-written pair,
+and a corrupt or truncated file is detected on read. Checkpoints of the earlier two-file form
+(tensors + a ``.json`` sidecar next to them) are still read. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MergeqError
+
+META_KEY, DIGEST_KEY = "mergeq_meta", "mergeq_sha256"
 
 
-def previous_rows(out: str | os.PathLike, config_yaml: str) -> list[dict]:
-    """Rows of an earlier run in ``out`` whose ``config.yaml`` is exactly ``config_yaml`` (for
-    resuming); [] when there is none, the config differs or ``results.json`` is unreadable."""
-    res, cfg = Path(out) / "results.json", Path(out) / "config.yaml"
-    if res.exists() and cfg.exists() and cfg.read_text() == config_yaml:
-        try:
-            return json.loads(res.read_text()).get("rows", [])
-        except json.JSONDecodeError:
-            logging.getLogger(__name__).warning("ignoring unreadable %s", res)
-    return []
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``path`` through a temp file in the same folder and a rename; the file gets the
+    mode a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
+    if path.is_dir():
+        raise MergeqError(f"{path} is a directory; a file path is expected here")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -54,40 +60,156 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
-    return Path(path).with_suffix(".json")
-
-
-def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write ``path`` (safetensors) and ``path`` with a ``.json`` suffix (metadata), both atomically."""
-    path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a truncated or invalid one raises a MergeqError naming the file."""
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", "mergeq": "1"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    write_json(sidecar_path(path), meta)
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MergeqError(f"{path} is not valid JSON: {e}") from None
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block; yields
+    False without waiting if ``blocking`` is False and another process holds it. The OS drops the
+    lock when its holder exits, so a crashed process never leaves a stale lock behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def check_out_dir(path: str | os.PathLike) -> Path:
+    """Make sure an output folder can be created and written (before any work is done)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MergeqError(f"--out {path} is an existing file; an output folder is expected")
+    path.mkdir(parents=True, exist_ok=True)
+    _probe(path)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`; raise :class:`CheckpointError` if missing or corrupt."""
+def check_out_file(path: str | os.PathLike) -> Path:
+    """Make sure an output file can be written (its folder created and writable, not a folder)."""
     path = Path(path)
-    side = sidecar_path(path)
-    for p in (path, side):
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint file {p} does not exist")
+    if path.is_dir():
+        raise MergeqError(f"--out {path} is an existing directory; a file path is expected")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _probe(path.parent)
+    return path
+
+
+def _probe(folder: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mergeq-write-test.")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (CPU, contiguous)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write one safetensors file holding the tensors, ``meta`` (JSON) and the tensors' digest."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    header = {"format": "pt", META_KEY: json.dumps(meta), DIGEST_KEY: tensor_digest(tensors)}
+    return atomic_write_bytes(path, st_save(tensors, metadata=header))
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of a checkpoint of the earlier two-file form (read only)."""
+    return Path(path).with_suffix(".json")
+
+
+def _open(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            out = {k: (f.get_tensor(k) if tensors else f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
+    return header, out
+
+
+def _meta(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    if header.get("format") == "mergeq-packed":
+        raise CheckpointError(f"{path} is a packed export (mergeq export); load it with mergeq.deploy.load_packed")
+    if META_KEY in header:
+        text, where = header[META_KEY], f"header metadata of {path}"
+    else:  # the earlier two-file form
+        side = sidecar_path(path)
+        if not side.is_file():
+            raise CheckpointError(f"checkpoint {path} holds no mergeq metadata and its sidecar {side} does not exist")
+        text, where = side.read_text(), f"checkpoint metadata {side}"
     try:
-        meta = json.loads(side.read_text())
+        meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint metadata {side} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} must be a JSON object")
+    return meta
+
+
+def read_checkpoint_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """Tensor shapes and metadata of a checkpoint, without reading the tensors."""
+    path = Path(path)
+    header, shapes = _open(path, tensors=False)
+    return shapes, _meta(path, header)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint` (or the earlier two-file form); raise
+    :class:`CheckpointError` if it is missing, truncated, corrupt or fails its digest."""
+    path = Path(path)
+    header, tensors = _open(path, tensors=True)
+    meta = _meta(path, header)
+    if DIGEST_KEY in header and tensor_digest(tensors) != header[DIGEST_KEY]:
+        raise CheckpointError(f"checkpoint {path} fails its SHA-256 check: its tensors were changed or damaged")
     return tensors, meta
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the entries in which two (nested) config dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in config_diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def earlier_results(out: str | os.PathLike) -> tuple[dict[str, Any], list[dict]] | None:
+    """The config (parsed ``config.yaml``) and rows (``results.json``) of an earlier run in ``out``;
+    None if ``out`` holds no results. A results file that cannot be read or matched to its config
+    raises a MergeqError naming it: a rerun must never overwrite rows it cannot account for."""
+    import yaml
+
+    res, cfg = Path(out) / "results.json", Path(out) / "config.yaml"
+    if not res.exists():
+        return None
+    if not cfg.is_file():
+        raise MergeqError(f"{out} holds {res.name} but no config.yaml to resume from: use another --out")
+    try:
+        config = yaml.safe_load(cfg.read_text())
+    except yaml.YAMLError as e:
+        raise MergeqError(f"{cfg} is not valid YAML ({e}): use another --out") from None
+    rows = read_json(res)
+    if not isinstance(config, dict) or not isinstance(rows, dict) or not isinstance(rows.get("rows"), list):
+        raise MergeqError(f"{out} holds a config.yaml / results.json that mergeq did not write: use another --out")
+    return config, rows["rows"]

@@ -17,8 +17,8 @@ import torch
 
 from .config import RunConfig
 from .eval import accuracy, evaluate
-from .io import atomic_write_text, write_json
-from .merge import merge
+from .io import atomic_write_text, check_out_dir, write_json
+from .merge import MERGE_METHODS, merge
 from .nn import fold_bn
 from .pipeline import Experiment
 from .ptq import quantize
@@ -30,8 +30,13 @@ MERGE_DEFAULTS: dict[str, dict[str, Any]] = {"average": {}, "task_arithmetic": {
 def run_pmq(config: RunConfig, out: str | Path, merges: Sequence[str] = ("task_arithmetic", "ties"),
             methods: Sequence[str] = ("rtn", "gptq", "epmq"), anchor: float = 1.0,
             progress: bool = False) -> dict[str, Any]:
+    out = check_out_dir(out)  # checked, like the merge names, before any model is trained
+    for name in merges:
+        MERGE_METHODS.get(name)
+    if not anchor >= 0:
+        raise ValueError(f"anchor must be >= 0, got {anchor!r}")
     exp = Experiment(config, progress)
-    cfg, out = exp.cfg, Path(out)
+    cfg = exp.cfg
     example = exp.bench.source.test.tensors[0][:2]
     experts = [fold_bn(exp.experts[d], example) for d in exp.targets]
     source = fold_bn(exp.source, example)

@@ -16,15 +16,24 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: Dict[str, T] = {}
+        self._options: Dict[str, type | None] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, options: type | None = None) -> Callable[[T], T]:
+        """Register under ``name``; ``options`` is the dataclass of the entry's keyword options
+        (None: it takes none), so a config can be checked before any work is done."""
         def deco(fn: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = fn
+            self._options[name] = options
             return fn
 
         return deco
+
+    def options(self, name: str) -> type | None:
+        """The options dataclass registered with ``name`` (None if it takes no options)."""
+        self.get(name)
+        return self._options[name]
 
     def get(self, name: str) -> T:
         try:

@@ -41,7 +41,8 @@ from .adapt.tta import ABL, ABLConfig, NoAdapt, Tent, TentConfig, run_stream
 from .config import RunConfig
 from .data import load_benchmark
 from .data.corruptions import CORRUPTIONS, IMBALANCE, check_corruptions, check_severity, corruption_stream
-from .io import atomic_write_text, previous_rows, write_json
+from .errors import MergeqError
+from .io import atomic_write_text, check_out_dir, config_diff, earlier_results, write_json
 from .ptq import PTQ_METHODS, ptq_options, quantize
 from .quant.config import QuantConfig, parse_bits
 from .zoo import ModelPool
@@ -140,12 +141,17 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def resolved_run_config(run_cfg: RunConfig, tta_cfg: TTAConfig) -> RunConfig:
+    """The run config with the PTQ methods the TTA rows need (what ``config.yaml`` records)."""
+    methods = sorted({parse_method(m)[0] for m in tta_cfg.methods} - {"fp"}) or ["qdrop"]
+    return dataclasses.replace(run_cfg, methods=methods).resolved()
+
+
 class TTAExperiment:
     """Source model, calibration data and streams of one config; quantized models on demand."""
 
     def __init__(self, run_cfg: RunConfig, tta_cfg: TTAConfig, progress: bool = False) -> None:
-        methods = sorted({parse_method(m)[0] for m in tta_cfg.methods} - {"fp"}) or ["qdrop"]
-        self.cfg = cfg = dataclasses.replace(run_cfg, methods=methods).resolved()
+        self.cfg = cfg = resolved_run_config(run_cfg, tta_cfg)
         self.tta, self.progress = tta_cfg, progress
         cfg.apply_threads()
         torch.manual_seed(cfg.seed)
@@ -216,11 +222,15 @@ def plan(tta_cfg: TTAConfig) -> list[tuple[str, str, str]]:
 def run_tta(run_cfg: RunConfig, tta_cfg: TTAConfig, out: str | Path, progress: bool = False,
             on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run every (stream, method, bits) row; return the results dict (also written to ``out``)."""
+    out = check_out_dir(out)
+    text = config_yaml(resolved_run_config(run_cfg, tta_cfg), tta_cfg)
+    earlier = earlier_results(out)
+    diff = config_diff(earlier[0], yaml.safe_load(text)) if earlier else []
+    if diff:
+        raise MergeqError(f"{out} holds results of a run with other settings ({', '.join(diff)} differ); "
+                          "its rows would be mixed with new ones: use another --out")
+    previous = {(r["stream"], r["method"], r["bits"]): r for r in (earlier[1] if earlier else [])}
     exp = TTAExperiment(run_cfg, tta_cfg, progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = config_yaml(exp.cfg, tta_cfg)
-    previous = {(r["stream"], r["method"], r["bits"]): r for r in previous_rows(out, text)}
     atomic_write_text(out / "config.yaml", text)
     results: dict[str, Any] = {
         "benchmark": exp.bench.name, "seed": exp.cfg.seed, "severity": tta_cfg.severity, "preset": exp.cfg.preset,

@@ -1,9 +1,12 @@
 """The model pool: a source model and one SHOT expert per target, trained once and cached.
 
-Cache entries are safetensors checkpoints with JSON sidecars, keyed by a hash of everything
-that determines them (benchmark, seed, architecture, training configs, device kind and number
-of torch threads: CPU training repeats bit for bit only for the same thread count), so a
-changed setting never reuses a stale model.
+Cache entries are single-file safetensors checkpoints (metadata and a SHA-256 digest in the
+header, written atomically), keyed by a hash of everything that determines them (benchmark,
+seed, architecture, training configs, device kind and number of torch threads: CPU training
+repeats bit for bit only for the same thread count), so a changed setting never reuses a stale
+model. An entry is verified on read: one that is truncated, fails its digest or holds another
+model than its key names (a swapped file) is rebuilt, with a warning in the log. A lock file
+per entry lets concurrent runs (``mergeq bench`` workers) train each model once.
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ from . import __version__
 from .adapt.shot import ShotConfig, shot
 from .adapt.source import SourceConfig, train_source
 from .data import Benchmark
-from .errors import CheckpointError
-from .io import load_checkpoint, save_checkpoint
+from .errors import CheckpointError, MergeqError
+from .io import file_lock, load_checkpoint, read_checkpoint_header, save_checkpoint
 from .models import build_model
 from .nn.fold import set_module
 from .nn.qmodule import QuantModule, quant_modules
+from .quant import check_bits
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +38,78 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model (full precision or quantized) saved by :func:`save_model`."""
-    state, meta = load_checkpoint(path)
+def _check_meta(meta: dict, path: str | Path) -> None:
+    """Types of the metadata fields that describe the architecture, each error naming the field."""
     for key in ("arch", "num_classes"):
         if key not in meta:
             raise CheckpointError(f"checkpoint metadata of {path} lacks {key!r}: was it written by mergeq?")
-    model = build_model(meta["arch"], meta["num_classes"], **meta.get("arch_kwargs", {}))
+    expected = {"arch": str, "num_classes": int, "arch_kwargs": dict, "folded_bn": list, "quant_layers": dict}
+    for key, kind in expected.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise CheckpointError(f"checkpoint metadata of {path}: {key} must be a {kind.__name__}, "
+                                  f"got {meta[key]!r}")
+    if meta["num_classes"] < 1:
+        raise CheckpointError(f"checkpoint metadata of {path}: num_classes must be positive, got {meta['num_classes']}")
+    for name, bits in meta.get("quant_layers", {}).items():
+        try:
+            if not (isinstance(bits, list) and len(bits) == 2):
+                raise MergeqError("expected [w_bits, a_bits]")
+            check_bits(bits[0], "w_bits")
+            if bits[1] is not None:
+                check_bits(bits[1], "a_bits")
+        except MergeqError as e:
+            raise CheckpointError(f"checkpoint metadata of {path}: quant_layers[{name!r}] = {bits!r}: {e}") from None
+
+
+def _architecture(meta: dict, path: str | Path) -> nn.Module:
+    """The model the metadata describes, before quantized layers are wrapped; a layer named in
+    ``folded_bn`` or ``quant_layers`` that the architecture lacks is a CheckpointError."""
+    kwargs = meta.get("arch_kwargs", {})
+    try:
+        model = build_model(meta["arch"], meta["num_classes"], **kwargs)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"checkpoint {path}: architecture {meta['arch']!r} with arch_kwargs {kwargs} "
+                              f"cannot be built: {e}") from None
+    modules = dict(model.named_modules())
+    for key in ("folded_bn", "quant_layers"):
+        for name in meta.get(key, []):
+            if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear) if key == "quant_layers" else nn.Module):
+                raise CheckpointError(f"checkpoint metadata of {path}: {key} names {name!r}, which "
+                                      f"{meta['arch']} has no such {'Conv2d/Linear ' if key == 'quant_layers' else ''}layer")
     for name in meta.get("folded_bn", []):
         set_module(model, name, nn.Identity())
+    return model
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model (full precision or quantized) saved by :func:`save_model`.
+
+    The metadata and the tensor shapes in the file header are checked against the architecture,
+    built first on the ``meta`` device (no memory), before anything is allocated; quantized
+    layers must hold weights on the grid of their declared bit width."""
+    shapes, meta = read_checkpoint_header(path)
+    _check_meta(meta, path)
+    with torch.device("meta"):
+        skeleton = _architecture(meta, path)
+    for key, t in skeleton.state_dict().items():
+        if key in shapes and list(t.shape) != list(shapes[key]):
+            raise CheckpointError(f"checkpoint {path}: tensor {key!r} has shape {list(shapes[key])}, architecture "
+                                  f"{meta['arch']} with arch_kwargs {meta.get('arch_kwargs', {})} needs {list(t.shape)}")
+    state, meta = load_checkpoint(path)
+    model = _architecture(meta, path)
     for name, (w_bits, a_bits) in meta.get("quant_layers", {}).items():
         layer = model.get_submodule(name)
         if f"{name}.bias" in state and layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
-        set_module(model, name, QuantModule(layer, w_bits, a_bits))
+        set_module(model, name, QuantModule(layer, w_bits, a_bits, step_method="absmax"))  # steps come from the file
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit architecture {meta['arch']}: {e}") from None
+    for name, m in quant_modules(model):
+        if not m.on_grid():
+            raise CheckpointError(f"checkpoint {path}: the weights of layer {name!r} are not on the grid of its "
+                                  f"declared {m.w_bits} bits (quant_layers does not match the stored weights)")
     return model.to(device).eval(), meta
 
 
@@ -82,13 +140,19 @@ class ModelPool:
         compute = {"device": torch.device(device).type, "threads": torch.get_num_threads()}
         self._source_key = _key({**self._meta, "source": asdict(source_cfg), "compute": compute})
 
-    def _cached(self, path: Path, make, meta: dict) -> nn.Module:
-        if path.exists():
-            log.info("reusing cached %s", path)
-            return model_from_checkpoint(path, self.device)[0]
-        model = make()
-        save_model(model, path, meta)
-        return model.to(self.device).eval()
+    def _cached(self, path: Path, make, meta: dict, key: str) -> nn.Module:
+        with file_lock(self.cache_dir / ".locks" / f"{path.stem}.lock"):
+            if path.exists():
+                try:
+                    model, stored = model_from_checkpoint(path, self.device)
+                    _check_entry(path, stored, meta, key)
+                    log.info("reusing cached %s", path)
+                    return model
+                except CheckpointError as e:
+                    log.warning("rebuilding cache entry: %s", e)
+            model = make()
+            save_model(model, path, {**meta, "cache_key": key})
+            return model.to(self.device).eval()
 
     def source(self) -> nn.Module:
         path = self.cache_dir / f"source-{self._source_key}.safetensors"
@@ -101,7 +165,7 @@ class ModelPool:
 
         meta = {**self._meta, "domain": self.bench.source.name, "role": "source",
                 "config": asdict(self.source_cfg)}
-        return self._cached(path, make, meta)
+        return self._cached(path, make, meta, self._source_key)
 
     def expert(self, domain: str) -> nn.Module:
         key = _key({"source": self._source_key, "domain": domain, "shot": asdict(self.shot_cfg)})
@@ -112,4 +176,16 @@ class ModelPool:
                         device=self.device, progress=self.progress)
 
         meta = {**self._meta, "domain": domain, "role": "expert", "config": asdict(self.shot_cfg)}
-        return self._cached(path, make, meta)
+        return self._cached(path, make, meta, key)
+
+
+def _check_entry(path: Path, stored: dict, meta: dict, key: str) -> None:
+    """A cache entry must hold the model its key names (entries of the earlier two-file form,
+    written without ``cache_key``, are matched on the metadata they were saved with)."""
+    if "cache_key" in stored:
+        same = stored["cache_key"] == key
+    else:
+        same = all(stored.get(k) == v for k, v in json.loads(json.dumps(meta)).items())
+    if not same:
+        raise CheckpointError(f"cache entry {path} holds another model (role {stored.get('role')!r}, domain "
+                              f"{stored.get('domain')!r}, key {stored.get('cache_key')!r}) than its name says")

@@ -43,8 +43,8 @@ images (e.g. to apply ImageNet-C corruptions first, then ``standardize``).
 from __future__ import annotations
 
 import functools
+import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +56,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from ..data_utils import take
+from ..io import atomic_write_bytes
 
 NUM_CLASSES = 10
 MNISTM_STRENGTH = 0.4
@@ -258,15 +259,9 @@ def save_sample_grid(benchmark: Benchmark, path: str | os.PathLike, per_domain: 
                 ax.imshow(_display(x[c]))
                 ax.set_title(str(int(y[c])), fontsize=7)
         axes[r, 0].text(-4, 16, dom.name, ha="right", va="center", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())

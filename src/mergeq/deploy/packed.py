@@ -65,8 +65,7 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QuantModule]]:
         if m.w_step.numel() != m.weight.shape[0]:
             raise ExportError(f"{name} has grouped weight steps (GPTQ group_size); export stores one step "
                               "per output channel: quantize without group_size to export")
-        w = m.weight.detach()
-        if not torch.equal(quantize_int(w, m.w_step, m.w_bits) * m.w_step, w):
+        if not m.on_grid():
             raise ExportError(f"weight of {name} is not on its {m.w_bits}-bit grid; "
                               "call QuantModule.finalize() before exporting")
     return qms
@@ -101,7 +100,7 @@ def packed_metadata(model: nn.Module, meta: dict | None = None) -> dict[str, Any
 def save_packed(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write ``model`` (quantized, possibly merged) as a packed integer checkpoint at ``path``.
 
-    ``meta`` is the model's mergeq metadata (e.g. the sidecar of a ``zoo.save_model``
+    ``meta`` is the model's mergeq metadata (e.g. the header metadata of a ``zoo.save_model``
     checkpoint); it must name ``arch`` and ``num_classes`` for :func:`load_packed` to rebuild the
     model without a template.
     """

@@ -52,9 +52,15 @@ def error_barrier(values: Sequence[float]) -> float:
     return max(values) - (values[0] + values[-1]) / 2
 
 
+def _check_points(points: int) -> None:
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points must be an integer of at least 2 (both ends of the grid), got {points!r}")
+
+
 def linear_path(m1: nn.Module, m2: nn.Module, domains: Mapping[str, Dataset], points: int = 11,
                 device: str | torch.device = "cpu") -> dict:
     """Loss and accuracy along θ_λ, with the loss barrier and the accuracy barrier."""
+    _check_points(points)
     lambdas = [i / (points - 1) for i in range(points)]
     losses, accs = [], []
     for lam in lambdas:
@@ -89,6 +95,7 @@ def filter_normalized_direction(model: nn.Module, g: torch.Generator) -> list[to
 def loss_surface(model: nn.Module, domains: Mapping[str, Dataset], points: int = 11, radius: float = 1.0,
                  seed: int = 0, device: str | torch.device = "cpu") -> dict:
     """Loss on a points x points grid of (α, β) in [-radius, radius]² around ``model``."""
+    _check_points(points)
     g = torch.Generator().manual_seed(seed)
     d1, d2 = filter_normalized_direction(model, g), filter_normalized_direction(model, g)
     weights = _weights(model)

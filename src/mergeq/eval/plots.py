@@ -1,9 +1,12 @@
 """PNG plots of the analysis (matplotlib, Agg backend, atomic writes)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Mapping
+
+from ..io import atomic_write_bytes
 
 
 def _pyplot():
@@ -16,13 +19,12 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    _pyplot().close(fig)
-    return path
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=120)
+    finally:
+        _pyplot().close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_paths(paths: Mapping[str, dict], path: str | os.PathLike, title: str = "") -> Path:

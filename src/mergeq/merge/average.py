@@ -2,8 +2,9 @@
 
 Full-precision tensors: θ = Σ_k α_k θ_k (α_k = 1/N unless weights are given).
 BatchNorm statistics, when BN is not folded, merge as a mixture of the experts' feature
-distributions: μ = Σ α_k μ_k, σ² = Σ α_k (σ_k² + μ_k²) - μ². Quantized layers are merged by
-a rounding policy (``merge.rounding``) that keeps the result on a grid.
+distributions: μ = Σ α_k μ_k, σ² = Σ α_k (σ_k² + μ_k²) - μ² (clamped at 0 against float cancellation). Integer buffers
+(``num_batches_tracked``) are taken from the first model unchanged. Quantized layers are merged
+by a rounding policy (``merge.rounding``) that keeps the result on a grid.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def average_state_dicts(
             mkey = key[: -len("running_var")] + "running_mean"
             means = [sd[mkey] for sd in state_dicts]
             mu = sum(a * m for a, m in zip(alphas, means))
-            out[key] = sum(a * (v + m**2) for a, v, m in zip(alphas, ts, means)) - mu**2
+            out[key] = (sum(a * (v + m**2) for a, v, m in zip(alphas, ts, means)) - mu**2).clamp_min(0)
         else:
             out[key] = sum(a * t for a, t in zip(alphas, ts))
     return out

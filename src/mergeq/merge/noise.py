@@ -22,7 +22,7 @@ when it raises |cos(w - w_k, w̄ - w_k)| for every expert k at once.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,8 @@ def cosine_score(samples: list[torch.Tensor], layers: list[LayerStack], alphas: 
 
 @ROUNDINGS.register("noise")
 def noise_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: int = 30, seed: int = 0,
-                   select: str = "layer", anchor: str = "first", filter: bool = True) -> list[torch.Tensor]:
+                   select: Literal["layer", "model"] = "layer", anchor: Literal["first", "all"] = "first",
+                   filter: bool = True) -> list[torch.Tensor]:
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     if select not in ("model", "layer") or anchor not in ("first", "all"):
@@ -75,6 +76,8 @@ def noise_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: i
 @ROUNDINGS.register("noise-ties")
 def noise_ties_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: int = 100,
                         seed: int = 0) -> list[torch.Tensor]:
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
     g = torch.Generator().manual_seed(seed)
     out = []
     for layer, current in zip(layers, nearest_rounding(layers, alphas)):

@@ -20,8 +20,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..quant import qrange
 from ..registry import Registry
+from ..typecheck import check_fields, hints_of
 
 ROUNDINGS: Registry = Registry("merge rounding policy")
 
@@ -51,13 +53,22 @@ def float_codes(layer: LayerStack, alphas: Sequence[float]) -> torch.Tensor:
 
 
 @ROUNDINGS.register("float")
-def float_rounding(layers: list[LayerStack], alphas: Sequence[float], **_) -> list[torch.Tensor]:
+def float_rounding(layers: list[LayerStack], alphas: Sequence[float]) -> list[torch.Tensor]:
     return [layer.clamp(torch.round(float_codes(layer, alphas))) for layer in layers]
 
 
 @ROUNDINGS.register("nearest")
-def nearest_rounding(layers: list[LayerStack], alphas: Sequence[float], **_) -> list[torch.Tensor]:
+def nearest_rounding(layers: list[LayerStack], alphas: Sequence[float]) -> list[torch.Tensor]:
     return [layer.clamp(torch.round(sum(a * i for a, i in zip(alphas, layer.codes)))) for layer in layers]
+
+
+def check_rounding_options(rounding: str, options: dict) -> None:
+    """Refuse, before any work, options the policy does not take (``float`` and ``nearest`` take
+    none), values of the wrong type and ``samples`` below 1; each error names the option."""
+    policy = ROUNDINGS.get(rounding)
+    check_fields(options, hints_of(policy, skip=("layers", "alphas")), f"merge_options (rounding {rounding}).")
+    if options.get("samples", 1) < 1:
+        raise ConfigError(f"merge_options (rounding {rounding}).samples must be at least 1, got {options['samples']}")
 
 
 def layer_stacks(layers: dict[str, Sequence[nn.Module]]) -> list[LayerStack]:
@@ -76,6 +87,7 @@ def merge_quant_layers(
     **options,
 ) -> None:
     """Set every QuantModule of ``merged`` from its experts' layers with the rounding policy."""
+    check_rounding_options(rounding, options)
     policy: Callable = ROUNDINGS.get(rounding)
     stacks = layer_stacks(layers)
     codes = policy(stacks, alphas, **options)

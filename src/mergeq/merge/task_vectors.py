@@ -3,18 +3,28 @@
 One generalised method, variants as parameters (as mergekit's generalized task arithmetic):
 τ_k = θ_k - θ_0 per floating-point tensor, then
 - ``task_arithmetic`` (Ilharco et al., 2023): θ = θ_0 + λ Σ_k τ_k.
-- ``ties`` (Yadav et al., 2023, Sec. 3): trim each τ_k to its top-``density`` fraction of
-  entries by magnitude (per tensor, as mergekit does), elect a sign per entry
-  γ = sign(Σ_k τ̂_k) (the sign of the larger total mass), average only the entries that agree
-  with γ (disjoint mean), θ = θ_0 + λ τ_m.
-BatchNorm running statistics are merged like any other tensor; fold BatchNorm first (as the
-HDRQ pipeline does) to avoid that. Quantized experts are refused: merge them with ``average``
-and a rounding policy, or merge in full precision and quantize the merged model.
+- ``ties`` (Yadav et al., 2023, Sec. 3): trim each τ_k to its top-``density`` entries by
+  magnitude (per tensor), elect a sign per entry γ = sign(Σ_k τ̂_k) (the sign of the larger
+  total mass), average only the entries that agree with γ (disjoint mean), θ = θ_0 + λ τ_m.
+
+Exact rules (each tested):
+- Trim count: k = int(density · n) entries of an n-entry tensor, mergekit's count (its
+  ``sparsify.magnitude``), at least 1 (mergekit refuses k = 0); exactly k are kept, ties in
+  magnitude going to the lower flat index (a stable sort).
+- Sign election where Σ_k τ̂_k is exactly 0: γ = 0 by default (the paper's sign(·), so no entry
+  agrees and τ_m = 0 there); ``sign_tie="positive"`` gives γ = +1 as mergekit does (its
+  ``sum >= 0``), so the positive entries are averaged.
+- BatchNorm running statistics merge like any other tensor; fold BatchNorm first (as the HDRQ
+  pipeline and ``mergeq pmq`` do) to avoid that. Integer buffers (``num_batches_tracked``) are
+  taken from the base unchanged. A merged ``running_var`` with negative entries (Task
+  Arithmetic extrapolates past the experts when λ·N > 1) is refused with the tensor named.
+Quantized experts are refused: merge them with ``average`` and a rounding policy, or merge in
+full precision and quantize the merged model.
 """
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -24,20 +34,28 @@ from ..nn.qmodule import QuantModule
 from ..registry import MERGE_METHODS
 from .checks import check_mergeable
 
+SIGN_TIES = ("zero", "positive")
+
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest |τ| (ties at the threshold kept)."""
+    """Keep the k = max(1, int(density · n)) entries of largest |τ| (ties: lower index first)."""
     if density >= 1.0:
         return tau
-    k = max(1, int(round(density * tau.numel())))
-    threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    k = max(1, int(density * tau.numel()))
+    keep = torch.argsort(tau.abs().flatten(), descending=True, stable=True)[:k]
+    mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+    mask[keep] = True
+    return torch.where(mask.view_as(tau), tau, torch.zeros_like(tau))
 
 
-def disjoint_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
-    """TIES sign election and disjoint mean of already trimmed task vectors."""
+def disjoint_mean(taus: Sequence[torch.Tensor], sign_tie: str = "zero") -> torch.Tensor:
+    """TIES sign election and disjoint mean of already trimmed task vectors; ``sign_tie`` is the
+    sign elected where the entries sum to exactly 0 (``zero``: none agrees; ``positive``: +1)."""
+    if sign_tie not in SIGN_TIES:
+        raise ValueError(f"sign_tie must be one of {SIGN_TIES}, got {sign_tie!r}")
     stacked = torch.stack(list(taus))
-    sign = torch.sign(stacked.sum(dim=0))
+    total = stacked.sum(dim=0)
+    sign = torch.sign(total) if sign_tie == "zero" else torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
     count = agree.sum(dim=0).clamp_min(1)
     return (stacked * agree).sum(dim=0) / count
@@ -49,8 +67,10 @@ def task_vector_merge(
     scale: float = 1.0,
     density: float = 1.0,
     consensus: str | None = None,
+    sign_tie: str = "zero",
 ) -> dict[str, torch.Tensor]:
-    """Pure function on state dicts: θ_0 + λ · combine(trim(θ_k - θ_0))."""
+    """Pure function on state dicts: θ_0 + λ · combine(trim(θ_k - θ_0)); integer buffers from
+    the base; a negative merged ``running_var`` raises :class:`IncompatibleModelsError`."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density}")
     if consensus not in (None, "sign"):
@@ -61,8 +81,13 @@ def task_vector_merge(
             out[key] = t0.clone()
             continue
         taus = [trim(sd[key] - t0, density) for sd in experts]
-        combined = disjoint_mean(taus) if consensus == "sign" else sum(taus)
+        combined = disjoint_mean(taus, sign_tie) if consensus == "sign" else sum(taus)
         out[key] = t0 + scale * combined
+        if key.endswith("running_var") and (out[key] < 0).any():
+            raise IncompatibleModelsError(
+                f"the merge gives {key} {int((out[key] < 0).sum())} negative variance entries (scale {scale} "
+                f"with {len(experts)} experts extrapolates past them): fold BatchNorm first "
+                "(mergeq.nn.fold_bn, as the pipeline does) or use a smaller scale")
     return out
 
 
@@ -88,6 +113,7 @@ def task_arithmetic(models: Sequence[nn.Module], base: nn.Module | None = None, 
 
 @MERGE_METHODS.register("ties")
 def ties(models: Sequence[nn.Module], base: nn.Module | None = None, density: float = 0.2,
-         scale: float = 1.0) -> nn.Module:
-    """TIES-merging: trim to ``density``, elect signs, disjoint mean, θ_0 + λ τ_m."""
-    return _merge(models, base, "ties", scale=scale, density=density, consensus="sign")
+         scale: float = 1.0, sign_tie: Literal["zero", "positive"] = "zero") -> nn.Module:
+    """TIES-merging: trim to ``density``, elect signs (``sign_tie`` where the sum is 0),
+    disjoint mean, θ_0 + λ τ_m."""
+    return _merge(models, base, "ties", scale=scale, density=density, consensus="sign", sign_tie=sign_tie)

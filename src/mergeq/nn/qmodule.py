@@ -86,6 +86,12 @@ class QuantModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
+    def on_grid(self) -> bool:
+        """True if ``weight`` equals its codes (in the ``w_bits`` range) times ``w_step`` exactly."""
+        w = self.weight.detach()
+        return torch.equal(quantize_int(w, self.w_step, self.w_bits) * self.w_step, w)
+
+    @torch.no_grad()
     def finalize(self) -> None:
         """Bake the rounding into ``weight`` (on the grid) and return to round-to-nearest."""
         self.weight.data = self.w_quantizer.hard(self.weight, self.w_step, self.w_bits).detach().clone()

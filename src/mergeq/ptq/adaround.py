@@ -151,7 +151,7 @@ class AdaRoundHooks(ReconHooks):
             m.w_quantizer.soft, m.w_quantizer.beta, m.w_quantizer.reg = False, None, None
 
 
-@PTQ_METHODS.register("adaround")
+@PTQ_METHODS.register("adaround", options=AdaRoundOptions)
 def adaround(qmodel: nn.Module, ctx: PTQContext) -> None:
     """Layer-wise AdaRound: weight-only reconstruction of each layer's output (activation steps
     keep their MSE initialisation and are applied at inference)."""

@@ -15,10 +15,13 @@ import torch
 from torch import nn
 
 from ..data_utils import DataLike, as_tensor
+from ..errors import IncompatibleModelsError
+from ..merge.checks import check_mergeable
 from ..nn import calibrate_activations, fold_bn, prepare, quant_modules
 from ..quant import quantize_int
 from ..quant.config import QuantConfig
 from ..registry import PTQ_METHODS
+from ..typecheck import check_fields, hints_of
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,16 @@ class PTQContext:
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)  # what the method measured (recon losses)
+
+
+def check_options(method: str, options: dict[str, Any]) -> None:
+    """Refuse, before any work, option keys ``method`` does not take (its registered options
+    dataclass), values of the wrong type and values out of range; each error names the key."""
+    PTQ_METHODS.get(method)
+    cls = PTQ_METHODS.options(method)
+    check_fields(options, hints_of(cls) if cls is not None else {}, f"ptq_options.{method}.")
+    if cls is not None:
+        cls.from_kwargs(method, dict(options))
 
 
 def quantize(
@@ -59,6 +72,12 @@ def quantize(
     config = config or QuantConfig(w_bits=w_bits, a_bits=a_bits)
     if calib is None:
         raise ValueError("quantize needs calibration data (calib=...): a tensor, Dataset or DataLoader")
+    if source is not None:  # HDRQ's distance target: refuse another architecture before any work
+        try:
+            check_mergeable([model, source])
+        except IncompatibleModelsError as e:
+            raise IncompatibleModelsError(f"the source model does not match the model to quantize "
+                                          f"(model 0: the model, model 1: the source): {e}") from None
     x = as_tensor(calib, limit=calib_size)
     device = torch.device(device)
     model = copy.deepcopy(model).to(device).eval()

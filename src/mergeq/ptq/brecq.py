@@ -21,6 +21,6 @@ def block_adaround(qmodel: nn.Module, ctx: PTQContext, method: str, defaults: di
     reconstruct(qmodel, ctx, AdaRoundHooks(opts, learn_act=ctx.config.a_bits is not None), opts)
 
 
-@PTQ_METHODS.register("brecq")
+@PTQ_METHODS.register("brecq", options=AdaRoundOptions)
 def brecq(qmodel: nn.Module, ctx: PTQContext) -> None:
     block_adaround(qmodel, ctx, "brecq", {"drop_prob": 0.0})

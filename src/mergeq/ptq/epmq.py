@@ -40,6 +40,7 @@ one independent term per group, and W* and GPTQ are computed group by group.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,7 +54,12 @@ from ..registry import PTQ_METHODS
 from .base import PTQContext
 from .gptq import GPTQOptions, group_rows, input_hessian, layer_order, quantize_layer
 
-_OWN = ("experts", "expert_calib", "anchor")
+_OWN = ("experts", "expert_calib")  # the experts and their data: objects, passed at call time
+
+
+@dataclass
+class EPMQOptions(GPTQOptions):
+    anchor: float = 1.0  # μ, the weight of the merged-weight anchoring term
 
 
 def _experts(ctx: PTQContext, experts, expert_calib) -> tuple[list[nn.Module], list[torch.Tensor]]:
@@ -118,13 +124,13 @@ def grouped_target(Wm: torch.Tensor, Ws: list[torch.Tensor], Gs: list[torch.Tens
     return torch.cat([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
-@PTQ_METHODS.register("epmq")
+@PTQ_METHODS.register("epmq", options=EPMQOptions)
 def epmq(qmodel: nn.Module, ctx: PTQContext) -> None:
     own = {k: ctx.options[k] for k in _OWN if k in ctx.options}
-    opts = GPTQOptions.from_kwargs("epmq", {k: v for k, v in ctx.options.items() if k not in _OWN}, _OWN)
-    anchor = float(own.get("anchor", 1.0))
+    opts = EPMQOptions.from_kwargs("epmq", {k: v for k, v in ctx.options.items() if k not in _OWN}, _OWN)
+    anchor = float(opts.anchor)
     if not anchor >= 0:
-        raise ValueError(f"epmq: anchor must be >= 0, got {own.get('anchor')!r}")
+        raise ValueError(f"epmq: anchor must be >= 0, got {opts.anchor!r}")
     experts, data = _experts(ctx, own.get("experts"), own.get("expert_calib"))
     qmodel.eval().requires_grad_(False)
     layers = layer_order(qmodel, ctx.calib[:2].to(ctx.device))

@@ -214,7 +214,7 @@ def quantize_layer(qm: QuantModule, H: torch.Tensor, opts: GPTQOptions, W: torch
         qm.w_step = S.reshape(qm.weight.shape).to(qm.w_step.dtype)
 
 
-@PTQ_METHODS.register("gptq")
+@PTQ_METHODS.register("gptq", options=GPTQOptions)
 def gptq(qmodel: nn.Module, ctx: PTQContext) -> None:
     opts = GPTQOptions.from_kwargs("gptq", ctx.options)
     qmodel.eval().requires_grad_(False)

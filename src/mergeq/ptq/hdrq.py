@@ -128,7 +128,7 @@ class HDRQHooks(ReconHooks):
                 m.w_step.data = m.w_step.data.abs().clamp_min(1e-8)
 
 
-@PTQ_METHODS.register("hdrq")
+@PTQ_METHODS.register("hdrq", options=HDRQOptions)
 def hdrq(qmodel: nn.Module, ctx: PTQContext) -> None:
     opts = HDRQOptions.from_kwargs("hdrq", ctx.options)
     if opts.distance and ctx.source is None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import PTQ_METHODS
+from .adaround import AdaRoundOptions
 from .base import PTQContext
 from .brecq import block_adaround
 
 
-@PTQ_METHODS.register("qdrop")
+@PTQ_METHODS.register("qdrop", options=AdaRoundOptions)
 def qdrop(qmodel: nn.Module, ctx: PTQContext) -> None:
     block_adaround(qmodel, ctx, "qdrop", {"drop_prob": 0.5})

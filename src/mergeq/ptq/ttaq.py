@@ -138,7 +138,7 @@ class TTAQHooks(AdaRoundHooks):
         return self.o.pcr_weight * pcr_loss(forward, x, x_fp, out, self._state, self.o.pcr_sigma, self.o.pcr_kind)
 
 
-@PTQ_METHODS.register("ttaq")
+@PTQ_METHODS.register("ttaq", options=TTAQOptions)
 def ttaq(qmodel: nn.Module, ctx: PTQContext) -> None:
     """QDrop + PEM + PCR (see the module docstring). Quantize with ``fold_bn=False`` for TTA."""
     opts = TTAQOptions.from_kwargs("ttaq", ctx.options)

@@ -1,0 +1,234 @@
+"""Checkpoints and the model cache lose nothing: one file per checkpoint, written atomically,
+verified on read; a bad cache entry is rebuilt, a swapped one detected (issue 15, data loss)."""
+import json
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
+
+from mergeq import io as mio
+from mergeq import zoo
+from mergeq.adapt import ShotConfig, SourceConfig
+from mergeq.cli import main
+from mergeq.errors import CheckpointError
+from mergeq.io import META_KEY, load_checkpoint, save_checkpoint
+from mergeq.models import build_model
+from mergeq.ptq import quantize
+from mergeq.quant import QuantConfig
+from mergeq.zoo import ModelPool, model_from_checkpoint, save_model
+
+META = {"arch": "resnet8", "arch_kwargs": {"width": 8}, "num_classes": 10}
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("resnet8", 10, width=8).eval()
+
+
+def _legacy(path, state, meta) -> None:
+    """A checkpoint in the earlier two-file form: safetensors + JSON sidecar."""
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt", "mergeq": "1"})
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def _rewrite_meta(path, **changes) -> None:
+    """Edit a one-file checkpoint's header metadata as a user with a hex editor would (digest kept)."""
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    meta = {**json.loads(header[META_KEY]), **changes}
+    path.write_bytes(st_save(tensors, metadata={**header, META_KEY: json.dumps(meta)}))
+
+
+def test_out_ending_in_json_keeps_the_weights(tmp_path):
+    """`--out merged.json`: the metadata once overwrote the weights it described, exit 0."""
+    paths = []
+    for i in range(2):
+        paths.append(save_model(_model(i), tmp_path / f"e{i}.safetensors", META))
+    out = tmp_path / "merged.json"
+    assert main(["merge", *map(str, paths), "--out", str(out)]) == 0
+    merged, meta = model_from_checkpoint(out)
+    assert meta["role"] == "merged"
+    expected = (_model(0).conv1.weight + _model(1).conv1.weight) / 2
+    assert torch.allclose(merged.conv1.weight, expected)
+    assert json.loads((tmp_path / "merged.report.json").read_text())["method"] == "average"
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3])
+def test_crash_between_writes_leaves_old_or_new_checkpoint(tmp_path, monkeypatch, crash_at):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint({"w": torch.zeros(4)}, path, {"v": "old"})
+    calls = []
+    real = os.replace
+
+    def crashing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == crash_at:
+            raise OSError("injected crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", crashing_replace)
+    try:
+        save_checkpoint({"w": torch.ones(4)}, path, {"v": "new"})
+    except OSError:
+        pass
+    monkeypatch.undo()
+    tensors, meta = load_checkpoint(path)
+    assert (meta["v"], float(tensors["w"][0])) in {("old", 0.0), ("new", 1.0)}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_digest_catches_changed_tensor_bytes(tmp_path):
+    path = save_checkpoint({"w": torch.arange(64, dtype=torch.float32)}, tmp_path / "m.safetensors", {})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+
+
+def test_earlier_two_file_checkpoints_still_load(tmp_path):
+    model = _model()
+    path = tmp_path / "old.safetensors"
+    _legacy(path, model.state_dict(), META)
+    loaded, meta = model_from_checkpoint(path)
+    assert meta == META and torch.equal(loaded.conv1.weight, model.conv1.weight)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_outputs_get_the_umask_mode(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        ckpt = save_checkpoint({"w": torch.zeros(1)}, tmp_path / "m.safetensors", {})
+        text = mio.write_json(tmp_path / "r.json", {})
+    finally:
+        os.umask(old)
+    for p in (ckpt, text):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# --- the model cache -------------------------------------------------------------------------
+
+def _pool(tmp_path, monkeypatch, calls):
+    def fake_train(model, data, cfg, seed, device, progress):
+        calls.append("source")
+        return model
+
+    def fake_shot(source, data, cfg, seed, device, progress):
+        calls.append(data)  # the domain name stands in for its data
+        return _model(seed=len(calls))
+
+    monkeypatch.setattr(zoo, "train_source", fake_train)
+    monkeypatch.setattr(zoo, "shot", fake_shot)
+    bench = SimpleNamespace(name="digits", num_classes=10, source=SimpleNamespace(name="mnist", train=None),
+                            targets={"uci": SimpleNamespace(train="uci"), "noisy": SimpleNamespace(train="noisy")})
+    return ModelPool(bench, "resnet8", {"width": 8}, SourceConfig(epochs=1), ShotConfig(epochs=1), 0,
+                     tmp_path / "cache")
+
+
+def test_truncated_cache_entry_is_rebuilt_with_a_log_line(tmp_path, monkeypatch, caplog):
+    calls = []
+    pool = _pool(tmp_path, monkeypatch, calls)
+    first = pool.source()
+    path = next((tmp_path / "cache").glob("source-*.safetensors"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # a crash (or full disk) of an earlier writer
+    with caplog.at_level(logging.WARNING, logger="mergeq.zoo"):
+        again = pool.source()
+    assert calls == ["source", "source"]
+    assert "rebuilding cache entry" in caplog.text and path.name in caplog.text
+    assert torch.equal(first.conv1.weight, again.conv1.weight)
+    pool.source()  # the rebuilt entry is good: reused
+    assert calls == ["source", "source"]
+
+
+def test_swapped_cache_entry_is_detected(tmp_path, monkeypatch, caplog):
+    calls = []
+    pool = _pool(tmp_path, monkeypatch, calls)
+    uci, noisy = pool.expert("uci"), pool.expert("noisy")
+    cache = tmp_path / "cache"
+    uci_path, noisy_path = (next(cache.glob(f"expert-{d}-*.safetensors")) for d in ("uci", "noisy"))
+    uci_path.write_bytes(noisy_path.read_bytes())  # another expert's weights under uci's key
+    with caplog.at_level(logging.WARNING, logger="mergeq.zoo"):
+        again = pool.expert("uci")
+    assert calls.count("uci") == 2 and "holds another model" in caplog.text
+    assert not torch.equal(again.conv1.weight, noisy.conv1.weight)
+    assert uci is not again
+
+
+def test_earlier_two_file_cache_entries_are_reused_and_checked(tmp_path, monkeypatch):
+    calls = []
+    pool = _pool(tmp_path, monkeypatch, calls)
+    pool.source()
+    path = next((tmp_path / "cache").glob("source-*.safetensors"))
+    state, meta = load_checkpoint(path)
+    meta.pop("cache_key")
+    _legacy(path, state, meta)
+    pool.source()
+    assert calls == ["source"]  # reused
+    _legacy(path, state, {**meta, "domain": "uci"})  # a legacy entry of another model
+    pool.source()
+    assert calls == ["source", "source"]
+
+
+# --- what a checkpoint's metadata may claim ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def w4_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "q.safetensors"
+    cfg = QuantConfig(4, None, step_method="absmax")  # the fastest: the checks, not the grid, are tested
+    q = quantize(_model(), "rtn", calib=torch.randn(4, 3, 32, 32), config=cfg)
+    save_model(q, path, {**META, "bits": "W4A32"})
+    return path
+
+
+def test_bit_width_edited_below_the_stored_codes_is_refused(w4_checkpoint, tmp_path):
+    _, meta = model_from_checkpoint(w4_checkpoint)
+    name = next(n for n, (w, _) in meta["quant_layers"].items() if w == 4)
+    edited = tmp_path / "w2.safetensors"
+    edited.write_bytes(w4_checkpoint.read_bytes())
+    _rewrite_meta(edited, quant_layers={**meta["quant_layers"], name: [2, None]})
+    with pytest.raises(CheckpointError, match=f"{name}.*2 bits"):
+        model_from_checkpoint(edited)
+    legacy = tmp_path / "legacy.safetensors"  # the issue's case: a sidecar edited from W4 to W2
+    state, _ = load_checkpoint(w4_checkpoint)
+    _legacy(legacy, state, {**meta, "quant_layers": {k: [2, v[1]] if v[0] == 4 else v
+                                                     for k, v in meta["quant_layers"].items()}})
+    assert main(["merge", str(legacy), str(legacy), "--out", str(tmp_path / "m.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"quant_layers": {"layer9.conv": [4, 4]}}, "quant_layers names 'layer9.conv'"),
+    ({"arch_kwargs": [16]}, "arch_kwargs must be a dict"),
+    ({"arch_kwargs": {"width": "wide"}}, "cannot be built"),
+    ({"num_classes": "ten"}, "num_classes must be a int"),
+    ({"quant_layers": {"conv1": "W4"}}, r"quant_layers\['conv1'\]"),
+    ({"folded_bn": ["nosuch.bn"]}, "folded_bn names 'nosuch.bn'"),
+])
+def test_bad_metadata_is_named_before_any_work(w4_checkpoint, tmp_path, changes, match, capsys):
+    edited = tmp_path / "e.safetensors"
+    edited.write_bytes(w4_checkpoint.read_bytes())
+    _rewrite_meta(edited, **changes)
+    with pytest.raises(CheckpointError, match=match):
+        model_from_checkpoint(edited)
+    assert main(["export", "--model", str(edited), "--out", str(tmp_path / "p.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_inflated_arch_kwargs_are_refused_from_the_header_before_allocating(tmp_path, monkeypatch):
+    path = save_model(_model(), tmp_path / "m.safetensors", META)
+    _rewrite_meta(path, arch_kwargs={"width": 512})
+    devices = []
+    real = zoo.build_model
+    monkeypatch.setattr(zoo, "build_model", lambda *a, **k: devices.append(torch.get_default_device().type)
+                        or real(*a, **k))
+    with pytest.raises(CheckpointError, match="has shape .* needs"):
+        model_from_checkpoint(path)
+    assert devices == ["meta"]
