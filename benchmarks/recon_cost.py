@@ -16,14 +16,25 @@ shared machine distorts them as little as possible; each measurement follows a f
 warm-up steps (oneDNN primitive creation, allocator growth). ``--profile UNIT`` instead runs torch.profiler (wall
 clock) over the steps of one unit per method and prints where the time goes, by operator.
 
+``--baseline OLD/src`` measures another checkout (e.g. ``git worktree add /tmp/old d688ed4``)
+and this one in alternating subprocesses, the same settings for both, and prints the ratios
+before and after side by side (the FP reference is the minimum of both sides' measurements).
+
     PYTHONPATH=src python benchmarks/recon_cost.py --threads 1
+    PYTHONPATH=src python benchmarks/recon_cost.py --threads 1 --baseline /tmp/old/src
     PYTHONPATH=src python benchmarks/recon_cost.py --threads 1 --model resnet20 --profile layer2.1
+    PYTHONPATH=src python benchmarks/recon_cost.py --threads 1 --methods qdrop --compile layer2.0
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,7 +43,7 @@ from mergeq.nn import calibrate_activations, fold_bn, prepare, quant_modules
 from mergeq.nn.blocks import partition
 from mergeq.ptq.adaround import AdaRoundHooks, AdaRoundOptions
 from mergeq.ptq.hdrq import HDRQHooks, HDRQOptions
-from mergeq.ptq.recon import capture, rec_loss, reconstruct_unit
+from mergeq.ptq.recon import capture, reconstruct_unit
 from mergeq.ptq.ttaq import TTAQHooks, TTAQOptions
 from mergeq.quant.config import QuantConfig
 
@@ -52,8 +63,14 @@ def hooks_for(method: str, iters: int, bs: int, source):
     return AdaRoundHooks(o, learn_act=method != "adaround", quant_act=method != "adaround"), o
 
 
+def plain_loss(out, y):
+    """BRECQ's reconstruction error, written out so that every version of mergeq is measured
+    against the same reference."""
+    return (out - y).pow(2).sum(1).mean()
+
+
 def fp_step_time(unit, x, y, reps: int) -> float:
-    """Seconds per plain FP forward + backward (rec_loss) of ``unit`` on batches of ``x``."""
+    """Seconds per plain FP forward + backward (squared error) of ``unit`` on batches of ``x``."""
     unit = copy.deepcopy(unit).requires_grad_(True)
     bs = len(x) // 4
 
@@ -61,7 +78,7 @@ def fp_step_time(unit, x, y, reps: int) -> float:
         for i in range(n):
             j = (i % 4) * bs
             unit.zero_grad(set_to_none=True)
-            rec_loss(unit(x[j : j + bs]), y[j : j + bs]).backward()
+            plain_loss(unit(x[j : j + bs]), y[j : j + bs]).backward()
 
     run(WARMUP)
     t = time.process_time()
@@ -134,6 +151,66 @@ def profile(method: str, fp, q, calib, iters: int, bs: int, unit: str, top: int)
     print(f"| all operators | {total / 1e3 / iters:.3f} | 100% | {sum(e.count for e in events) / iters:.0f} |")
 
 
+def compile_check(method: str, fp, q, calib, bs: int, unit: str, reps: int = 30) -> None:
+    """The step's forward + loss + backward of one unit, eager against ``torch.compile`` (the
+    compile time, then CPU ms per step of each; weights and act steps train, no optimizer)."""
+    name, u, data, _ = next(j for j in unit_jobs(method, fp, q, calib, only=unit) if j[0] == unit)
+    hooks, opts = hooks_for(method, 1000, bs, fp)
+    layers = [(f"{name}.{n}" if n else name, m) for n, m in quant_modules(u)]
+    for p in hooks.setup(layers):
+        p.requires_grad_(True)
+    for _, m in layers:
+        if m.act_quant is not None:
+            m.act_quant.train()
+            m.act_quant.drop_prob = opts.drop_prob
+            m.act_quant.step.requires_grad_(True)
+    x, y = data[0][:bs].clone(), data[2][:bs].clone()
+
+    def step(x, y):
+        return plain_loss(u(x), y)
+
+    t = time.perf_counter()
+    compiled = torch.compile(step)
+    compiled(x, y).backward()
+    print(f"\n{method} {unit}: torch.compile took {time.perf_counter() - t:.1f} s (first call)")
+    for fn, label in ((step, "eager"), (compiled, "compiled")):
+        for _ in range(WARMUP):
+            fn(x, y).backward()
+        t = time.process_time()
+        for _ in range(reps):
+            fn(x, y).backward()
+        print(f"  {label}: {1e3 * (time.process_time() - t) / reps:.2f} ms per forward + backward")
+
+
+def summary(rows) -> dict:
+    step, base = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    worst = max(rows, key=lambda r: r[1] / r[2])
+    return {"units": len(rows), "step_ms": 1e3 * step / len(rows), "fp_ms": 1e3 * base / len(rows),
+            "ratio": step / base, "worst": f"{worst[1] / worst[2]:.1f} ({worst[0]})", "rows": rows}
+
+
+def compare(args, methods: list[str]) -> None:
+    """Each method measured by this checkout and by ``--baseline`` in alternating subprocesses."""
+    here = str(Path(__file__).resolve().parents[1] / "src")
+    cmd = [sys.executable, __file__, "--json", "--model", args.model, "--iters", str(args.iters),
+           "--batch", str(args.batch), "--threads", str(args.threads or 1), "--repeat", "1"]
+    print(f"\n| method | units | ratio before | ratio after | step ms before | step ms after | FP f+b ms | "
+          f"speed-up |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method in methods:
+        best: dict[str, dict] = {}
+        for _ in range(args.repeat):
+            for side, src in (("before", args.baseline), ("after", here)):
+                env = {**os.environ, "PYTHONPATH": src}
+                out = subprocess.run(cmd + ["--methods", method], env=env, check=True, capture_output=True, text=True)
+                rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+                prev = best.get(side, {r[0]: r for r in rows})
+                best[side] = {r[0]: (r[0], min(r[1], prev[r[0]][1]), min(r[2], prev[r[0]][2])) for r in rows}
+        b, a = summary(list(best["before"].values())), summary(list(best["after"].values()))
+        fp = min(b["fp_ms"], a["fp_ms"])
+        print(f"| {method} | {a['units']} | {b['step_ms'] / fp:.2f} | {a['step_ms'] / fp:.2f} | {b['step_ms']:.2f} "
+              f"| {a['step_ms']:.2f} | {fp:.2f} | {b['step_ms'] / a['step_ms']:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet8")
@@ -146,26 +223,41 @@ def main() -> None:
     ap.add_argument("--per-unit", action="store_true", help="also print every unit's ratio")
     ap.add_argument("--repeat", type=int, default=3,
                     help="alternating measurements per unit; the minimum counts (robust to other load)")
+    ap.add_argument("--baseline", metavar="SRC", default=None,
+                    help="the src/ folder of another checkout: measure both, alternating, in one run")
+    ap.add_argument("--compile", metavar="UNIT", default=None,
+                    help="time torch.compile against eager for one unit's step (forward + loss + backward)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.baseline:
+        print(f"{args.model}, {args.threads or 1} thread(s), batch {args.batch}, {args.iters} steps per unit; "
+              f"before = {args.baseline}, after = this checkout; minimum of {args.repeat} alternating runs")
+        return compare(args, methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     fp, q, calib = setup(args.model)
+    if args.json:
+        for method in methods:
+            print(json.dumps(summary(measure(method, fp, q, calib, args.iters, args.batch, args.repeat))))
+        return
     print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, "
           f"{args.iters} steps per unit")
     if args.profile:
         for method in methods:
             profile(method, fp, q, calib, args.iters, args.batch, args.profile, args.top)
         return
+    if args.compile:
+        for method in methods:
+            compile_check(method, fp, q, calib, args.batch, args.compile)
+        return
     print(f"\n| method | units | step ms (mean) | FP f+b ms (mean) | ratio | max unit ratio |\n|---|---:|---:|---:|---:|---|")
     for method in methods:
-        rows = measure(method, fp, q, calib, args.iters, args.batch, args.repeat)
-        step, base = sum(r[1] for r in rows), sum(r[2] for r in rows)
-        worst = max(rows, key=lambda r: r[1] / r[2])
+        res = summary(measure(method, fp, q, calib, args.iters, args.batch, args.repeat))
         if args.per_unit:
-            print("  " + ", ".join(f"{n} {1e3 * a:.2f}/{1e3 * b:.2f}={a / b:.2f}" for n, a, b in rows))
-        print(f"| {method} | {len(rows)} | {1e3 * step / len(rows):.2f} | {1e3 * base / len(rows):.2f} "
-              f"| {step / base:.2f} | {worst[1] / worst[2]:.1f} ({worst[0]}) |")
+            print("  " + ", ".join(f"{n} {1e3 * a:.2f}/{1e3 * b:.2f}={a / b:.2f}" for n, a, b in res["rows"]))
+        print(f"| {method} | {res['units']} | {res['step_ms']:.2f} | {res['fp_ms']:.2f} | {res['ratio']:.2f} "
+              f"| {res['worst']} |", flush=True)
 
 
 if __name__ == "__main__":
