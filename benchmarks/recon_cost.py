@@ -6,7 +6,10 @@ full-precision forward + backward (squared-error loss, no optimizer) of the same
 batches of the same size, interleaved in one run. Per method it prints
 
 * ``ratio``: Σ_units step time / Σ_units FP forward+backward time (the cost of reconstructing
-  the whole model relative to training it in full precision for as many steps), and
+  the whole model relative to training it in full precision for as many steps),
+* the same against an FP forward+backward that also computes the unit input's gradient: a
+  method that learns the step of a quantizer reading the unit's input (all but AdaRound here)
+  needs that gradient, which the plain reference does not compute, and
 * ``max unit``: the largest per-unit ratio with its unit (the classifier head of 64 x 10
   weights costs 0.05 ms to run forward+backward, so any fixed per-step work dominates it).
 
@@ -69,8 +72,10 @@ def plain_loss(out, y):
     return (out - y).pow(2).sum(1).mean()
 
 
-def fp_step_time(unit, x, y, reps: int) -> float:
-    """Seconds per plain FP forward + backward (squared error) of ``unit`` on batches of ``x``."""
+def fp_step_time(unit, x, y, reps: int, input_grad: bool = False) -> float:
+    """Seconds per plain FP forward + backward (squared error) of ``unit`` on batches of ``x``
+    (``input_grad``: also the gradient of the unit's input, which learning a quantizer that
+    reads the input needs)."""
     unit = copy.deepcopy(unit).requires_grad_(True)
     bs = len(x) // 4
 
@@ -78,7 +83,7 @@ def fp_step_time(unit, x, y, reps: int) -> float:
         for i in range(n):
             j = (i % 4) * bs
             unit.zero_grad(set_to_none=True)
-            plain_loss(unit(x[j : j + bs]), y[j : j + bs]).backward()
+            plain_loss(unit(x[j : j + bs].requires_grad_(input_grad)), y[j : j + bs]).backward()
 
     run(WARMUP)
     t = time.process_time()
@@ -113,9 +118,10 @@ def run_unit(method: str, name: str, unit, data, iters: int, bs: int, source) ->
 
 
 def measure(method: str, fp, q, calib, iters: int, bs: int, repeat: int):
-    """[(unit, step s, FP f+b s)]: each the minimum over ``repeat`` alternating measurements."""
+    """[(unit, step s, FP f+b s, FP f+b with input gradient s)]: each the minimum over ``repeat``
+    alternating measurements."""
     jobs = list(unit_jobs(method, fp, q, calib))
-    best = {name: [float("inf"), float("inf")] for name, *_ in jobs}
+    best = {name: [float("inf")] * 3 for name, *_ in jobs}
     for _ in range(repeat):
         for name, u, data, fp_unit in jobs:
             run_unit(method, name, copy.deepcopy(u), data, WARMUP, bs, fp)
@@ -123,7 +129,9 @@ def measure(method: str, fp, q, calib, iters: int, bs: int, repeat: int):
             t = time.process_time()
             run_unit(method, name, copy.deepcopy(u), data, iters, bs, fp)
             best[name][0] = min(best[name][0], (time.process_time() - t) / iters)
-            best[name][1] = min(best[name][1], fp_step_time(fp_unit, data[1][: 4 * bs], data[2][: 4 * bs], iters))
+            x, y = data[1][: 4 * bs].clone(), data[2][: 4 * bs]
+            best[name][1] = min(best[name][1], fp_step_time(fp_unit, x, y, iters))
+            best[name][2] = min(best[name][2], fp_step_time(fp_unit, x, y, iters, input_grad=True))
     return [(name, *best[name]) for name, *_ in jobs]
 
 
@@ -183,10 +191,11 @@ def compile_check(method: str, fp, q, calib, bs: int, unit: str, reps: int = 30)
 
 
 def summary(rows) -> dict:
-    step, base = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    step, base, base_in = (sum(r[k] for r in rows) for k in (1, 2, 3))
     worst = max(rows, key=lambda r: r[1] / r[2])
     return {"units": len(rows), "step_ms": 1e3 * step / len(rows), "fp_ms": 1e3 * base / len(rows),
-            "ratio": step / base, "worst": f"{worst[1] / worst[2]:.1f} ({worst[0]})", "rows": rows}
+            "fp_in_ms": 1e3 * base_in / len(rows), "ratio": step / base, "ratio_in": step / base_in,
+            "worst": f"{worst[1] / worst[2]:.1f} ({worst[0]})", "rows": rows}
 
 
 def compare(args, methods: list[str]) -> None:
@@ -194,8 +203,9 @@ def compare(args, methods: list[str]) -> None:
     here = str(Path(__file__).resolve().parents[1] / "src")
     cmd = [sys.executable, __file__, "--json", "--model", args.model, "--iters", str(args.iters),
            "--batch", str(args.batch), "--threads", str(args.threads or 1), "--repeat", "1"]
-    print(f"\n| method | units | ratio before | ratio after | step ms before | step ms after | FP f+b ms | "
-          f"speed-up |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| method | units | ratio before | ratio after | after / FP f+b with input grad | step ms before "
+          "| step ms after | FP f+b ms | FP f+b with input grad ms | speed-up |\n|---|---:|---:|---:|---:|---:|---:|"
+          "---:|---:|---:|")
     for method in methods:
         best: dict[str, dict] = {}
         for _ in range(args.repeat):
@@ -204,11 +214,12 @@ def compare(args, methods: list[str]) -> None:
                 out = subprocess.run(cmd + ["--methods", method], env=env, check=True, capture_output=True, text=True)
                 rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
                 prev = best.get(side, {r[0]: r for r in rows})
-                best[side] = {r[0]: (r[0], min(r[1], prev[r[0]][1]), min(r[2], prev[r[0]][2])) for r in rows}
+                best[side] = {r[0]: (r[0], *(min(r[k], prev[r[0]][k]) for k in (1, 2, 3))) for r in rows}
         b, a = summary(list(best["before"].values())), summary(list(best["after"].values()))
-        fp = min(b["fp_ms"], a["fp_ms"])
-        print(f"| {method} | {a['units']} | {b['step_ms'] / fp:.2f} | {a['step_ms'] / fp:.2f} | {b['step_ms']:.2f} "
-              f"| {a['step_ms']:.2f} | {fp:.2f} | {b['step_ms'] / a['step_ms']:.2f}x |", flush=True)
+        fp, fp_in = min(b["fp_ms"], a["fp_ms"]), min(b["fp_in_ms"], a["fp_in_ms"])
+        print(f"| {method} | {a['units']} | {b['step_ms'] / fp:.2f} | {a['step_ms'] / fp:.2f} | "
+              f"{a['step_ms'] / fp_in:.2f} | {b['step_ms']:.2f} | {a['step_ms']:.2f} | {fp:.2f} | {fp_in:.2f} "
+              f"| {b['step_ms'] / a['step_ms']:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -251,13 +262,14 @@ def main() -> None:
         for method in methods:
             compile_check(method, fp, q, calib, args.batch, args.compile)
         return
-    print(f"\n| method | units | step ms (mean) | FP f+b ms (mean) | ratio | max unit ratio |\n|---|---:|---:|---:|---:|---|")
+    print("\n| method | units | step ms (mean) | FP f+b ms (mean) | ratio | ratio to FP f+b with input grad "
+          "| max unit ratio |\n|---|---:|---:|---:|---:|---:|---|")
     for method in methods:
         res = summary(measure(method, fp, q, calib, args.iters, args.batch, args.repeat))
         if args.per_unit:
-            print("  " + ", ".join(f"{n} {1e3 * a:.2f}/{1e3 * b:.2f}={a / b:.2f}" for n, a, b in res["rows"]))
+            print("  " + ", ".join(f"{n} {1e3 * a:.2f}/{1e3 * b:.2f}={a / b:.2f}" for n, a, b, _ in res["rows"]))
         print(f"| {method} | {res['units']} | {res['step_ms']:.2f} | {res['fp_ms']:.2f} | {res['ratio']:.2f} "
-              f"| {res['worst']} |", flush=True)
+              f"| {res['ratio_in']:.2f} | {res['worst']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ class ReconHooks:
                   out: torch.Tensor) -> torch.Tensor | float:
         """Extra loss term that needs the unit itself (TTAQ's PCR): ``forward(x, x_fp)`` runs the
         unit as the step does (QDrop's input rule included) and gave ``out`` for this step's
-        inputs ``x`` (quantized path) and ``x_fp``. The default adds nothing."""
+        inputs ``x`` (quantized path) and ``x_fp`` (None when the unit does not drop). The default
+        adds nothing."""
         return 0.0
 
     def finish(self, layers: Layers) -> None:
@@ -167,7 +168,7 @@ class UnitBatches:
         self.k = 0
 
     def next(self) -> list[torch.Tensor]:
-        """(x_q, x_fp, y_fp) batches; valid until the next call."""
+        """One batch of each tensor, the same rows; valid until the next call."""
         if not self.staged:
             idx = torch.randint(self.n, (self.bs,), device=self.src[0].device)
             return [torch.index_select(t, 0, idx, out=b[0]) for t, b in zip(self.src, self.bufs)]
@@ -245,11 +246,15 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
                 x = torch.lerp(x, x_fp, keep)
         return unit(x)
 
-    batches = UnitBatches(data, opts.batch_size, device)
+    x_q, x_fp_all, y_fp = data  # x_fp is read only by QDrop's input rule
+    batches = UnitBatches((x_q, x_fp_all, y_fp) if p_drop > 0 else (x_q, y_fp), opts.batch_size, device)
     loss = torch.tensor(float("nan"))
     for t in range(opts.iters):
         hooks.on_step(t, opts.iters, layers)
-        x, x_fp, y = batches.next()
+        if p_drop > 0:
+            x, x_fp, y = batches.next()
+        else:
+            (x, y), x_fp = batches.next(), None
         hooks.before_forward()
         out = forward(x, x_fp)
         loss = rec_loss(out, y) + hooks.penalty(t, opts.iters, layers)

@@ -88,7 +88,7 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def pcr_loss(forward, x: torch.Tensor, x_fp: torch.Tensor, out: torch.Tensor, state: tuple, sigma: float,
+def pcr_loss(forward, x: torch.Tensor, x_fp: torch.Tensor | None, out: torch.Tensor, state: tuple, sigma: float,
              kind: str = "auto") -> torch.Tensor:
     """PCR term D(sg[out], F(x + δ)) for ``out = forward(x, x_fp)`` computed from random state
     ``state``: the perturbed pass (both inputs moved by the same δ) replays that state, so both
@@ -98,7 +98,7 @@ def pcr_loss(forward, x: torch.Tensor, x_fp: torch.Tensor, out: torch.Tensor, st
     delta = sigma * std * noise
     after = rng_state(x.device)
     set_rng_state(state, x.device)
-    pert = forward(x + delta, x_fp + delta)
+    pert = forward(x + delta, None if x_fp is None else x_fp + delta)
     set_rng_state(after, x.device)
     return consistency(out.detach(), pert, kind)
 
