@@ -15,7 +15,8 @@ torch thread each; the models of every seed are trained (or read from the cache)
 
 The config (YAML) gives ``seeds``, ``bits``, ``methods``, ``iters`` (budgets), ``variants``
 (name -> {method: {option: value}}; a variant applies to the methods it names, and the
-variant ``paper`` with no overrides to all) and any RunConfig field (``preset``, ...).
+variant ``paper`` with no overrides to all; the option ``step_method`` picks the weight grid the
+method starts from) and any RunConfig field (``preset``, ...).
 """
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def run_job(cfg: dict, job: tuple, out: str) -> dict:
     exp = Experiment(run_config(cfg, seed))
     w, a = parse_bits(bits)
     options = {**cfg["variants"][variant].get(method, {}), "iters": iters}
+    step_method = options.pop("step_method", exp.cfg.step_method)  # the weight grid a method starts from
     t0 = time.perf_counter()
-    q = exp.quantize_experts(method, QuantConfig(w, a, exp.cfg.first_last_bits, exp.cfg.step_method), **options)
+    q = exp.quantize_experts(method, QuantConfig(w, a, exp.cfg.first_last_bits, step_method), **options)
     seconds = time.perf_counter() - t0
     from mergeq.eval import accuracy
 
