@@ -4,7 +4,7 @@
 ``load_benchmark`` returns (source and targets, each with a ``train`` split, for targets the
 unlabeled adaptation / calibration data, and a labelled ``test`` split), with ``bench.spec`` set
 to the *resolved* spec: every default filled in, paths absolute, and the outcome of the seed
-(class list, split sizes, split fingerprints). Loading the resolved spec again with the same
+(class list, split sizes, fingerprints of their files). Loading the resolved spec again with the same
 seed gives the same splits, and refuses a folder whose files changed since (the fingerprints
 differ). Kinds::
 
@@ -112,7 +112,7 @@ def _folder(spec: FolderData, seed: int) -> Benchmark:
         got = found["splits"].get(d)
         if got is not None and want.get("fingerprint") not in (None, got["fingerprint"]):
             raise FolderDataError(f"data.splits.{d}: the files of domain {d!r} under {spec.root} changed since the "
-                                  f"config was written (split fingerprint {got['fingerprint']}, config "
+                                  f"config was written (files fingerprint {got['fingerprint']}, config "
                                   f"{want['fingerprint']}); remove data.splits to accept the new split")
     if spec.in_memory:
         for dom in (bench.source, *bench.targets.values()):
