@@ -51,6 +51,10 @@ def _converter(hint: Any):
     if origin is list:
         item = _converter(args[0])
         return lambda s: [item(p) for p in _csv(s)]
+    if hint is Any:  # an entry of an options mapping: the value as YAML reads it (3 -> int, true -> bool)
+        import yaml
+
+        return yaml.safe_load
     return hint if hint in (int, float) else str
 
 
@@ -102,7 +106,7 @@ def load_cli_config(args: argparse.Namespace, defaults: dict[str, Any] | None = 
     for dest, value in vars(args).items():
         if dest.startswith(PREFIX) and value is not None:
             set_path(data, dest[len(PREFIX):], value)
-    return Config.from_dict(data, args.config or "config")
+    return Config.from_dict(data, "config")
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -199,9 +203,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .experiments import steps
 
-    sampling = any(getattr(args, PREFIX + p) is not None for p in ("merge.rounding", "merge.rounding_options.samples"))
+    if args.method != "average" and any(getattr(args, PREFIX + p) is not None
+                                        for p in ("merge.rounding", "merge.rounding_options.samples")):
+        raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {args.method}")
     report = steps.merge_checkpoints(load_cli_config(args), args.experts, args.method, args.out, args.report,
-                                     args.base, sampling)
+                                     args.base)
     print(report.get("accuracy", "merged (no data metadata to evaluate on)"))
     return 0
 

@@ -19,7 +19,6 @@ The header metadata key ``mergeq`` holds JSON: ``format``, ``format_version``,
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections import Counter

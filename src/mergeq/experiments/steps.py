@@ -118,7 +118,7 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
 
 
 def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | Path, report: str | Path | None,
-                      base: str | None = None, sampling: bool = False) -> dict[str, Any]:
+                      base: str | None = None) -> dict[str, Any]:
     """Merge checkpoints (``average``: quantized experts stay quantized, merged with
     ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), save, evaluate when the
     checkpoints name their data and domains; the JSON report (also written to ``report``)."""
@@ -132,8 +132,6 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
         if rounding.startswith("noise"):
             options.setdefault("seed", cfg.runtime.seed)
         check_rounding_options(rounding, {k: v for k, v in options.items() if k not in ("rounding", "weights")})
-    elif sampling:
-        raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {method}")
     report_path = Path(report) if report else Path(out).with_suffix(".report.json")
     if report_path.resolve() == Path(out).resolve():
         raise MergeqError(f"the report path {report_path} is the checkpoint path: pass another --report")
