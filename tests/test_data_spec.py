@@ -19,13 +19,13 @@ PER_CLASS = 8
 
 
 def _image(cls: int, domain: int, i: int) -> Image.Image:
-    """A class shape (disc, horizontal or vertical bars) drawn in a domain's colours, size varying."""
+    """A class shape (disc, horizontal bars, vertical bars, ring, checkerboard) drawn in a domain's
+    colours, size varying."""
     h, w = 20 + 3 * (i % 3), 18 + 4 * (i % 2)
     yy, xx = np.mgrid[:h, :w]
-    if cls == 0:
-        mask = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2
-    else:
-        mask = ((yy if cls == 1 else xx) // 3) % 2 == 0
+    r = np.sqrt((yy - h / 2) ** 2 + (xx - w / 2) ** 2)
+    mask = [r < min(h, w) / 3, (yy // 3) % 2 == 0, (xx // 3) % 2 == 0, abs(r - min(h, w) / 3) < 2,
+            (yy // 3 + xx // 3) % 2 == 0][cls]
     rng = np.random.default_rng([cls, domain, i])
     bg = np.array([40 * domain, 90, 200 - 40 * domain])
     fg = np.array([230, 220 - 50 * domain, 30 + 60 * domain])

@@ -68,7 +68,7 @@ def _add_flags(p: argparse.ArgumentParser, table: dict[str, str], one: bool = Fa
             hint = typing.get_args(hint)[0]
         choices = list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
         parse = _converter(hint)
-        p.add_argument(flag, dest=PREFIX + path, default=None, choices=choices, help=HELP.get(path) or help_at(path),
+        p.add_argument(flag, dest=PREFIX + path, default=argparse.SUPPRESS, choices=choices, help=HELP.get(path) or help_at(path),
                        type=(lambda s, parse=parse: [parse(s)]) if one else parse,
                        metavar=flag.lstrip("-").replace("-", "_").upper() if choices is None else None)
 
@@ -103,8 +103,8 @@ def load_cli_config(args: argparse.Namespace, defaults: dict[str, Any] | None = 
             set_path(data, path, value)
     for text in getattr(args, "set", []):
         set_path(data, *parse_set(text))
-    for dest, value in vars(args).items():
-        if dest.startswith(PREFIX) and value is not None:
+    for dest, value in vars(args).items():  # only the flags given (their default: absent)
+        if dest.startswith(PREFIX):
             set_path(data, dest[len(PREFIX):], value)
     return Config.from_dict(data, "config")
 
@@ -203,7 +203,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .experiments import steps
 
-    if args.method != "average" and any(getattr(args, PREFIX + p) is not None
+    if args.method != "average" and any(hasattr(args, PREFIX + p)
                                         for p in ("merge.rounding", "merge.rounding_options.samples")):
         raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {args.method}")
     report = steps.merge_checkpoints(load_cli_config(args), args.experts, args.method, args.out, args.report,

@@ -422,8 +422,8 @@ def translate_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
         elif data[key] is not None or key not in ("arch", "arch_kwargs"):
             set_path(out, LEGACY[key], copy.deepcopy(data[key]))
             moved.append(f"{key} -> {LEGACY[key]}")
-    if isinstance(out.get("model"), dict) and "name" not in out["model"]:
-        out["model"]["name"] = presets.MODEL["name"]  # arch_kwargs without arch: the preset's model
+    if isinstance(out.get("model"), dict):  # the earlier resolution: the preset's name or kwargs where unset
+        out["model"] = {"name": presets.MODEL["name"], "kwargs": copy.deepcopy(presets.MODEL["kwargs"]), **out["model"]}
     log.warning("config in the earlier flat form; read as: %s", ", ".join(moved))
     return out
 
