@@ -241,3 +241,61 @@ def test_inflated_arch_kwargs_are_refused_from_the_header_before_allocating(tmp_
     with pytest.raises(CheckpointError, match="has shape .* needs"):
         model_from_checkpoint(path)
     assert devices == ["meta"]
+
+
+# --- your own model: template= and model specs; the format as docs/FORMAT.md describes it -------
+
+def test_any_model_loads_onto_a_template_and_a_spec_model_from_its_metadata(tmp_path):
+    from mergeq.deploy import load_packed, save_packed
+    from mergeq.nn.output import LogitsAdapter
+
+    from .conftest import tiny_resnet
+
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    q = quantize(tiny_resnet(), "rtn", calib=x, w_bits=4, a_bits=4)
+    path = save_model(q, tmp_path / "own.safetensors", {"num_classes": 10}, template=tiny_resnet())
+    with pytest.raises(CheckpointError, match="names no architecture .* template="):
+        model_from_checkpoint(path)
+    template = tiny_resnet()
+    loaded, meta = model_from_checkpoint(path, template=template)
+    assert torch.equal(loaded(x), q(x)) and meta["folded_bn"] and meta["quant_layers"]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in template.modules())  # the template is copied, not changed
+    with pytest.raises(CheckpointError, match="has shape"):  # a template of another size
+        model_from_checkpoint(path, template=torch.nn.Sequential(*list(tiny_resnet(5))))
+    # a spec model (here registered, with an output selector) is rebuilt from its metadata alone
+    spec = {"name": "resnet8", "kwargs": {"width": 4}, "output": "auto", "weights": None, "ignore": [],
+            "weights_sha256": None, "builder": None}
+    torch.manual_seed(0)
+    wrapped = LogitsAdapter(build_model("resnet8", 10, width=4)).eval()
+    qw = quantize(wrapped, "rtn", calib=torch.randn(8, 3, 32, 32), w_bits=4, a_bits=8)
+    spath = save_model(qw, tmp_path / "spec.safetensors", {"model": spec, "num_classes": 10})
+    again, _ = model_from_checkpoint(spath)
+    y = torch.randn(2, 3, 32, 32)
+    assert isinstance(again, LogitsAdapter) and torch.equal(again(y), qw(y))
+    packed = save_packed(again, tmp_path / "spec.packed.safetensors", model_from_checkpoint(spath)[1])
+    assert torch.equal(load_packed(packed)(y), qw(y))
+
+
+def test_plain_checkpoint_format_as_documented(w4_checkpoint):
+    """docs/FORMAT.md: the header's digest and the codes, read with numpy and hashlib only."""
+    import hashlib
+
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(w4_checkpoint), framework="np") as f:
+        header = f.metadata()
+        meta = json.loads(header["mergeq_meta"])
+        h = hashlib.sha256()
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            dtype = {"float32": "torch.float32", "bool": "torch.bool"}[str(t.dtype)]
+            h.update(f"{name}|{dtype}|{list(t.shape)}|".encode())
+            h.update(np.ascontiguousarray(t).tobytes())
+        assert h.hexdigest() == header["mergeq_sha256"]
+        for name, (w_bits, _) in meta["quant_layers"].items():
+            w, step = f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.w_step")
+            codes = np.round(w / step)
+            assert np.array_equal(codes * step, w) and codes.min() >= -2 ** (w_bits - 1) and \
+                codes.max() <= 2 ** (w_bits - 1) - 1

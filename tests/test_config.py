@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import glob
+import typing
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,20 @@ def test_the_default_config_is_the_earlier_default_run():
     new = dataclasses.replace(new, data=dataclasses.replace(new.data, targets=old.data.targets),
                               ptq=dataclasses.replace(new.ptq, options={m: new.ptq.options[m] for m in old.ptq.options}))
     assert new == dataclasses.replace(old, runtime=dataclasses.replace(old.runtime, cache_dir=new.runtime.cache_dir))
+
+
+def test_docs_config_names_every_entry():
+    from mergeq.data.spec import DigitsData, FolderData
+    from mergeq.experiments.config import LEGACY
+    from mergeq.models.spec import ModelSpec
+
+    text = (ROOT / "docs/CONFIG.md").read_text()
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        assert f"## {f.name}" in text, f"docs/CONFIG.md has no section {f.name}"
+    for cls in [*(hints[s] for s in ("adapt", "ptq", "merge", "pmq", "tta", "grid", "runtime")),
+                DigitsData, FolderData, ModelSpec]:
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in text, f"docs/CONFIG.md does not name {cls.__name__}.{f.name}"
+    for key in LEGACY:
+        assert f"`{key}`" in text or f"{key}`" in text, key

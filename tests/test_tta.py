@@ -301,3 +301,33 @@ def test_driver_smoke_and_resume(tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     assert main([*argv, "--streams", "balanced"]) == 0  # fewer rows asked for: none dropped
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+
+
+def test_driver_on_cifar10c_arrays(tmp_path, monkeypatch):
+    """``tta.cifar10c``: the stream's domains are the arrays, normalised as the data section says."""
+    import json
+
+    import numpy as np
+
+    from mergeq.cli import main
+    from mergeq.experiments import tta as T
+    from mergeq.models import build_model
+
+    folder = tmp_path / "CIFAR-10-C"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("fog", "snow"):
+        np.save(folder / f"{name}.npy", rng.integers(0, 256, (5 * 6, 32, 32, 3), dtype=np.uint8))
+    np.save(folder / "labels.npy", np.arange(30) % 10)
+    monkeypatch.setattr(T.Pool, "source", property(lambda self: build_model("resnet8", 10, width=4).eval()))
+    out = tmp_path / "run"
+    assert main(["tta", "--cifar10c", str(folder), "--corruptions", "snow,fog", "--severity", "2", "--methods",
+                 "fp,fp+tent", "--batch-size", "3", "--streams", "balanced", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["fp", "fp+tent"]
+    assert all(list(r["error"]) == ["snow", "fog"] and len(r["batch_error"]) == 4 for r in res["rows"])
+    stream = T.TTARows(T.Pool(T.Config.from_dict({"tta": {"cifar10c": str(folder), "corruptions": ["fog"]}}))
+                       ).stream("balanced")
+    x = stream[0][1].tensors[0]
+    torch.testing.assert_close(x.mean(dim=(2, 3)), torch.zeros(len(x), 3), atol=1e-5, rtol=0)  # standardised

@@ -185,32 +185,37 @@ class Pool:
                             progress=self.progress, **options)
                 for d, m in self.experts.items()}
 
-    def merge_and_evaluate(self, models: list[nn.Module], rounding: str | None = None,
-                           **options: Any) -> dict[str, Any]:
-        """Average ``models`` (quantized experts stay on a grid, merged with ``rounding``) and evaluate.
-
-        A sampling rounding (``noise``, ``noise-ties``) merges ``merge.repeats`` times with seeds
-        ``seed .. seed + repeats - 1`` (``seed``: the rounding's option, default ``runtime.seed``):
-        the accuracies are the means over the merges, and (for more than one merge) ``repeats``
-        holds the seeds, the hmean of each merge and their standard deviation (the HDRQ paper
-        reports the mean of 30 sampled merges)."""
+    def merged(self, models: list[nn.Module], rounding: str | None = None, **options: Any) -> nn.Module:
+        """``models`` averaged (quantized experts stay on a grid, merged with ``rounding``, default
+        ``merge.rounding`` with ``merge.rounding_options``; a sampling rounding draws with ``seed``,
+        default ``runtime.seed``)."""
         m = self.cfg.merge
         rounding = rounding or m.rounding
-        opts = {**(m.rounding_options if rounding == m.rounding else {}), **options}
-        extra = m.options.get("average", {})
+        opts = {**m.options.get("average", {}), **(m.rounding_options if rounding == m.rounding else {}), **options}
+        if rounding.startswith("noise"):
+            opts.setdefault("seed", self.seed)
+        return merge(models, rounding=rounding, **opts)
+
+    def merge_and_evaluate(self, models: list[nn.Module], rounding: str | None = None,
+                           **options: Any) -> dict[str, Any]:
+        """Merge ``models`` (:meth:`merged`) and evaluate on every target.
+
+        A sampling rounding (``noise``, ``noise-ties``) merges ``merge.repeats`` times with seeds
+        ``seed .. seed + repeats - 1``: the accuracies are the means over the merges, and (for more
+        than one merge) ``repeats`` holds the seeds, the hmean of each merge and their standard
+        deviation (the HDRQ paper reports the mean of 30 sampled merges)."""
+        rounding = rounding or self.cfg.merge.rounding
         if not rounding.startswith("noise"):
-            return evaluate(merge(models, rounding=rounding, **extra, **opts), self.tests, self.device)
-        base = opts.pop("seed", self.seed)
-        seeds = [base + k for k in range(m.repeats)]
-        runs = [evaluate(merge(models, rounding=rounding, seed=s, **extra, **opts), self.tests, self.device)
-                for s in seeds]
+            return evaluate(self.merged(models, rounding, **options), self.tests, self.device)
+        base = options.pop("seed", self.cfg.merge.rounding_options.get("seed", self.seed))
+        seeds = [base + k for k in range(self.cfg.merge.repeats)]
+        runs = [evaluate(self.merged(models, rounding, **options, seed=s), self.tests, self.device) for s in seeds]
         if len(runs) == 1:
             return runs[0]
         hmeans = [r["hmean"] for r in runs]
         mean = {d: statistics.mean(r[d] for r in runs) for d in self.targets}
         return {**mean, "hmean": statistics.mean(hmeans),
                 "repeats": {"seeds": seeds, "hmeans": hmeans, "std": statistics.stdev(hmeans)}}
-
 
 def qconfig(cfg: Config, bits: tuple[int, int | None], fold_bn: bool = True) -> QuantConfig:
     """The quantization of ``bits`` (w, a) with the config's first/last-layer bits and step search."""
