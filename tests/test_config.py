@@ -185,3 +185,16 @@ def test_docs_config_names_every_entry():
             assert f"`{f.name}`" in text, f"docs/CONFIG.md does not name {cls.__name__}.{f.name}"
     for key in LEGACY:
         assert f"`{key}`" in text or f"{key}`" in text, key
+
+
+def test_the_configs_in_the_docs_are_valid():
+    """Every ```yaml block of the README and docs/ is a config that loads (paths are not opened)."""
+    import re
+
+    import yaml
+
+    blocks = [b for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+              for b in re.findall(r"```yaml\n(.*?)```", f.read_text(), re.S)]
+    assert len(blocks) >= 4
+    for text in blocks:
+        Config.from_dict(yaml.safe_load(text))
