@@ -96,6 +96,8 @@ def test_office_home_folder_through_run_pmq_and_bench(office, tmp_path):
     cell = json.loads((bench / "cells" / "Art+Clipart__seed0__W4A4__rtn.json").read_text())
     assert cell["config"]["data"]["targets"] == ["Art", "Clipart"] and set(cell["merged"]) == {"Art", "Clipart", "hmean"}
     assert "| rtn |" in (bench / "results.md").read_text()
+    assert main(["data", "--config", str(office), "--out", str(tmp_path / "samples.png"), "--per-domain", "2"]) == 0
+    assert (tmp_path / "samples.png").stat().st_size > 0
 
 
 def test_builder_model_with_a_dict_output_through_run_and_pmq(office, tmp_path, monkeypatch):

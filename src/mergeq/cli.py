@@ -26,7 +26,8 @@ PTQ = {"--methods": "ptq.methods", "--bits": "ptq.bits", "--calib-size": "ptq.ca
        "--first-last-bits": "ptq.first_last_bits", "--step-method": "ptq.step_method"}
 PTQ_SETTINGS = {k: v for k, v in PTQ.items() if k not in ("--methods", "--bits")}
 MERGE = {"--rounding": "merge.rounding", "--samples": "merge.rounding_options.samples", "--repeats": "merge.repeats"}
-PMQ = {"--merges": "pmq.merges", "--methods": "pmq.methods", "--bits": "pmq.bits", "--anchor": "ptq.options.epmq.anchor"}
+PMQ = {"--merges": "pmq.merges", "--methods": "pmq.methods", "--bits": "pmq.bits",
+       "--anchor": "ptq.options.epmq.anchor"}
 TTA = {"--methods": "tta.methods", "--bits": "tta.bits", "--streams": "tta.streams", "--imbalance": "tta.imbalance",
        "--severity": "tta.severity", "--corruptions": "tta.corruptions", "--n-images": "tta.n_images",
        "--cifar10c": "tta.cifar10c", "--batch-size": "tta.batch_size", "--lr": "tta.tent.lr"}
@@ -68,7 +69,8 @@ def _add_flags(p: argparse.ArgumentParser, table: dict[str, str], one: bool = Fa
             hint = typing.get_args(hint)[0]
         choices = list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
         parse = _converter(hint)
-        p.add_argument(flag, dest=PREFIX + path, default=argparse.SUPPRESS, choices=choices, help=HELP.get(path) or help_at(path),
+        p.add_argument(flag, dest=PREFIX + path, default=argparse.SUPPRESS, choices=choices,
+                       help=HELP.get(path) or help_at(path),
                        type=(lambda s, parse=parse: [parse(s)]) if one else parse,
                        metavar=flag.lstrip("-").replace("-", "_").upper() if choices is None else None)
 
@@ -220,7 +222,8 @@ def cmd_barrier(args: argparse.Namespace) -> int:
 
     paths = steps.barrier(load_cli_config(args, ANALYSIS_DEFAULTS), args.out, args.points, _progress(args))
     for name, p in paths.items():
-        print(f"{name:>8}: loss barrier {p['loss_barrier']:.4f}, accuracy barrier {100 * p['accuracy_barrier']:.1f} pts")
+        print(f"{name:>8}: loss barrier {p['loss_barrier']:.4f}, "
+              f"accuracy barrier {100 * p['accuracy_barrier']:.1f} pts")
     return 0
 
 

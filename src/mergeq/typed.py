@@ -141,5 +141,6 @@ def check_unique(where: str, items: list, shown: list | None = None) -> None:
     seen: dict = {}
     for item, name in zip(items, shown):
         if item in seen:
-            raise ConfigError(f"{where}: lists {seen[item]!r} twice" + (f" (as {name!r})" if name != seen[item] else ""))
+            also = f" (as {name!r})" if name != seen[item] else ""
+            raise ConfigError(f"{where}: lists {seen[item]!r} twice{also}")
         seen[item] = name

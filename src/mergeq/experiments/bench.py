@@ -28,6 +28,7 @@ same (shared) folder on every node. ``results.json`` / ``results.md`` (paper Tab
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -40,7 +41,8 @@ from typing import Any, Callable, Iterable
 from ..errors import MergeqError
 from ..io import file_lock, read_json, write_json
 from ..quant.config import parse_bits
-from .config import Config
+from ..data import load_data
+from .config import Config, resolve
 from .pool import Pool
 from .store import RunDir
 
@@ -70,7 +72,8 @@ def with_axes(cfg: Config) -> Config:
     """``cfg`` with ``grid.target_sets`` and ``grid.seeds`` filled in (their defaults made explicit)."""
     changes: dict[str, Any] = {}
     if cfg.grid.target_sets is None:
-        changes["grid.target_sets"] = [list(cfg.data.targets or Pool(cfg).targets)]
+        targets = cfg.data.targets or list(load_data(dataclasses.asdict(resolve(cfg).data), cfg.runtime.seed).targets)
+        changes["grid.target_sets"] = [targets]
     if cfg.grid.seeds is None:
         changes["grid.seeds"] = [cfg.runtime.seed]
     return cfg.updated(changes) if changes else cfg
@@ -208,7 +211,7 @@ def run_grid(config: Config, out: str | Path, executor: str = "local", workers: 
         raise ValueError(f"executor must be local or ray, got {executor!r}")
     store = RunDir(out, "bench")
     out = store.out
-    requested = with_axes(config)
+    requested = resolve(with_axes(config))  # the presets' choices recorded; data splits are per cell (seed)
     with file_lock(out / ".locks" / "grid.lock"):  # two runs starting at once: the second sees the first's grid
         recorded, _ = store.begin(requested)
     (out / "cells").mkdir(exist_ok=True)

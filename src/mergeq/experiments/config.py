@@ -47,7 +47,7 @@ import yaml
 from ..adapt.shot import ShotConfig
 from ..adapt.source import SourceConfig
 from ..adapt.tta import ABLConfig, TentConfig
-from ..data.spec import DigitsData, FolderData
+from ..data.spec import DataSpec, DigitsData, FolderData
 from ..errors import ConfigError
 from ..models.spec import ModelSpec
 from ..typed import check_keys, check_unique, check_value, from_mapping, hints_of
@@ -135,7 +135,7 @@ class Runtime:
 @dataclass
 class Config:
     preset: Literal["quick", "default", "paper"] = opt("default", help="size of the run")
-    data: DigitsData | FolderData = opt(factory=DigitsData, help="the domains")
+    data: DataSpec = opt(factory=DigitsData, help="the domains")
     model: ModelSpec | None = opt(None, help="the model (None: the preset's)")
     adapt: Adapt = opt(factory=Adapt)
     ptq: PTQ = opt(factory=PTQ)
@@ -199,7 +199,8 @@ class Config:
                               f"noise-ties); rounding {m.rounding!r} merges the same way every time")
         for name, options in m.options.items():
             _check(f"merge.options.{name}", lambda: MERGE_METHODS.get(name))
-            check_keys(options, hints_of(MERGE_METHODS.get(name), skip=("models", "base", "rounding")), f"merge.options.{name}")
+            hints = hints_of(MERGE_METHODS.get(name), skip=("models", "base", "rounding"))
+            check_keys(options, hints, f"merge.options.{name}")
         _methods("pmq.merges", self.pmq.merges, MERGE_METHODS)
         _methods("pmq.methods", self.pmq.methods, PTQ_METHODS)
         _bits("pmq.bits", self.pmq.bits)

@@ -46,9 +46,8 @@ def run_pmq(config: Config, out: str | Path, progress: bool = False,
     experts = [pool.fold(pool.expert(d)) for d in targets]
     share = max(1, pool.cfg.ptq.calib_size // len(targets))
     calib = [pool.calib(d, share) for d in targets]
-    results: dict[str, Any] = {**header(pool), "setting": "merge-then-quantize",
-                               "fp_experts": {d: accuracy(e, tests[d], device=device) for d, e in zip(targets, experts)},
-                               "rows": []}
+    fp_experts = {d: accuracy(e, tests[d], device=device) for d, e in zip(targets, experts)}
+    results: dict[str, Any] = {**header(pool), "setting": "merge-then-quantize", "fp_experts": fp_experts, "rows": []}
     merged: dict[str, tuple[torch.nn.Module, dict]] = {}
 
     def merged_model(name: str) -> tuple[torch.nn.Module, dict]:

@@ -187,7 +187,8 @@ def hmean_panels(results: dict[str, Any]) -> dict[str, dict]:
     if kind == "run":
         lines: dict = {}
         for r in rows:
-            lines.setdefault(r["method"], {})[_bits(r)] = (r["merged"]["hmean"], r["merged"].get("repeats", {}).get("std", 0.0))
+            std = r["merged"].get("repeats", {}).get("std", 0.0)
+            lines.setdefault(r["method"], {})[_bits(r)] = (r["merged"]["hmean"], std)
         return {"": {"lines": lines, "fp": results["fp"]["merged"]["hmean"]}}
     if kind == "pmq":
         panels: dict = {}

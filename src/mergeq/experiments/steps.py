@@ -75,7 +75,8 @@ def train_source(config: Config, out: str | Path, progress: bool = False) -> dic
     return accs
 
 
-def adapt(config: Config, source: str | Path, domain: str, out: str | Path, progress: bool = False) -> tuple[float, float]:
+def adapt(config: Config, source: str | Path, domain: str, out: str | Path,
+          progress: bool = False) -> tuple[float, float]:
     """SHOT-adapt the source checkpoint to ``domain``, save the expert; (source, expert) accuracy there."""
     check_out_file(out)
     cfg = _apply(config)

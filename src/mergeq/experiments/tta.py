@@ -88,9 +88,9 @@ class TTARows:
             normalize = normalizer(getattr(self.cfg.data, "normalize", "standardize"))
             if t.cifar10c is None:
                 x, y = self._clean()
-                self._streams[name] = corruption_stream(x, y, t.severity, t.corruptions, seed, imbalance(self.cfg, name),
-                                                        alpha=t.dirichlet_alpha, cache_dir=Path(self.pool.cache_dir),
-                                                        normalize=normalize)
+                self._streams[name] = corruption_stream(
+                    x, y, t.severity, t.corruptions, seed, imbalance(self.cfg, name), alpha=t.dirichlet_alpha,
+                    cache_dir=Path(self.pool.cache_dir), normalize=normalize)
             else:
                 raw = load_cifar10c(t.cifar10c, t.corruptions, t.severity, t.n_images, imbalance(self.cfg, name), seed,
                                     "none", t.dirichlet_alpha)
