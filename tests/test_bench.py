@@ -123,6 +123,9 @@ def fake_cell(cfg):
     marks = Path(os.environ["MARKS"])
     marks.mkdir(exist_ok=True)
     (marks / f"{os.getpid()}-{cfg.ptq.bits[0]}").touch()
+    started, t0 = os.environ.get("STARTED"), time.time()
+    while started and len(list(Path(started).iterdir())) < 2 and time.time() < t0 + 60:
+        time.sleep(0.1)  # the other bench process is up: a busy machine cannot let one run take every cell
     time.sleep(float(os.environ.get("CELL_SECONDS", "0")))
     acc = {d: 0.5 for d in cfg.data.targets}
     return {"method": cfg.ptq.methods[0], "experts": acc, "merged": {**acc, "hmean": 0.5}, "seconds": 0.0,
@@ -182,8 +185,10 @@ def _python(code: str, env: dict, *args: str) -> subprocess.Popen:
 def test_two_bench_processes_on_one_out_split_the_cells(tmp_path):
     grid, out, marks = _fake_grid(tmp_path), tmp_path / "out", tmp_path / "marks"
     code = FAKE_CELL + "\n".join(["", "mergeq.experiments.bench.compute_cell = fake_cell",
-                                         "from mergeq.cli import main", "sys.exit(main(sys.argv[1:]))"])
-    env = {"MARKS": str(marks), "CELL_SECONDS": "1"}
+                                   "from mergeq.cli import main", "Path(os.environ['STARTED'], str(os.getpid())).touch()",
+                                   "sys.exit(main(sys.argv[1:]))"])
+    (tmp_path / "started").mkdir()
+    env = {"MARKS": str(marks), "CELL_SECONDS": "1", "STARTED": str(tmp_path / "started")}
     cmd = ["bench", str(grid), "--out", str(out), "--quiet"]
     first = _python(code, env, *cmd)
     deadline = time.time() + 60

@@ -1,9 +1,9 @@
 """The pipeline step by step, one checkpoint at a time, and the analyses of ``barrier``/``surface``.
 
 Each step takes the same config as ``mergeq run`` (its ``adapt``, ``ptq``, ``merge`` and
-``runtime`` sections; the data and model of a checkpoint come from the checkpoint's metadata)
-and writes, beside the checkpoint ``OUT``, ``OUT``'s name with ``.config.yaml``: the resolved
-config that reran gives the same checkpoint. Checkpoints: :mod:`mergeq.checkpoint`.
+``runtime`` sections; the data and model of a checkpoint come from the checkpoint's metadata,
+and the recorded config's ``data`` says which) and writes, beside the checkpoint ``OUT``,
+``OUT``'s name with ``.config.yaml``: the resolved config, which reran gives the same checkpoint. Checkpoints: :mod:`mergeq.checkpoint`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..io import atomic_write_text, check_out_dir, check_out_file, write_json
 from ..merge import MERGE_METHODS, check_rounding_options, merge
 from ..ptq import quantize
 from ..quant.config import parse_bits
-from .config import Config, resolve, translate_legacy
+from .config import Config, resolve, translate_legacy, with_data
 from .pool import Pool, qconfig
 
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
@@ -88,7 +88,7 @@ def adapt(config: Config, source: str | Path, domain: str, out: str | Path,
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                              "domain": domain, "role": "expert", "config": dataclasses.asdict(cfg.adapt.shot),
                              "accuracy": {"source": before, "expert": after}})
-    _record(cfg, out)
+    _record(with_data(cfg, bench.spec), out)
     return before, after
 
 
@@ -114,7 +114,7 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
     save_model(q, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                         "domain": domain, "role": "quantized expert", "method": method, "bits": qcfg.tag,
                         "accuracy": acc})
-    _record(cfg, out)
+    _record(with_data(cfg, bench.spec), out)
     return domain, acc
 
 
@@ -123,7 +123,7 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     """Merge checkpoints (``average``: quantized experts stay quantized, merged with
     ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), save, evaluate when the
     checkpoints name their data and domains; the JSON report (also written to ``report``)."""
-    cfg = config
+    cfg = _apply(config)
     MERGE_METHODS.get(method)
     m = cfg.merge
     options = dict(m.options.get(method, {}))
