@@ -101,14 +101,22 @@ def test_ray_executor_matches_local(grid, tmp_path):
     assert [r["experts"] for r in remote] == [r["experts"] for r in local]
 
 
-def test_resume_refuses_other_settings(grid, tmp_path):
+@pytest.mark.parametrize("recorded", ["config.yaml", "grid.yaml"])
+def test_resume_refuses_other_settings(grid, tmp_path, recorded):
+    """An interrupted grid (cells, no results.json yet; grid.yaml: written before issue 16) of other settings."""
     out = tmp_path / "out"
     (out / "cells").mkdir(parents=True)
-    (out / "config.yaml").write_text(load_config(grid).updated({"ptq.calib_size": 32}).to_yaml())
-    (out / "results.json").write_text(json.dumps({"experiment": "bench", "rows": []}))
+    cell = out / "cells" / "uci+mnistm__seed0__W8A8__rtn.json"
+    cell.write_text("{}")
+    other = load_config(grid).updated({"ptq.calib_size": 32}).to_yaml() if recorded == "config.yaml" else \
+        yaml.safe_dump({**yaml.safe_load(grid.read_text()), "calib_size": 32})  # the earlier flat form
+    (out / recorded).write_text(other)
     with pytest.raises(ValueError, match="ptq.calib_size differ"):
         run_grid(load_config(grid), out)
-    assert not list((out / "cells").iterdir())
+    assert [p.name for p in (out / "cells").iterdir()] == [cell.name] and cell.read_text() == "{}"
+    (out / recorded).unlink()
+    with pytest.raises(ValueError, match="holds bench cells but no config.yaml"):
+        run_grid(load_config(grid), out)
 
 
 # --- concurrent runs, damaged cells, dead parents (issue 15) -----------------------------------

@@ -180,6 +180,7 @@ class Config:
         from ..merge import MERGE_METHODS, check_rounding_options
         from ..merge.rounding import ROUNDINGS
         from ..ptq import PTQ_METHODS, check_options
+        from ..quant.uniform import check_bits
 
         _validate_data(self.data)
         p, m, r, t = self.ptq, self.merge, self.runtime, self.tta
@@ -187,7 +188,7 @@ class Config:
         _bits("ptq.bits", p.bits)
         _at_least("ptq.calib_size", p.calib_size, 1)
         if p.first_last_bits is not None:
-            _check("ptq.first_last_bits", lambda: _bits_ok(p.first_last_bits))
+            _check("ptq.first_last_bits", lambda: check_bits(p.first_last_bits, "bits"))
         for name, options in p.options.items():
             _check(f"ptq.options.{name}", lambda: PTQ_METHODS.get(name))
             check_options(name, options, "ptq.options")
@@ -231,12 +232,6 @@ def _device(name: str) -> None:
         torch.device(name)
     except RuntimeError:
         raise ValueError(f"must name a torch device such as cpu or cuda, got {name!r}") from None
-
-
-def _bits_ok(bits: int) -> None:
-    from ..quant.uniform import check_bits
-
-    check_bits(bits, "bits")
 
 
 def _at_least(where: str, value: int | float | None, low: int | float) -> None:

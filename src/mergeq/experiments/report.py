@@ -225,6 +225,7 @@ def pictures(results: dict[str, Any], out: Path) -> None:
     if results["experiment"] == "bench":
         atomic_write_text(out / "bench.csv", bench_csv(results["rows"]))
     title = {"run": "quantize, then merge", "pmq": "merge, then quantize", "bench": "quantize, then merge"}
+    bench = results.get("benchmark")
     plot_hmean_vs_bits(hmean_panels(results), out / HMEAN_PNG,
-                       f"{results.get('benchmark', '')}: {title[results['experiment']]}"
+                       (f"{bench}: " if bench else "") + title[results["experiment"]]
                        + (f" (seed {seed})" if seed != "" else ""))

@@ -23,9 +23,9 @@ from typing import Any, Callable, Hashable
 
 import yaml
 
-from ..errors import ConfigError, MergeqError
+from ..errors import MergeqError
 from ..io import atomic_write_text, check_out_dir, config_diff, earlier_results, write_json
-from .config import Config, set_path
+from .config import Config, resolve, set_path
 
 log = logging.getLogger(__name__)
 PER_METHOD = ("ptq.options", "merge.options")
@@ -61,6 +61,20 @@ def _kind_of(results: dict) -> str:
         return results["experiment"]
     rows = results.get("rows") or [{}]
     return "tta" if "stream" in rows[0] else "pmq" if "merge" in rows[0] else "run"
+
+
+def _earlier_cells(out: Path) -> tuple[dict, dict] | None:
+    """A bench folder with cell files but no results.json yet (interrupted, or written before issue
+    16 with ``grid.yaml``): its grid config, and no rows (the cells are read from their files)."""
+    if not any((out / "cells").glob("*.json")):
+        return None
+    for name in ("config.yaml", "grid.yaml"):
+        if (out / name).is_file():
+            try:
+                return yaml.safe_load((out / name).read_text()), {"experiment": "bench", "rows": []}
+            except yaml.YAMLError as e:
+                raise MergeqError(f"{out / name} is not valid YAML ({e}): use another --out") from None
+    raise MergeqError(f"{out} holds bench cells but no config.yaml to resume from: use another --out")
 
 
 def _get(d: dict, path: str) -> Any:
@@ -100,6 +114,8 @@ class RunDir:
     def begin(self, cfg: Config) -> tuple[Config, dict[Hashable, dict]]:
         """The config to record (written to ``config.yaml`` now) and the rows to reuse, by row key."""
         earlier = earlier_results(self.out)
+        if earlier is None and self.exp.name == "bench":
+            earlier = _earlier_cells(self.out)
         if earlier is None:
             atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
             return cfg, {}
@@ -107,9 +123,9 @@ class RunDir:
         kind = _kind_of(old_results)
         if kind != self.exp.name:
             self._refuse([f"experiment ({kind} there, {self.exp.name} here)"])
-        try:
-            old = Config.from_dict(old_raw, f"{self.out / 'config.yaml'}")
-        except ConfigError as e:
+        try:  # resolved, as this run's config is (a bench grid of the earlier form was recorded unresolved)
+            old = resolve(Config.from_dict(old_raw, f"{self.out / 'config.yaml'}"))
+        except MergeqError as e:
             raise MergeqError(f"{self.out} holds results whose config.yaml mergeq cannot read ({e}): "
                               "use another --out") from None
         new_d, old_d = cfg.to_dict(), old.to_dict()
