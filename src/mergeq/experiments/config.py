@@ -428,19 +428,26 @@ def translate_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def resolve(cfg: Config) -> Config:
     """``cfg`` with the preset's choices filled in (model, adapt, calib_size, the options of every
-    PTQ method it names), paths absolute and the model checked on the ``meta`` device (no memory)."""
+    PTQ method it names), defaults made explicit where they are lists (``tta.corruptions``), paths
+    absolute and the model checked on the ``meta`` device (no memory)."""
     from ..models.spec import parse_model_spec, resolved_spec
+
+    from ..data.digits import DOMAINS
 
     data = cfg.data
     if isinstance(data, FolderData):
         data = dataclasses.replace(data, root=str(Path(data.root).expanduser().resolve()))
+    elif data.targets is None:
+        data = dataclasses.replace(data, targets=[d for d in DOMAINS if d != data.source])
     standardized = isinstance(data, DigitsData) or data.normalize == "standardize"
     source, shot = presets.adapt(cfg.preset, standardized)
     model = parse_model_spec(cfg.model or copy.deepcopy(presets.MODEL))
     _check_builds(model)
     options = {name: {**presets.ptq_options(name, cfg.preset), **cfg.ptq.options.get(name, {})}
                for name in cfg.methods_named()}
-    tta = cfg.tta
+    from ..data.corruptions import check_corruptions
+
+    tta = dataclasses.replace(cfg.tta, corruptions=check_corruptions(cfg.tta.corruptions))
     if tta.cifar10c is not None:
         tta = dataclasses.replace(tta, cifar10c=str(Path(tta.cifar10c).expanduser().resolve()))
     return dataclasses.replace(

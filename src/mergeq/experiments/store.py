@@ -9,10 +9,13 @@ experiment whose config differs from this one at most in the experiment's *axes*
 ``ptq.methods``, ``ptq.bits``; ``pmq``: ``pmq.merges``, ``pmq.methods``, ``pmq.bits``; ``tta``:
 ``tta.methods``, ``tta.bits``, ``tta.streams``; ``bench``: those of ``run`` plus
 ``grid.target_sets``, ``grid.seeds``), in the options of methods only one of the two runs names,
-and in sections the experiment does not read. The recorded config then holds the union of both
-runs' axes, every earlier row is kept as it was, and only missing rows are computed: rows are
-never dropped. Any other difference is refused before any model is trained, naming the keys, as
-is a folder whose results cannot be read or matched to a config.
+in sections the experiment does not read, and in ``runtime.cache_dir``. Both configs are
+compared resolved (folders of the earlier flat form too). The recorded config then holds the
+union of both runs' axes, every earlier row is kept as it was, and only missing rows are
+computed: rows are never dropped. Any other difference is refused before any model is trained,
+naming the keys, as is a folder whose results cannot be read or matched to a config; a bench
+folder with cell files but no results yet is compared with its ``config.yaml`` (or the earlier
+``grid.yaml``).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ EXPERIMENTS = {e.name: e for e in (
                ("ptq.methods", "ptq.bits", "merge.rounding", "merge.rounding_options", "merge.repeats", "tta", "grid"),
                lambda r: (r["merge"], r["method"], r["w_bits"], r["a_bits"])),
     Experiment("tta", ("tta.methods", "tta.bits", "tta.streams"),
-               ("ptq.methods", "ptq.bits", "merge", "pmq", "grid"),
+               ("data.targets", "ptq.methods", "ptq.bits", "merge", "pmq", "grid"),
                lambda r: (r["stream"], r["method"], r["bits"])),
     Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds"), ("pmq", "tta"),
                lambda r: r["key"]),
@@ -94,7 +97,7 @@ def _drop(d: dict, path: str) -> None:
 def _settings(d: dict, exp: Experiment, common: dict[str, set]) -> dict:
     """The parts of a config dict that must agree for rows to be reused."""
     d = yaml.safe_load(yaml.safe_dump(d))  # a deep copy in YAML's types
-    for path in (*exp.axes, *exp.ignored):
+    for path in (*exp.axes, *exp.ignored, "runtime.cache_dir"):  # where models are cached changes no number
         _drop(d, path)
     for path, keep in common.items():
         opts = _get(d, path)
