@@ -218,6 +218,7 @@ def test_damaged_cell_file_is_named(grid, tmp_path, monkeypatch):
     (out / "cells").mkdir(parents=True)
     bad = out / "cells" / f"{cells[0].key}.json"
     bad.write_text('{"key": "trunc')
+    (out / "config.yaml").write_text(load_config(grid).to_yaml())  # the same grid, interrupted
     monkeypatch.setattr(bench, "run_cell", lambda *a: pytest.fail("a cell was computed"))
     with pytest.raises(MergeqError, match=re.escape(str(bad))):
         run_grid(load_config(grid), out)
