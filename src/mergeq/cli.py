@@ -70,7 +70,7 @@ def _add_flags(p: argparse.ArgumentParser, table: dict[str, str], one: bool = Fa
         choices = list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
         parse = _converter(hint)
         p.add_argument(flag, dest=PREFIX + path, default=argparse.SUPPRESS, choices=choices,
-                       help=HELP.get(path) or help_at(path),
+                       help=(HELP.get(path) or help_at(path)) + (" (one here)" if one else ""),
                        type=(lambda s, parse=parse: [parse(s)]) if one else parse,
                        metavar=flag.lstrip("-").replace("-", "_").upper() if choices is None else None)
 
