@@ -21,7 +21,8 @@ import time
 import torch
 from torch import nn
 
-from mergeq.adapt import PRESETS, shot, train_source
+from mergeq.adapt import shot, train_source
+from mergeq.experiments import presets
 from mergeq.data import digits
 from mergeq.models import build_model
 
@@ -77,7 +78,8 @@ def hmean(xs) -> float:
 
 
 def run(preset: str, seed: int, targets, overrides: dict) -> dict:
-    arch, kw, src_cfg, shot_cfg = PRESETS[preset]
+    arch, kw = presets.MODEL["name"], presets.MODEL["kwargs"]
+    src_cfg, shot_cfg = presets.adapt(preset)
     src_cfg = dataclasses.replace(src_cfg, **overrides.get("source", {}))
     shot_cfg = dataclasses.replace(shot_cfg, **overrides.get("shot", {}))
     t0 = time.perf_counter()
@@ -107,7 +109,7 @@ def run(preset: str, seed: int, targets, overrides: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="quick", choices=sorted(presets.PRESET_NAMES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--targets", nargs="+", default=None)
     ap.add_argument("--source", default="{}", help="JSON overrides of SourceConfig fields")

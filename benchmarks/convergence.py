@@ -16,7 +16,7 @@ torch thread each; the models of every seed are trained (or read from the cache)
 The config (YAML) gives ``seeds``, ``bits``, ``methods``, ``iters`` (budgets), ``variants``
 (name -> {method: {option: value}}; a variant applies to the methods it names, and the
 variant ``paper`` with no overrides to all; the option ``step_method`` picks the weight grid the
-method starts from) and any RunConfig field (``preset``, ...).
+method starts from) and any config section (``preset``, ``data``, ...).
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import yaml
 
-from mergeq.config import RunConfig
+from mergeq.experiments import Config, Pool
 from mergeq.io import atomic_write_text, write_json
-from mergeq.quant import QuantConfig, parse_bits
+from mergeq.quant import parse_bits
 
 RUN_KEYS = ("seeds", "bits", "methods", "iters", "variants")
 
@@ -55,29 +55,28 @@ def key_of(job: tuple) -> str:
     return f"seed{seed}__{bits}__{method}__{variant}__{iters}"
 
 
-def run_config(cfg: dict, seed: int) -> RunConfig:
+def run_config(cfg: dict, seed: int) -> Config:
     base = {k: v for k, v in cfg.items() if k not in RUN_KEYS}
-    return RunConfig.from_dict({**base, "seed": seed, "threads": 1, "methods": ["rtn"], "bits": ["W8A8"]})
+    return Config.from_dict(base).updated({"runtime.seed": seed, "runtime.threads": 1, "ptq.methods": ["rtn"],
+                                           "ptq.bits": ["W8A8"]})
 
 
 def run_job(cfg: dict, job: tuple, out: str) -> dict:
-    from mergeq.pipeline import Experiment
-
     seed, bits, method, variant, iters = job
-    exp = Experiment(run_config(cfg, seed))
-    w, a = parse_bits(bits)
+    pool = Pool(run_config(cfg, seed))
     options = {**cfg["variants"][variant].get(method, {}), "iters": iters}
-    step_method = options.pop("step_method", exp.cfg.step_method)  # the weight grid a method starts from
+    qcfg = pool.qconfig(parse_bits(bits))
+    qcfg.step_method = options.pop("step_method", qcfg.step_method)  # the weight grid the method starts from
     t0 = time.perf_counter()
-    q = exp.quantize_experts(method, QuantConfig(w, a, exp.cfg.first_last_bits, step_method), **options)
+    q = pool.quantize_experts(method, qcfg, **options)
     seconds = time.perf_counter() - t0
     from mergeq.eval import accuracy
 
     res = {
         "key": key_of(job), "seed": seed, "bits": bits, "method": method, "variant": variant, "iters": iters,
         "options": options, "seconds": seconds,
-        "experts": {d: accuracy(m, exp.tests[d], device=exp.cfg.device) for d, m in q.items()},
-        "merged": exp.merge_and_evaluate(list(q.values())),
+        "experts": {d: accuracy(m, pool.tests[d], device=pool.device) for d, m in q.items()},
+        "merged": pool.merge_and_evaluate(list(q.values())),
         "recon_loss": {d: statistics.mean(m.mergeq_meta["recon_loss"].values()) for d, m in q.items()},
         "changed_codes": {d: m.mergeq_meta["changed_codes"] for d, m in q.items()},
     }
@@ -171,14 +170,12 @@ def main() -> None:
     jobs = [j for j in jobs_of(cfg) if args.only is None or args.only in key_of(j)]
     todo = sorted((j for j in jobs if not (out / "jobs" / f"{key_of(j)}.json").exists()),
                   key=lambda j: (j[4], j[0], j[1], j[2], j[3]))  # small budgets first: every curve grows
-    from mergeq.pipeline import Experiment
-
     for seed in sorted({j[0] for j in todo}):
-        Experiment(run_config(cfg, seed))  # train (or read) the source model and experts once
+        Pool(run_config(cfg, seed)).experts  # train (or read) the source model and experts once
     print(f"{len(todo)} of {len(jobs)} jobs to run", flush=True)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max(1, args.workers), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_job, cfg, j, str(out)): j for j in todo}
+    with ProcessPoolExecutor(max(1, args.workers), mp_context=get_context("spawn")) as executor:
+        futures = {executor.submit(run_job, cfg, j, str(out)): j for j in todo}
         for n, f in enumerate(as_completed(futures), 1):
             r = f.result()
             print(f"[{n}/{len(todo)} {time.perf_counter() - t0:.0f} s] {r['key']}: merged {100 * r['merged']['hmean']:.1f}",

@@ -2,10 +2,10 @@
 
     python benchmarks/deploy.py --preset quick --bits W8A8 W4A4 W3A3 W2A4 --threads 1
 
-For each bit pair: the digits SHOT experts (``Experiment(RunConfig(preset=...))``) are quantized
+For each bit pair: the digits SHOT experts (``Pool(Config(preset=...))``) are quantized
 with RTN and merged (``mergeq.merge``, the config's rounding); the merged model is written as a
 packed integer checkpoint and as QDQ ONNX. Reported: file sizes against the FP32 checkpoint
-(``zoo.save_model`` of one expert), top-1 agreement between onnxruntime and the PyTorch
+(``checkpoint.save_model`` of one expert), top-1 agreement between onnxruntime and the PyTorch
 fake-quant model on every target's test set, both models' accuracies (harmonic mean over
 targets) and the median latency of ``--runs`` interleaved runs on one batch of ``--batch`` images for
 PyTorch FP32 (the merged BN-folded float experts), PyTorch fake-quant and onnxruntime, all on
@@ -25,15 +25,14 @@ import numpy as np
 import onnxruntime
 import torch
 
-from mergeq.config import RunConfig
 from mergeq.deploy import export_onnx, load_packed, ort_session, save_packed, weight_storage
 from mergeq.eval import harmonic_mean
 from mergeq.io import atomic_write_text
 from mergeq.merge import merge
 from mergeq.nn import fold_bn, quant_modules
-from mergeq.pipeline import Experiment, rounding_options
-from mergeq.quant import QuantConfig, parse_bits
-from mergeq.zoo import save_model
+from mergeq.checkpoint import save_model
+from mergeq.experiments import Config, Pool
+from mergeq.quant import parse_bits
 
 
 @torch.no_grad()
@@ -74,7 +73,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    exp = Experiment(RunConfig(preset=args.preset, seed=args.seed, methods=["rtn"], bits=args.bits))
+    exp = Pool(Config.from_dict({"preset": args.preset, "runtime": {"seed": args.seed},
+                                 "ptq": {"methods": ["rtn"], "bits": args.bits}}))
     cfg, targets, tests = exp.cfg, exp.targets, exp.tests
     batch = tests[targets[0]].tensors[0][: args.batch]
     example = batch[:2]
@@ -84,15 +84,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        meta = {"benchmark": exp.bench.name, "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs,
-                "num_classes": exp.bench.num_classes, "seed": cfg.seed}
+        meta = exp.checkpoint_meta()
         fp_size = save_model(exp.experts[targets[0]], tmp / "fp32.safetensors", meta).stat().st_size
         for spec in args.bits:
             w_bits, a_bits = parse_bits(spec)
-            qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
-            qexperts = exp.quantize_experts("rtn", qcfg)
-            merged = merge(list(qexperts.values()), rounding=cfg.rounding,
-                           **rounding_options(cfg.rounding, cfg.merge_options, cfg.seed)).eval()
+            qexperts = exp.quantize_experts("rtn", exp.qconfig((w_bits, a_bits)))
+            merged = exp.merged(list(qexperts.values())).eval()
             packed = save_packed(merged, tmp / f"{spec}.safetensors",
                                  {**meta, "method": "rtn", "bits": spec, "domains": targets})
             reloaded = load_packed(packed)
@@ -121,9 +118,9 @@ def main() -> None:
 
     kib = lambda b: f"{b / 1024:.1f}"  # noqa: E731
     lines = [
-        f"Merged digits model ({cfg.arch} {cfg.arch_kwargs}, preset `{args.preset}`, seed {args.seed}; "
-        f"{len(targets)} SHOT experts quantized with RTN, first/last layer {cfg.first_last_bits} bits, merged with "
-        f"`{cfg.rounding}` rounding). Packed = `mergeq export --format safetensors`; ONNX = QDQ, opset "
+        f"Merged digits model ({cfg.model.name} {cfg.model.kwargs}, preset `{args.preset}`, seed {args.seed}; "
+        f"{len(targets)} SHOT experts quantized with RTN, first/last layer {cfg.ptq.first_last_bits} bits, merged "
+        f"with `{cfg.merge.rounding}` rounding). Packed = `mergeq export --format safetensors`; ONNX = QDQ, opset "
         f"{args.opset}, weights stored as the listed integer type. Agreement = top-1 agreement of "
         f"onnxruntime {onnxruntime.__version__} with the PyTorch fake-quant model on each target's full test "
         f"set. Latency: median of {args.runs} interleaved runs, one batch of {args.batch} 3x32x32 images, CPU, "

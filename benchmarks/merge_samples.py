@@ -17,15 +17,14 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from mergeq.config import RunConfig
+from mergeq.experiments import Config, Pool
 from mergeq.io import atomic_write_text
-from mergeq.pipeline import Experiment
-from mergeq.quant import QuantConfig, parse_bits
+from mergeq.quant import parse_bits
 
 POLICIES = ["nearest", "float", "noise (no filter)", "noise (filter, whole model)", "noise (filter, per layer)", "noise-ties"]
 
 
-def spread(exp: Experiment, qexperts: list, samples: int, draws: int) -> dict[str, list[float]]:
+def spread(exp: Pool, qexperts: list, samples: int, draws: int) -> dict[str, list[float]]:
     h = lambda rounding, **kw: exp.merge_and_evaluate(qexperts, rounding, **kw)["hmean"]  # noqa: E731
     return {
         "nearest": [h("nearest")],
@@ -78,12 +77,11 @@ def main() -> None:
 
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for seed in args.seeds:
-        exp = Experiment(RunConfig(preset=args.preset, seed=seed, targets=args.targets.split(","),
-                                   methods=args.methods))
+        exp = Pool(Config.from_dict({"preset": args.preset, "runtime": {"seed": seed},
+                                     "data": {"targets": args.targets.split(",")}, "ptq": {"methods": args.methods}}))
         for spec in args.bits:
-            w, a = parse_bits(spec)
             for method in args.methods:
-                q = list(exp.quantize_experts(method, QuantConfig(w, a, exp.cfg.first_last_bits)).values())
+                q = list(exp.quantize_experts(method, exp.qconfig(parse_bits(spec))).values())
                 for pol, vals in spread(exp, q, args.samples, args.draws).items():
                     cells[(method, spec)][pol].extend(vals)
     lines = [

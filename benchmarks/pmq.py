@@ -3,21 +3,19 @@
     python benchmarks/pmq.py --seeds 0 1 2 --out docs/results/pmq_digits
     python benchmarks/pmq.py --config benchmarks/configs/vit_digits.yaml --seeds 0 1 2 --out docs/results/pmq_vit
 
-Runs ``mergeq pmq`` (``mergeq.pmq.run_pmq``) once per seed into ``<out>/seed<k>`` (a seed whose
-``config.yaml`` and complete ``results.json`` already exist there is not rerun) and writes
+Runs ``mergeq pmq`` (``mergeq.experiments.run_pmq``) once per seed into ``<out>/seed<k>`` (rows
+already there are reused: ``run_pmq`` resumes) and writes
 ``<out>/pmq.md``: merged hmean, mean ± std over the seeds, per merge and bit width, with the
 full-precision merged model first and the best quantized method in bold.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from mergeq.config import RunConfig
+from mergeq.experiments import Config, load_config, run_pmq
 from mergeq.io import atomic_write_text
-from mergeq.pmq import run_pmq
 
 
 def pm(xs: list[float]) -> str:
@@ -50,7 +48,7 @@ def table(runs: dict[int, dict], command: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="run config YAML (model, adaptation, ptq_options); default: the digits default")
+    ap.add_argument("--config", help="config YAML (model, adapt, ptq options); default: the digits default")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--merges", nargs="+", default=["task_arithmetic", "ties"])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "epmq"])
@@ -58,19 +56,12 @@ def main() -> None:
     ap.add_argument("--anchor", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    base = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    base = load_config(args.config) if args.config else Config()
     runs = {}
     for seed in args.seeds:
-        cfg = RunConfig.from_dict({**base.to_dict(), "seed": seed, "methods": args.methods, "bits": args.bits})
-        out = Path(args.out) / f"seed{seed}"
-        done = out / "results.json"
-        expected = len(args.merges) * len(args.bits) * len(args.methods)
-        if (out / "config.yaml").exists() and (out / "config.yaml").read_text() == cfg.resolved().to_yaml():
-            res = json.loads(done.read_text())
-            if len(res["rows"]) == expected:
-                runs[seed] = res
-                continue
-        runs[seed] = run_pmq(cfg, out, args.merges, args.methods, args.anchor, progress=True)
+        cfg = base.updated({"runtime.seed": seed, "pmq.merges": args.merges, "pmq.methods": args.methods,
+                            "pmq.bits": args.bits, "ptq.options.epmq.anchor": args.anchor})
+        runs[seed] = run_pmq(cfg, Path(args.out) / f"seed{seed}", progress=True)
     command = "python benchmarks/pmq.py " + " ".join(
         ([f"--config {args.config}"] if args.config else []) + [f"--seeds {' '.join(map(str, args.seeds))}"]
         + ([f"--bits {' '.join(args.bits)}"] if args.bits != ["W4", "W3"] else [])

@@ -14,10 +14,10 @@ import argparse
 import statistics
 from pathlib import Path
 
-from mergeq.config import RunConfig
+from mergeq.experiments import Config, Pool
+from mergeq.experiments.run import row
 from mergeq.io import atomic_write_text, write_json
-from mergeq.pipeline import Experiment
-from mergeq.quant import QuantConfig, parse_bits
+from mergeq.quant import parse_bits
 
 VARIANTS = {
     "rtn": ("rtn", {}),
@@ -65,13 +65,12 @@ def main() -> None:
     rows: list[dict] = []
     fps: dict[int, dict] = {}
     for seed in args.seeds:
-        exp = Experiment(RunConfig(preset=args.preset, seed=seed, methods=["rtn"]))
+        exp = Pool(Config.from_dict({"preset": args.preset, "runtime": {"seed": seed}, "ptq": {"methods": ["rtn"]}}))
         fp = fps[seed] = exp.fp_results()
         for spec in args.bits:
-            w, a = parse_bits(spec)
             for name in args.variants:
                 method, overrides = VARIANTS[name]
-                r = exp.row(method, QuantConfig(w, a, exp.cfg.first_last_bits), **overrides)
+                r = row(exp, method, parse_bits(spec), **overrides)
                 rows.append({**r, "variant": name, "bits": spec, "seed": seed, "fp_merged": fp["fp"]["merged"]["hmean"]})
                 print(f"seed {seed} {spec} {name}: experts {r['experts']} merged {r['merged']['hmean']:.3f}", flush=True)
     write_json(Path(args.out).with_suffix(".json"), {"rows": rows, "fp": fps})

@@ -15,8 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from mergeq.config import RunConfig
-from mergeq.pipeline import Experiment
+from mergeq.experiments import Config, Pool
 from mergeq.ptq import ptq_options, quantize
 from mergeq.quant import QuantConfig, parse_bits
 
@@ -32,14 +31,15 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".mergeq-cache")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    exp = Experiment(RunConfig(preset=args.preset, seed=args.seed, threads=args.threads, cache_dir=args.cache_dir))
+    exp = Pool(Config.from_dict({"preset": args.preset, "runtime": {"seed": args.seed, "threads": args.threads,
+                                                                    "cache_dir": args.cache_dir}}))
     cfg, rows = exp.cfg, []
     for bits in args.bits:
         w, a = parse_bits(bits)
         for method in args.methods:
             for s in args.ptq_seeds:
                 q = [quantize(m, method, calib=exp.bench.targets[d].train, config=QuantConfig(w, a), source=exp.source,
-                              calib_size=cfg.calib_size, seed=s, **ptq_options(method, cfg.preset))
+                              calib_size=cfg.ptq.calib_size, seed=s, **ptq_options(method, cfg.preset))
                      for d, m in exp.experts.items()]
                 h = exp.merge_and_evaluate(q)["hmean"]
                 rows.append({"bits": bits, "method": method, "ptq_seed": s, "hmean": h})

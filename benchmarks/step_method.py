@@ -13,9 +13,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from mergeq.config import RunConfig
+from mergeq.experiments import Config, run
 from mergeq.io import atomic_write_text
-from mergeq.pipeline import run
 
 
 def fmt(xs: list[float]) -> str:
@@ -37,7 +36,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for sm in args.methods:
-                cfg = RunConfig(preset=args.preset, seed=seed, methods=["rtn"], bits=args.bits, step_method=sm)
+                cfg = Config.from_dict({"preset": args.preset, "runtime": {"seed": seed},
+                                        "ptq": {"methods": ["rtn"], "bits": args.bits, "step_method": sm}})
                 res = run(cfg, Path(tmp) / f"{sm}-{seed}")
                 for r in res["rows"]:
                     spec = f"W{r['w_bits']}A{r['a_bits']}"

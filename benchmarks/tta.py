@@ -3,7 +3,7 @@
     python benchmarks/tta.py --seeds 0 1 2 --out docs/results/tta
     python benchmarks/tta.py --seeds 0 1 2 --methods qdrop+abl,ttaq+tent,ttaq+none --bits W4A4 --out docs/results/tta_ablation
 
-Runs ``mergeq tta`` (``mergeq.tta.run_tta``, default config: fp, fp+tent, qdrop, qdrop+tent,
+Runs ``mergeq tta`` (``mergeq.experiments.run_tta``, default config: fp, fp+tent, qdrop, qdrop+tent,
 ttaq at W4A4 and W2A4, balanced and imbalanced streams, severity 5) once per seed into
 ``<out>/seed<k>`` (finished rows are reused: run_tta resumes), then writes ``<out>/tta.md``
 (mean error over the stream, and per corruption, mean ± std over seeds) and
@@ -15,10 +15,9 @@ import argparse
 import statistics
 from pathlib import Path
 
-from mergeq.config import RunConfig
 from mergeq.eval.plots import plot_stream_errors
 from mergeq.io import atomic_write_text
-from mergeq.tta import TTAConfig, run_tta
+from mergeq.experiments import Config, run_tta
 
 
 def pm(xs: list[float]) -> str:
@@ -75,8 +74,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     rows = {k: getattr(args, k).split(",") for k in ("methods", "bits") if getattr(args, k)}
-    runs = {s: run_tta(RunConfig(preset=args.preset, seed=s), TTAConfig(**rows), Path(args.out) / f"seed{s}")
-            for s in args.seeds}
+    runs = {s: run_tta(Config.from_dict({"preset": args.preset, "runtime": {"seed": s}, "tta": rows}),
+                       Path(args.out) / f"seed{s}") for s in args.seeds}
     command = " ".join(["python benchmarks/tta.py", f"--seeds {' '.join(map(str, args.seeds))}",
                         *(f"--{k} {','.join(v)}" for k, v in rows.items()), f"--out {args.out}"])
     text = tables(runs, command)

@@ -98,3 +98,25 @@ def any_model(request) -> nn.Module:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+# --- the experiment layer: a shrunken digits config whose models are trained once per session -----
+
+TINY = {
+    "preset": "quick", "data": {"targets": ["uci", "noisy"]}, "model": {"name": "resnet8", "kwargs": {"width": 4}},
+    "adapt": {"source": {"epochs": 1}, "shot": {"epochs": 1}},
+    "ptq": {"methods": ["rtn"], "bits": ["W8A8", "W3A3"], "calib_size": 64}, "runtime": {"threads": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One model cache for every test that runs the tiny digits config (each model trains once)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def tiny_config(cache, changes: dict | None = None):
+    """The tiny digits config with ``runtime.cache_dir = cache`` and ``changes`` (dotted paths)."""
+    from mergeq.experiments.config import Config
+
+    return Config.from_dict(TINY).updated({"runtime.cache_dir": str(cache), **(changes or {})})

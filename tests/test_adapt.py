@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from mergeq.adapt import (PRESETS, ShotConfig, SourceConfig, augment, centroid_pseudo_labels,
+from mergeq.adapt import (ShotConfig, SourceConfig, augment, centroid_pseudo_labels,
                           information_maximization, shot, train_source)
-from mergeq.models import build_model, get_classifier, resnet8
+from mergeq.models import get_classifier, resnet8
 
 
 def _toy(n=64, seed=0):
@@ -141,8 +141,3 @@ def test_augment_keeps_shape_and_is_seeded():
     b = augment(x, cfg, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
 
-
-def test_presets_are_buildable():
-    for name, (arch, kw, src, sh) in PRESETS.items():
-        assert isinstance(src, SourceConfig) and isinstance(sh, ShotConfig) and sh.beta == 0.3
-        assert build_model(arch, 10, **kw)(torch.randn(2, 3, 32, 32)).shape == (2, 10)

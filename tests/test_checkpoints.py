@@ -3,23 +3,24 @@ verified on read; a bad cache entry is rebuilt, a swapped one detected (issue 15
 import json
 import logging
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as st_save
 
+from mergeq import checkpoint
 from mergeq import io as mio
-from mergeq import zoo
-from mergeq.adapt import ShotConfig, SourceConfig
+from mergeq.checkpoint import model_from_checkpoint, save_model
 from mergeq.cli import main
 from mergeq.errors import CheckpointError
+from mergeq.experiments import pool as pool_module
 from mergeq.io import META_KEY, load_checkpoint, save_checkpoint
 from mergeq.models import build_model
 from mergeq.ptq import quantize
 from mergeq.quant import QuantConfig
-from mergeq.zoo import ModelPool, model_from_checkpoint, save_model
+
+from .conftest import tiny_config
 
 META = {"arch": "resnet8", "arch_kwargs": {"width": 8}, "num_classes": 10}
 
@@ -116,35 +117,42 @@ def test_outputs_get_the_umask_mode(tmp_path, mask):
 # --- the model cache -------------------------------------------------------------------------
 
 def _pool(tmp_path, monkeypatch, calls):
+    """A pool of the tiny config (width 8) whose training is faked (a call list instead)."""
+    pool = pool_module.Pool(tiny_config(tmp_path / "cache", {"model.kwargs": {"width": 8}}))
+    domain_of = {id(t.train): d for d, t in pool.bench.targets.items()}
+
     def fake_train(model, data, cfg, seed, device, progress):
         calls.append("source")
         return model
 
     def fake_shot(source, data, cfg, seed, device, progress):
-        calls.append(data)  # the domain name stands in for its data
+        calls.append(domain_of[id(data)])
         return _model(seed=len(calls))
 
-    monkeypatch.setattr(zoo, "train_source", fake_train)
-    monkeypatch.setattr(zoo, "shot", fake_shot)
-    bench = SimpleNamespace(name="digits", num_classes=10, source=SimpleNamespace(name="mnist", train=None),
-                            targets={"uci": SimpleNamespace(train="uci"), "noisy": SimpleNamespace(train="noisy")})
-    return ModelPool(bench, "resnet8", {"width": 8}, SourceConfig(epochs=1), ShotConfig(epochs=1), 0,
-                     tmp_path / "cache")
+    monkeypatch.setattr(pool_module, "train_source", fake_train)
+    monkeypatch.setattr(pool_module, "shot", fake_shot)
+    return pool
+
+
+def _fresh(pool):
+    """The same pool with nothing held in memory (what a second run sees)."""
+    pool._source, pool._experts = None, {}
+    return pool
 
 
 def test_truncated_cache_entry_is_rebuilt_with_a_log_line(tmp_path, monkeypatch, caplog):
     calls = []
     pool = _pool(tmp_path, monkeypatch, calls)
-    first = pool.source()
+    first = pool.source
     path = next((tmp_path / "cache").glob("source-*.safetensors"))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])  # a crash (or full disk) of an earlier writer
-    with caplog.at_level(logging.WARNING, logger="mergeq.zoo"):
-        again = pool.source()
+    with caplog.at_level(logging.WARNING, logger="mergeq.experiments.pool"):
+        again = _fresh(pool).source
     assert calls == ["source", "source"]
     assert "rebuilding cache entry" in caplog.text and path.name in caplog.text
     assert torch.equal(first.conv1.weight, again.conv1.weight)
-    pool.source()  # the rebuilt entry is good: reused
+    _fresh(pool).source  # the rebuilt entry is good: reused
     assert calls == ["source", "source"]
 
 
@@ -155,8 +163,8 @@ def test_swapped_cache_entry_is_detected(tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     uci_path, noisy_path = (next(cache.glob(f"expert-{d}-*.safetensors")) for d in ("uci", "noisy"))
     uci_path.write_bytes(noisy_path.read_bytes())  # another expert's weights under uci's key
-    with caplog.at_level(logging.WARNING, logger="mergeq.zoo"):
-        again = pool.expert("uci")
+    with caplog.at_level(logging.WARNING, logger="mergeq.experiments.pool"):
+        again = _fresh(pool).expert("uci")
     assert calls.count("uci") == 2 and "holds another model" in caplog.text
     assert not torch.equal(again.conv1.weight, noisy.conv1.weight)
     assert uci is not again
@@ -165,15 +173,16 @@ def test_swapped_cache_entry_is_detected(tmp_path, monkeypatch, caplog):
 def test_earlier_two_file_cache_entries_are_reused_and_checked(tmp_path, monkeypatch):
     calls = []
     pool = _pool(tmp_path, monkeypatch, calls)
-    pool.source()
+    pool.source
     path = next((tmp_path / "cache").glob("source-*.safetensors"))
     state, meta = load_checkpoint(path)
     meta.pop("cache_key")
+    meta.pop("data")  # entries of that form predate the data spec
     _legacy(path, state, meta)
-    pool.source()
+    _fresh(pool).source
     assert calls == ["source"]  # reused
     _legacy(path, state, {**meta, "domain": "uci"})  # a legacy entry of another model
-    pool.source()
+    _fresh(pool).source
     assert calls == ["source", "source"]
 
 
@@ -226,9 +235,67 @@ def test_inflated_arch_kwargs_are_refused_from_the_header_before_allocating(tmp_
     path = save_model(_model(), tmp_path / "m.safetensors", META)
     _rewrite_meta(path, arch_kwargs={"width": 512})
     devices = []
-    real = zoo.build_model
-    monkeypatch.setattr(zoo, "build_model", lambda *a, **k: devices.append(torch.get_default_device().type)
+    real = checkpoint.build_model
+    monkeypatch.setattr(checkpoint, "build_model", lambda *a, **k: devices.append(torch.get_default_device().type)
                         or real(*a, **k))
     with pytest.raises(CheckpointError, match="has shape .* needs"):
         model_from_checkpoint(path)
     assert devices == ["meta"]
+
+
+# --- your own model: template= and model specs; the format as docs/FORMAT.md describes it -------
+
+def test_any_model_loads_onto_a_template_and_a_spec_model_from_its_metadata(tmp_path):
+    from mergeq.deploy import load_packed, save_packed
+    from mergeq.nn.output import LogitsAdapter
+
+    from .conftest import tiny_resnet
+
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    q = quantize(tiny_resnet(), "rtn", calib=x, w_bits=4, a_bits=4)
+    path = save_model(q, tmp_path / "own.safetensors", {"num_classes": 10}, template=tiny_resnet())
+    with pytest.raises(CheckpointError, match="names no architecture .* template="):
+        model_from_checkpoint(path)
+    template = tiny_resnet()
+    loaded, meta = model_from_checkpoint(path, template=template)
+    assert torch.equal(loaded(x), q(x)) and meta["folded_bn"] and meta["quant_layers"]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in template.modules())  # the template is copied, not changed
+    with pytest.raises(CheckpointError, match="has shape"):  # a template of another size
+        model_from_checkpoint(path, template=torch.nn.Sequential(*list(tiny_resnet(5))))
+    # a spec model (here registered, with an output selector) is rebuilt from its metadata alone
+    spec = {"name": "resnet8", "kwargs": {"width": 4}, "output": "auto", "weights": None, "ignore": [],
+            "weights_sha256": None, "builder": None}
+    torch.manual_seed(0)
+    wrapped = LogitsAdapter(build_model("resnet8", 10, width=4)).eval()
+    qw = quantize(wrapped, "rtn", calib=torch.randn(8, 3, 32, 32), w_bits=4, a_bits=8)
+    spath = save_model(qw, tmp_path / "spec.safetensors", {"model": spec, "num_classes": 10})
+    again, _ = model_from_checkpoint(spath)
+    y = torch.randn(2, 3, 32, 32)
+    assert isinstance(again, LogitsAdapter) and torch.equal(again(y), qw(y))
+    packed = save_packed(again, tmp_path / "spec.packed.safetensors", model_from_checkpoint(spath)[1])
+    assert torch.equal(load_packed(packed)(y), qw(y))
+
+
+def test_plain_checkpoint_format_as_documented(w4_checkpoint):
+    """docs/FORMAT.md: the header's digest and the codes, read with numpy and hashlib only."""
+    import hashlib
+
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(w4_checkpoint), framework="np") as f:
+        header = f.metadata()
+        meta = json.loads(header["mergeq_meta"])
+        h = hashlib.sha256()
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            dtype = {"float32": "torch.float32", "bool": "torch.bool"}[str(t.dtype)]
+            h.update(f"{name}|{dtype}|{list(t.shape)}|".encode())
+            h.update(np.ascontiguousarray(t).tobytes())
+        assert h.hexdigest() == header["mergeq_sha256"]
+        for name, (w_bits, _) in meta["quant_layers"].items():
+            w, step = f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.w_step")
+            codes = np.round(w / step)
+            assert np.array_equal(codes * step, w) and codes.min() >= -2 ** (w_bits - 1) and \
+                codes.max() <= 2 ** (w_bits - 1) - 1

@@ -7,7 +7,7 @@ import yaml
 from mergeq.cli import main
 from mergeq.errors import ConfigError
 from mergeq.models import build_model
-from mergeq.zoo import save_model
+from mergeq.checkpoint import save_model
 
 
 def _fails(capsys, argv, match, cache=None):
@@ -22,31 +22,47 @@ def _fails(capsys, argv, match, cache=None):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("methods: rtn", "methods must be list[str], got 'rtn'"),
-    ('seed: "seven"', "seed must be int, got 'seven'"),
-    ("threads: true", "threads must be int | None, got True"),
-    ("source: {nosuch: 1}", "source has unknown key(s) ['nosuch']"),
-    ("shot: {epochs: many}", "shot.epochs must be int"),
-    ("ptq_options: [1, 2]", "ptq_options must be dict"),
-    ("ptq_options: {hdrq: {bogus: 1}}", "ptq_options.hdrq has unknown key(s) ['bogus']"),
-    ("ptq_options: {qdrop: {iters: ten}}", "ptq_options.qdrop.iters must be int"),
-    ("ptq_options: {rtn: {iters: 3}}", "ptq_options.rtn has unknown key(s) ['iters']"),
-    ("ptq_options: {nosuch: {}}", "unknown PTQ method 'nosuch'"),
-    ("num_classes: ten", "unknown key(s) ['num_classes']"),
-    ("arch_kwargs: [16]", "arch_kwargs must be"),
-    ("arch_kwargs: {width: wide}", "arch_kwargs {'width': 'wide'} do not fit arch 'resnet8'"),
-    ("arch_kwargs: {depth: 3}", "arch_kwargs {'depth': 3} do not fit"),
-    ("calib_size: -5", "calib_size must be a positive integer"),
-    ("calib_size: 0", "calib_size must be a positive integer"),
-    ("merge_options: {bogus: 1}", "merge_options (rounding float) has unknown key(s) ['bogus']"),
-    ("rounding: noise-ties\nmerge_options: {samples: 0}", "samples must be at least 1"),
-    ("rounding: noise\nmerge_options: {select: block}", "merge_options (rounding noise).select must be"),
-    ("methods: [rtn, rtn]", "methods lists 'rtn' twice"),
-    ("bits: [W4A4, w4a4]", "bits lists 'W4A4' twice"),
-    ("targets: []", "targets must list at least one entry"),
-    ("device: gpu0", "device must name a torch device"),
+    ("ptq: {methods: rtn}", "ptq.methods: expected a list, got str 'rtn'"),
+    ('runtime: {seed: "seven"}', "runtime.seed: expected int, got str 'seven'"),
+    ("runtime: {threads: true}", "runtime.threads: expected int, got bool True"),
+    ("adapt: {source: {nosuch: 1}}", "adapt.source.nosuch: unknown key; known: epochs"),
+    ("adapt: {shot: {epochs: many}}", "adapt.shot.epochs: expected int"),
+    ("ptq: {options: [1, 2]}", "ptq.options: expected a mapping"),
+    ("ptq: {options: {hdrq: {bogus: 1}}}", "ptq.options.hdrq.bogus: unknown key; known: iters"),
+    ("ptq: {options: {qdrop: {iters: ten}}}", "ptq.options.qdrop.iters: expected int"),
+    ("ptq: {options: {qdrop: {iters: 0}}}", "ptq.options.qdrop: qdrop: need iters >= 1"),
+    ("ptq: {options: {rtn: {iters: 3}}}", "ptq.options.rtn.iters: unknown key; known: (none)"),
+    ("ptq: {options: {nosuch: {}}}", "ptq.options.nosuch: unknown PTQ method 'nosuch'"),
+    ("num_classes: ten", "config.num_classes: unknown key; known: preset, data, model"),
+    ("ptq: {nosuch: 1}", "ptq.nosuch: unknown key"),
+    ("model: {name: resnet8, kwargs: [16]}", "model.kwargs: expected a mapping"),
+    ("model: {name: resnet8, kwargs: {width: wide}}", "model.kwargs: {'width': 'wide'} do not fit model 'resnet8'"),
+    ("model: {name: resnet8, kwargs: {depth: 3}}", "model.kwargs: {'depth': 3} do not fit"),
+    ("model: {name: resnet9}", "model.name: expected a registered architecture"),
+    ("model: {kwargs: {width: 4}}", "model: give exactly one of name"),
+    ("model: {builder: no_such_module:make}", "cannot import module 'no_such_module'"),
+    ("data: {kind: folder, source: Art}", "data.root: required key is missing"),
+    ("data: {kind: folder, root: /no/such/folder, source: Art}", "data root /no/such/folder does not exist"),
+    ("data: {kind: imagenet}", "data.kind: expected one of ['digits', 'folder', 'office_home'], got 'imagenet'"),
+    ("data: {source: svhn}", "data.source: expected one of mnist"),
+    ("ptq: {calib_size: -5}", "ptq.calib_size: must be at least 1"),
+    ("ptq: {calib_size: 0}", "ptq.calib_size: must be at least 1"),
+    ("merge: {rounding_options: {bogus: 1}}", "merge.rounding_options (rounding float).bogus: unknown key"),
+    ("merge: {rounding: noise-ties, rounding_options: {samples: 0}}", "samples: must be at least 1"),
+    ("merge: {rounding: noise, rounding_options: {select: block}}",
+     "merge.rounding_options (rounding noise).select: expected one of"),
+    ("merge: {repeats: 3}", "merge.repeats: 3 merges apply to the sampling roundings"),
+    ("merge: {options: {ties: {densty: 0.2}}}", "merge.options.ties.densty: unknown key; known: density"),
+    ("ptq: {methods: [rtn, rtn]}", "ptq.methods: lists 'rtn' twice"),
+    ("ptq: {bits: [W4A4, w4a4]}", "ptq.bits: lists 'W4A4' twice (as 'w4a4')"),
+    ("data: {targets: []}", "data.targets: must list at least one entry"),
+    ("runtime: {device: gpu0}", "runtime.device: must name a torch device"),
     ("- a\n- b", "must hold a YAML mapping"),
-    ("methods: [rtn\n", "is not valid YAML"),
+    ("ptq: {methods: [rtn\n", "is not valid YAML"),
+    # the earlier flat form is still read, its keys named by their new paths
+    ("methods: rtn", "ptq.methods: expected a list, got str 'rtn'"),
+    ("benchmark: office", "benchmark: 'office' of the earlier flat config form"),
+    ("ptq_options: {hdrq: {bogus: 1}}", "ptq.options.hdrq.bogus: unknown key"),
 ])
 def test_bad_yaml_config_is_named_before_training(tmp_path, capsys, text, match):
     path = tmp_path / "bad.yaml"
@@ -57,12 +73,18 @@ def test_bad_yaml_config_is_named_before_training(tmp_path, capsys, text, match)
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--rounding", "noise-ties", "--samples", "0"], "samples must be at least 1"),
-    (["--rounding", "noise", "--samples", "-5"], "samples must be at least 1"),
-    (["--samples", "-5"], "(rounding float) has unknown key(s) ['samples']"),
-    (["--samples", "30"], "(rounding float) has unknown key(s) ['samples']"),
-    (["--threads", "0"], "threads must be a positive integer"),
-    (["--first-last-bits", "9"], "first_last_bits must be an integer from 2 to 8"),
+    (["--rounding", "noise-ties", "--samples", "0"], "samples: must be at least 1"),
+    (["--rounding", "noise", "--samples", "-5"], "samples: must be at least 1"),
+    (["--samples", "-5"], "(rounding float).samples: unknown key; known: (none)"),
+    (["--samples", "30"], "(rounding float).samples: unknown key; known: (none)"),
+    (["--rounding", "noise", "--samples", "many"], "(rounding noise).samples: expected int, got str 'many'"),
+    (["--repeats", "2"], "merge.repeats: 2 merges apply to the sampling roundings"),
+    (["--threads", "0"], "runtime.threads: must be at least 1"),
+    (["--first-last-bits", "9"], "ptq.first_last_bits: bits must be an integer from 2 to 8"),
+    (["--set", "ptq.options.hdrq.iters=ten"], "ptq.options.hdrq.iters: expected int, got str 'ten'"),
+    (["--set", "ptq.iters=10"], "ptq.iters: no such config entry"),
+    (["--set", "ptq.calib_size"], "expected PATH=VALUE"),
+    (["--config", "/no/such.yaml"], "config file /no/such.yaml cannot be read"),
 ])
 def test_bad_run_flags_fail_before_training(tmp_path, capsys, flags, match):
     cache = tmp_path / "cache"
@@ -89,7 +111,7 @@ def test_run_into_a_folder_of_another_command_is_refused(tmp_path, capsys):
     (out / "config.yaml").write_text(yaml.safe_dump({"run": {}, "tta": {}}))
     err = _fails(capsys, ["run", "--out", str(out), "--preset", "quick", "--targets", "uci", "--cache-dir",
                           str(tmp_path / "cache"), "--quiet"], "holds results of a run with other settings")
-    assert "tta" in err
+    assert "experiment (tta there, run here)" in err
     (out / "results.json").write_text('{"rows": [')  # a damaged results file is named, never overwritten
     _fails(capsys, ["run", "--out", str(out), "--preset", "quick", "--targets", "uci", "--cache-dir",
                     str(tmp_path / "cache"), "--quiet"], str(out / "results.json"))
@@ -111,7 +133,7 @@ def test_merge_flag_errors(tmp_path, capsys, two_checkpoints):
     _fails(capsys, ["merge", *two_checkpoints, "--method", "ties", "--samples", "3", "--base", two_checkpoints[0],
                     "--out", out], "--rounding and --samples apply to --method average")
     _fails(capsys, ["merge", *two_checkpoints, "--rounding", "noise", "--samples", "0", "--out", out],
-           "samples must be at least 1")
+           "samples: must be at least 1")
     _fails(capsys, ["merge", *two_checkpoints, "--out", out, "--report", out], "is the checkpoint path")
     _fails(capsys, ["merge", *two_checkpoints, "--out", str(tmp_path)], "is an existing directory")
     _fails(capsys, ["merge", two_checkpoints[0], str(tmp_path / "nope.safetensors"), "--out", out], "does not exist")
@@ -143,7 +165,7 @@ def test_barrier_points_below_two_is_refused(tmp_path, capsys):
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     path = tmp_path / "bad.yaml"
-    path.write_text("seed: seven")
+    path.write_text("runtime: {seed: seven}")
     argv = ["run", "--config", str(path), "--out", str(tmp_path / "o")]
     with pytest.raises(ConfigError, match="seed"):
         main(["--debug", *argv])
@@ -160,7 +182,7 @@ def test_tta_and_bench_check_their_out_before_any_work(tmp_path, capsys):
     cache = tmp_path / "cache"
     err = _fails(capsys, ["tta", "--out", str(out), "--preset", "quick", "--cache-dir", str(cache), "--quiet"],
                  "holds results of a run with other settings", cache)
-    assert "run" in err and "tta" in err
+    assert "experiment (run there, tta here)" in err
     afile = tmp_path / "f"
     afile.write_text("")
     grid = tmp_path / "grid.yaml"
@@ -171,7 +193,7 @@ def test_tta_and_bench_check_their_out_before_any_work(tmp_path, capsys):
 
 def test_quantize_takes_the_presets_options_for_any_method(tmp_path, monkeypatch, capsys, two_checkpoints):
     """Found with issue 15: brecq/adaround/ttaq got no preset options (20,000 iterations at --preset quick)."""
-    import mergeq.ptq
+    from mergeq.experiments import steps
 
     seen = {}
 
@@ -179,7 +201,7 @@ def test_quantize_takes_the_presets_options_for_any_method(tmp_path, monkeypatch
         seen.update(method=method, **kw)
         raise ValueError("stop here")
 
-    monkeypatch.setattr(mergeq.ptq, "quantize", fake_quantize)
+    monkeypatch.setattr(steps, "quantize", fake_quantize)
     argv = ["quantize", "--model", two_checkpoints[0], "--method", "brecq", "--preset", "quick",
             "--out", str(tmp_path / "q.safetensors"), "--quiet"]
     _fails(capsys, argv, "names no domain to calibrate on: pass --domain")

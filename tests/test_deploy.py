@@ -22,7 +22,7 @@ from mergeq.models import resnet8
 from mergeq.nn import prepare, quant_modules
 from mergeq.ptq import quantize
 from mergeq.quant import QuantConfig, qrange
-from mergeq.zoo import save_model
+from mergeq.checkpoint import save_model
 
 from .conftest import randomize_bn
 

@@ -77,32 +77,35 @@ def test_checkpoint_is_one_file_with_its_metadata_in_the_header(tmp_path):
 
 
 def test_report_source_row_hmean_is_over_targets_only():
-    from mergeq.report import results_markdown
+    from mergeq.experiments.report import run_markdown
 
     acc = {"a": 0.5, "b": 1.0}
     res = {"benchmark": "digits", "seed": 0, "targets": ["a", "b"], "rows": [],
            "source": {"src": 1.0, **acc, "hmean": 0.75},  # hmean over 3 domains, as evaluate() gives it
            "fp": {"experts": acc, "merged": {**acc, "hmean": 2 / 3}}}
-    row = next(line for line in results_markdown(res).splitlines() if line.startswith("| source"))
+    row = next(line for line in run_markdown(res).splitlines() if line.startswith("| source"))
     assert row.split("|")[-3].strip() == "66.7"  # 2 / (1/0.5 + 1/1.0)
 
 
-def test_model_cache_key_includes_thread_count(tmp_path):
-    """CPU training repeats bit for bit only for the same number of torch threads: no cross reuse."""
-    import torch
+def test_model_cache_key_includes_thread_count_and_keeps_the_digits_keys(tmp_path):
+    """CPU training repeats bit for bit only for the same number of torch threads: no cross reuse.
+    For the digits data and a registered model the key is the one of the cache before issue 16."""
+    import hashlib
+    import json
 
-    from mergeq.adapt import PRESETS
-    from mergeq.data import load_benchmark
-    from mergeq.zoo import ModelPool
+    from mergeq.experiments import Pool
 
-    arch, kw, src, shot = PRESETS["quick"]
-    bench = load_benchmark("digits", seed=0, targets=["uci"])
+    from .conftest import tiny_config
+
     before = torch.get_num_threads()
     try:
         keys = []
         for n in (1, 2, 1):
-            torch.set_num_threads(n)
-            keys.append(ModelPool(bench, arch, kw, src, shot, 0, tmp_path)._source_key)
+            pool = Pool(tiny_config(tmp_path, {"runtime.threads": n}))
+            keys.append(pool._source_key)
     finally:
         torch.set_num_threads(before)
     assert keys[0] != keys[1] and keys[0] == keys[2]
+    old = {"benchmark": "digits", "arch": "resnet8", "arch_kwargs": {"width": 4}, "num_classes": 10, "seed": 0,
+           "source": pool.cfg.to_dict()["adapt"]["source"], "compute": {"device": "cpu", "threads": 1}}
+    assert keys[0] == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]

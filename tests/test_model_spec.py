@@ -200,6 +200,8 @@ def test_weights_from_safetensors(nets, tmp_path):
     save_file({k: v.contiguous() * 2 for k, v in ref.state_dict().items()}, str(path))
     with pytest.raises(ModelError, match="changed since the config was written"):
         resolve_model(resolved, 10)
+    with pytest.raises(ModelError, match="changed since the config was written"):  # resolving again keeps the hash
+        resolve_model(resolved_spec(resolved), 10)
     for weights, msg in [(tmp_path / "w.pt", "only .safetensors"), (tmp_path / "none.safetensors", "does not exist")]:
         with pytest.raises(ModelError, match=msg):
             resolve_model({**spec, "weights": str(weights)}, 10)

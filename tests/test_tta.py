@@ -1,4 +1,6 @@
 """TTAQ: PEM / PCR on the reconstruction loop, TENT and ABL on a stream, the `mergeq tta` driver."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -238,36 +240,41 @@ def test_run_stream_errors_match_a_plain_evaluation():
 # ---------------------------------------------------------------- driver
 
 def test_parse_method_and_config():
-    from mergeq.tta import TTAConfig, parse_method, plan
+    from mergeq.errors import ConfigError
+    from mergeq.experiments.config import Config, parse_tta_method
+    from mergeq.experiments.tta import plan
 
-    assert parse_method("ttaq") == ("ttaq", "abl")
-    assert parse_method("qdrop+tent") == ("qdrop", "tent")
-    assert parse_method("fp") == ("fp", "none")
+    assert parse_tta_method("ttaq") == ("ttaq", "abl")
+    assert parse_tta_method("qdrop+tent") == ("qdrop", "tent")
+    assert parse_tta_method("fp") == ("fp", "none")
     with pytest.raises(ValueError, match="adapter"):
-        parse_method("qdrop+cotta")
+        parse_tta_method("qdrop+cotta")
     with pytest.raises(KeyError):
-        parse_method("nonsense+tent")
-    for bad in ({"streams": ["shuffled"]}, {"severity": 9}, {"corruptions": ["rain"]}, {"bits": ["W4X"]},
-                {"imbalance": "zipf"}, {"methods": []}, {"batch_size": 0}):
-        with pytest.raises(ValueError):
-            TTAConfig(**bad)
-    rows = plan(TTAConfig(bits=["W4A4", "W2A4"]))
+        parse_tta_method("nonsense+tent")
+    for bad, where in [({"streams": ["shuffled"]}, "tta.streams[0]"), ({"severity": 9}, "tta.severity"),
+                       ({"corruptions": ["rain"]}, "tta.corruptions"), ({"bits": ["W4X"]}, "tta.bits[0]"),
+                       ({"imbalance": "zipf"}, "tta.imbalance"), ({"methods": []}, "tta.methods"),
+                       ({"methods": ["qdrop+cotta"]}, "tta.methods[0]"), ({"batch_size": 0}, "tta.batch_size")]:
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            Config.from_dict({"tta": bad})
+    rows = plan(Config.from_dict({"tta": {"bits": ["W4A4", "W2A4"]}}))
     assert len(rows) == 2 * 2 + 2 * 2 * 3 and rows[0] == ("balanced", "fp", "FP32")
 
 
 def test_driver_smoke_and_resume(tmp_path, monkeypatch):
     """The whole `mergeq tta` path on a tiny random ResNet-8, 8 images, two corruptions (seconds)."""
-    from mergeq import tta as T
+    import json
+
     from mergeq.cli import main
+    from mergeq.experiments import load_config, tta as T
     from mergeq.models import build_model
+    from mergeq.ptq import presets
 
     def tiny_source(self):
         torch.manual_seed(0)
         return build_model("resnet8", 10, width=4).eval()
 
-    monkeypatch.setattr(T.ModelPool, "source", tiny_source)
-    from mergeq.ptq import presets
-
+    monkeypatch.setattr(T.Pool, "source", property(tiny_source))
     monkeypatch.setitem(presets._ITERS, "quick", 2)
     monkeypatch.setitem(presets._CALIB, "quick", 16)
     out = tmp_path / "run"
@@ -275,8 +282,6 @@ def test_driver_smoke_and_resume(tmp_path, monkeypatch):
             "--batch-size", "4", "--bits", "W4A4", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--quiet"]
     assert main(argv) == 0
-    import json
-
     res = json.loads((out / "results.json").read_text())
     keys = {(r["stream"], r["method"], r["bits"]) for r in res["rows"]}
     assert ("imbalanced", "ttaq", "W4A4") in keys and ("balanced", "fp", "FP32") in keys and len(keys) == 10
@@ -284,12 +289,45 @@ def test_driver_smoke_and_resume(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "imbalanced stream (dirichlet)" in md and "| ttaq | W4A4 |" in md
     assert (out / "stream_error.png").stat().st_size > 0
-    cfg = T.load_config(out / "config.yaml")
-    assert cfg[1].corruptions == ["contrast", "pixelate"] and cfg[0].seed == 0
+    cfg = load_config(out / "config.yaml")
+    assert cfg.tta.corruptions == ["contrast", "pixelate"] and cfg.runtime.seed == 0
+    assert cfg.ptq.options["ttaq"] == {"iters": 2, "batch_size": 32}  # the preset's, recorded
 
     def boom(*a, **k):
         raise AssertionError("resumed run recomputed a row")
 
-    monkeypatch.setattr(T.TTAExperiment, "row", boom)
+    monkeypatch.setattr(T.TTARows, "row", boom)
     assert main(argv) == 0
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    assert main([*argv, "--streams", "balanced"]) == 0  # fewer rows asked for: none dropped
+    assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+
+
+def test_driver_on_cifar10c_arrays(tmp_path, monkeypatch):
+    """``tta.cifar10c``: the stream's domains are the arrays, normalised as the data section says."""
+    import json
+
+    import numpy as np
+
+    from mergeq.cli import main
+    from mergeq.experiments import tta as T
+    from mergeq.models import build_model
+
+    folder = tmp_path / "CIFAR-10-C"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("fog", "snow"):
+        np.save(folder / f"{name}.npy", rng.integers(0, 256, (5 * 6, 32, 32, 3), dtype=np.uint8))
+    np.save(folder / "labels.npy", np.arange(30) % 10)
+    monkeypatch.setattr(T.Pool, "source", property(lambda self: build_model("resnet8", 10, width=4).eval()))
+    out = tmp_path / "run"
+    assert main(["tta", "--cifar10c", str(folder), "--corruptions", "snow,fog", "--severity", "2", "--methods",
+                 "fp,fp+tent", "--batch-size", "3", "--streams", "balanced", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["fp", "fp+tent"]
+    assert all(list(r["error"]) == ["snow", "fog"] and len(r["batch_error"]) == 4 for r in res["rows"])
+    stream = T.TTARows(T.Pool(T.Config.from_dict({"tta": {"cifar10c": str(folder), "corruptions": ["fog"]}}))
+                       ).stream("balanced")
+    x = stream[0][1].tensors[0]
+    torch.testing.assert_close(x.mean(dim=(2, 3)), torch.zeros(len(x), 3), atol=1e-5, rtol=0)  # standardised

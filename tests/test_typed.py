@@ -72,3 +72,27 @@ def test_nested_unions_tuples_and_messages():
     assert check_value(Literal[1, True], True, "x") is True
     with pytest.raises(ConfigError):
         check_value(Literal[1], True, "x")  # True == 1 in Python, not here
+
+
+def test_tagged_unions_pick_the_class_by_kind():
+    from mergeq.data.spec import DataSpec, DigitsData
+    from mergeq.typed import check_keys, hints_of
+
+    assert check_value(DataSpec, {"kind": "office_home", "root": "r"}, "data") == FolderData(root="r", kind="office_home")
+    assert check_value(DataSpec, {}, "data") == DigitsData()  # no kind: the first member
+    with pytest.raises(ConfigError, match=r"^data\.image_size: unknown key; known: kind, source, targets$"):
+        check_value(DataSpec, {"image_size": 32}, "data")  # the digits kind's keys, not "expected A or B"
+    with pytest.raises(ConfigError, match=r"^data\.bogus: unknown key; known: root, kind"):
+        check_value(DataSpec, {"kind": "folder", "root": "r", "bogus": 1}, "data")
+    with pytest.raises(ConfigError, match=r"^data\.kind: expected one of \['digits', 'folder', 'office_home'\]"):
+        check_value(DataSpec, {"kind": "imagenet"}, "data")
+
+    def policy(layers, alphas, samples: int = 30, select: Literal["layer", "model"] = "layer"):
+        pass
+
+    hints = hints_of(policy, skip=("layers", "alphas"))
+    assert check_keys({"samples": 3}, hints, "opts") == {"samples": 3}
+    with pytest.raises(ConfigError, match=r"^opts\.select: expected one of \['layer', 'model'\], got 'block'$"):
+        check_keys({"select": "block"}, hints, "opts")
+    with pytest.raises(ConfigError, match=r"^opts\.seed: unknown key; known: samples, select$"):
+        check_keys({"seed": 1}, hints, "opts")

@@ -1,19 +1,84 @@
-"""``mergeq`` command line: run the pipeline, train the source, adapt experts, show the data."""
+"""``mergeq`` command line: a thin layer over :mod:`mergeq.experiments`.
+
+Every command that runs an experiment or a step reads one config (:mod:`mergeq.experiments.config`):
+the defaults, then ``--config FILE``, then ``--set PATH=VALUE`` (any entry, e.g.
+``--set ptq.options.hdrq.iters=100``), then its flags. Each flag is a config path (the tables
+below) whose type and help text come from the config field, so no option exists only here.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-from dataclasses import asdict
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
-from .config import PRESET_NAMES, RunConfig
 from .errors import MergeqError
+
+PREFIX = "config:"  # dests of flags bound to a config path
+COMMON = {"--preset": "preset", "--seed": "runtime.seed", "--device": "runtime.device",
+          "--threads": "runtime.threads", "--cache-dir": "runtime.cache_dir"}
+TARGETS = {"--targets": "data.targets"}
+PTQ = {"--methods": "ptq.methods", "--bits": "ptq.bits", "--calib-size": "ptq.calib_size",
+       "--first-last-bits": "ptq.first_last_bits", "--step-method": "ptq.step_method"}
+PTQ_SETTINGS = {k: v for k, v in PTQ.items() if k not in ("--methods", "--bits")}
+MERGE = {"--rounding": "merge.rounding", "--samples": "merge.rounding_options.samples", "--repeats": "merge.repeats"}
+PMQ = {"--merges": "pmq.merges", "--methods": "pmq.methods", "--bits": "pmq.bits",
+       "--anchor": "ptq.options.epmq.anchor"}
+TTA = {"--methods": "tta.methods", "--bits": "tta.bits", "--streams": "tta.streams", "--imbalance": "tta.imbalance",
+       "--severity": "tta.severity", "--corruptions": "tta.corruptions", "--n-images": "tta.n_images",
+       "--cifar10c": "tta.cifar10c", "--batch-size": "tta.batch_size", "--lr": "tta.tent.lr"}
+ONE = {"--method": "ptq.methods", "--bits": "ptq.bits"}  # one value, recorded as a one-item list
+HELP = {"data.targets": "comma-separated target domains (default: every domain but the source)",
+        "merge.rounding_options.samples": "noise samples drawn by --rounding noise/noise-ties (default 30/100)",
+        "ptq.options.epmq.anchor": "E-PMQ merged-weight anchoring weight (default 1.0)",
+        "tta.tent.lr": "TENT / ABL learning rate (default 1e-3, Adam)"}
 
 
 def _csv(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def _converter(hint: Any):
+    """A string -> value parser for a flag of type ``hint`` (lists: comma-separated; none/null: None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        inner = _converter(options[0]) if len(options) == 1 else str
+        return lambda s: None if s.strip().lower() in ("none", "null") else inner(s)
+    if origin is list:
+        item = _converter(args[0])
+        return lambda s: [item(p) for p in _csv(s)]
+    if hint is Any:  # an entry of an options mapping: the value as YAML reads it (3 -> int, true -> bool)
+        import yaml
+
+        return yaml.safe_load
+    return hint if hint in (int, float) else str
+
+
+def _add_flags(p: argparse.ArgumentParser, table: dict[str, str], one: bool = False) -> None:
+    """Flags bound to config paths: type, choices and help from the config field."""
+    from .experiments.config import help_at, hint_at
+
+    for flag, path in table.items():
+        hint = hint_at(path)
+        if one:
+            hint = typing.get_args(hint)[0]
+        choices = list(typing.get_args(hint)) if typing.get_origin(hint) is Literal else None
+        parse = _converter(hint)
+        p.add_argument(flag, dest=PREFIX + path, default=argparse.SUPPRESS, choices=choices,
+                       help=(HELP.get(path) or help_at(path)) + (" (one here)" if one else ""),
+                       type=(lambda s, parse=parse: [parse(s)]) if one else parse,
+                       metavar=flag.lstrip("-").replace("-", "_").upper() if choices is None else None)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (e.g. the config.yaml a run wrote: rerunning it reproduces the run)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="set any config entry, e.g. --set ptq.options.hdrq.iters=100 (repeatable)")
 
 
 def _at_least(n: int):
@@ -26,232 +91,147 @@ def _at_least(n: int):
     return parse
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=PRESET_NAMES, default=None, help="size of the run (default: default)")
-    p.add_argument("--seed", type=int, default=None, help="seed for data splits, training and PTQ (default 0)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--targets", type=_csv, default=None, help="comma-separated target domains (default: all)")
-    p.add_argument("--cache-dir", default=None, help="where trained source/expert models are cached")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); a seeded CPU run repeats bit for bit per thread count")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+def load_cli_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
+    """The config of a command: defaults, then the command's ``defaults`` (paths the file does not
+    set), then ``--config``, ``--set`` and the flags; validated once, at the end."""
+    from .experiments.config import Config, parse_set, read_mapping, set_path
+
+    data = read_mapping(args.config) if getattr(args, "config", None) else {}
+    for path, value in (defaults or {}).items():
+        head, node = path.split("."), data
+        while head and isinstance(node, dict) and head[0] in node:
+            node = node[head.pop(0)]
+        if head:  # not set by the file
+            set_path(data, path, value)
+    for text in getattr(args, "set", []):
+        set_path(data, *parse_set(text))
+    for dest, value in vars(args).items():  # only the flags given (their default: absent)
+        if dest.startswith(PREFIX):
+            set_path(data, dest[len(PREFIX):], value)
+    return Config.from_dict(data, "config")
 
 
-def _config(args: argparse.Namespace) -> RunConfig:
-    base = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
-    overrides = {
-        "preset": args.preset, "seed": args.seed, "device": args.device, "targets": args.targets,
-        "cache_dir": args.cache_dir, "threads": getattr(args, "threads", None),
-        "methods": getattr(args, "methods", None), "bits": getattr(args, "bits", None),
-        "rounding": getattr(args, "rounding", None), "step_method": getattr(args, "step_method", None),
-    }
-    d = asdict(base)
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    if getattr(args, "samples", None) is not None:
-        d["merge_options"] = {**d.get("merge_options", {}), "samples": args.samples}
-    if getattr(args, "first_last_bits", None) is not None:
-        d["first_last_bits"] = None if args.first_last_bits == 0 else args.first_last_bits
-    return RunConfig.from_dict(d)
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
-    from .report import results_markdown
-
-    cfg = _config(args)
-    progress = not args.quiet
+    from .experiments import run
 
     def on_row(row: dict) -> None:
-        if progress:
+        if _progress(args):
             a = row["a_bits"] if row["a_bits"] is not None else 32
             print(f"  {row['method']:>9} W{row['w_bits']}A{a}: merged hmean {100 * row['merged']['hmean']:.1f}% "
                   f"({row['seconds']:.0f} s)", file=sys.stderr)
 
-    results = run(cfg, args.out, progress=progress, on_row=on_row)
-    print(results_markdown(results))
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml", file=sys.stderr)
+    run(load_cli_config(args), args.out, progress=_progress(args), on_row=on_row)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, hmean_vs_bits.png", file=sys.stderr)
     return 0
 
 
 def cmd_pmq(args: argparse.Namespace) -> int:
-    from .pmq import run_pmq
+    from .experiments import run_pmq
 
-    cfg = _config(args)
-    results = run_pmq(cfg, args.out, args.merges, cfg.methods, args.anchor, progress=not args.quiet)
+    results = run_pmq(load_cli_config(args), args.out, progress=_progress(args))
     print((Path(args.out) / "results.md").read_text())
     return 0 if results["rows"] else 1
 
 
-def cmd_train_source(args: argparse.Namespace) -> int:
-    from .data import load_benchmark
-    from .eval import evaluate
-    from .io import check_out_file
-    from .zoo import ModelPool, save_model
+def cmd_tta(args: argparse.Namespace) -> int:
+    from .experiments import run_tta
 
-    cfg = _config(args).resolved()
-    check_out_file(args.out)
-    cfg.apply_threads()
-    bench = load_benchmark(cfg.benchmark, seed=cfg.seed, targets=cfg.targets)
-    pool = ModelPool(bench, cfg.arch, cfg.arch_kwargs, cfg.source, cfg.shot, cfg.seed, cfg.cache_dir,
-                     cfg.device, not args.quiet)
-    model = pool.source()
-    accs = evaluate(model, {bench.source.name: bench.source.test, **{d: t.test for d, t in bench.targets.items()}},
-                    cfg.device)
-    save_model(model, args.out, {"benchmark": bench.name, "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs,
-                                 "num_classes": bench.num_classes, "seed": cfg.seed, "domain": bench.source.name,
-                                 "role": "source", "config": asdict(cfg.source), "accuracy": accs})
+    def on_row(row: dict) -> None:
+        if _progress(args):
+            print(f"  {row['stream']:>10} {row['method']:>10} {row['bits']}: mean error "
+                  f"{100 * row['mean_error']:.1f}% ({row['seconds']:.0f} s)", file=sys.stderr)
+
+    run_tta(load_cli_config(args), args.out, progress=_progress(args), on_row=on_row)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, stream_error.png", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .experiments import run_grid
+
+    if args.grid and args.config:
+        raise MergeqError("give the grid once: as the positional GRID or as --config")
+    args.config = args.config or args.grid
+    bar = None
+
+    def progress(i: int, n: int, text: str) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        bar = bar or tqdm(total=n, desc="cells", unit="cell")
+        bar.set_postfix_str(text[:100])
+        bar.update(i - bar.n)
+
+    run_grid(load_cli_config(args), args.out, args.executor, args.workers, args.address, progress)
+    if bar:
+        bar.close()
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def cmd_train_source(args: argparse.Namespace) -> int:
+    from .experiments import steps
+
+    accs = steps.train_source(load_cli_config(args), args.out, _progress(args))
     print(" ".join(f"{k}={100 * v:.1f}%" for k, v in accs.items()))
     return 0
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt.shot import shot
-    from .data import load_benchmark
-    from .eval import accuracy
-    from .io import check_out_file
-    from .zoo import model_from_checkpoint, save_model
+    from .experiments import steps
 
-    cfg = _config(args).resolved()
-    check_out_file(args.out)
-    cfg.apply_threads()
-    source, meta = model_from_checkpoint(args.source, cfg.device)
-    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=cfg.seed, targets=[args.domain])
-    dom = bench.targets[args.domain]
-    expert = shot(source, dom.train, cfg.shot, seed=cfg.seed, device=cfg.device, progress=not args.quiet)
-    before, after = accuracy(source, dom.test, device=cfg.device), accuracy(expert, dom.test, device=cfg.device)
-    save_model(expert, args.out, {"benchmark": bench.name, "arch": meta["arch"],
-                                  "arch_kwargs": meta.get("arch_kwargs", {}), "num_classes": meta["num_classes"],
-                                  "seed": cfg.seed, "domain": args.domain, "role": "expert",
-                                  "config": asdict(cfg.shot), "accuracy": {"source": before, "expert": after}})
+    before, after = steps.adapt(load_cli_config(args), args.source, args.domain, args.out, _progress(args))
     print(f"{args.domain}: source {100 * before:.1f}% -> SHOT expert {100 * after:.1f}%")
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .data import load_benchmark
-    from .eval import accuracy
-    from .io import check_out_file
-    from .ptq import quantize
-    from .quant import QuantConfig, parse_bits
-    from .zoo import model_from_checkpoint, save_model
+    from .experiments import steps
 
-    cfg = _config(argparse.Namespace(**vars(args), methods=[args.method])).resolved()  # the preset's options
-    w_bits, a_bits = parse_bits(args.bit_pair)
-    qcfg = QuantConfig(w_bits, a_bits, cfg.first_last_bits, cfg.step_method)
-    check_out_file(args.out)
-    cfg.apply_threads()
-    model, meta = model_from_checkpoint(args.model, cfg.device)
-    source = model_from_checkpoint(args.source, cfg.device)[0] if args.source else None
-    domain = args.domain or meta.get("domain")
-    if not domain:
-        raise MergeqError(f"{args.model} names no domain to calibrate on: pass --domain")
-    seed = meta.get("seed", cfg.seed)
-    bench = load_benchmark(meta.get("benchmark", cfg.benchmark), seed=seed, targets=[domain])
-    dom = bench.targets[domain]
-    q = quantize(model, args.method, calib=dom.train, config=qcfg, source=source, calib_size=cfg.calib_size,
-                 device=cfg.device, seed=cfg.seed, progress=not args.quiet, **cfg.ptq_options.get(args.method, {}))
-    acc = accuracy(q, dom.test, device=cfg.device)
-    save_model(q, args.out, {"benchmark": bench.name, "arch": meta["arch"], "arch_kwargs": meta.get("arch_kwargs", {}),
-                             "num_classes": meta["num_classes"], "seed": seed, "domain": domain, "role": "quantized expert", "method": args.method,
-                             "bits": qcfg.tag, "accuracy": acc})
-    print(f"{domain}: {args.method} {qcfg.tag} accuracy {100 * acc:.1f}% -> {args.out}")
+    cfg = load_cli_config(args, {"ptq.methods": ["rtn"], "ptq.bits": ["W4A4"]})
+    domain, acc = steps.quantize_checkpoint(cfg, args.model, args.out, args.source, args.domain, _progress(args))
+    print(f"{domain}: {cfg.ptq.methods[0]} {cfg.ptq.bits[0]} accuracy {100 * acc:.1f}% -> {args.out}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .data import load_benchmark
-    from .eval import evaluate
-    from .io import check_out_file, write_json
-    from .merge import MERGE_METHODS, check_rounding_options, merge
-    from .pipeline import rounding_options
-    from .zoo import model_from_checkpoint, save_model
+    from .experiments import steps
 
-    MERGE_METHODS.get(args.method)
-    options = {}
-    extra = {"samples": args.samples} if args.samples is not None else {}
-    if args.method == "average":
-        rounding = args.rounding or "float"
-        options = {"rounding": rounding, **rounding_options(rounding, extra, args.seed)}
-        check_rounding_options(rounding, {k: v for k, v in options.items() if k != "rounding"})
-    elif args.rounding or extra:
+    if args.method != "average" and any(hasattr(args, PREFIX + p)
+                                        for p in ("merge.rounding", "merge.rounding_options.samples")):
         raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {args.method}")
-    report_path = Path(args.report) if args.report else Path(args.out).with_suffix(".report.json")
-    if report_path.resolve() == Path(args.out).resolve():
-        raise MergeqError(f"the report path {report_path} is the checkpoint path: pass another --report")
-    check_out_file(args.out)
-    check_out_file(report_path)
-    loaded = [model_from_checkpoint(p, args.device or "cpu") for p in args.experts]
-    models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
-    if args.base:
-        options["base"] = model_from_checkpoint(args.base, args.device or "cpu")[0]
-    merged = merge(models, method=args.method, **options)
-    domains = [m.get("domain") for m in metas]
-    meta = {k: metas[0][k] for k in ("benchmark", "arch", "arch_kwargs", "num_classes", "seed") if k in metas[0]}
-    report = {"experts": [str(p) for p in args.experts], "domains": domains, "method": args.method,
-              "options": {k: v for k, v in options.items() if k != "base"}, "base": args.base}
-    if meta.get("benchmark") and all(domains):
-        bench = load_benchmark(meta["benchmark"], seed=meta.get("seed", 0), targets=domains)
-        report["accuracy"] = evaluate(merged, {d: bench.targets[d].test for d in domains}, args.device or "cpu")
-    save_model(merged, args.out, {**meta, "role": "merged", "domains": domains, "merge": report})
-    write_json(report_path, report)
-    print(report.get("accuracy", "merged (no benchmark metadata to evaluate on)"))
+    report = steps.merge_checkpoints(load_cli_config(args), args.experts, args.method, args.out, args.report,
+                                     args.base)
+    print(report.get("accuracy", "merged (no data metadata to evaluate on)"))
     return 0
 
 
-def _analysis_models(args: argparse.Namespace, n_targets: int):
-    """The experiment and, per family (fp + each method), the quantized (or FP) experts."""
-    from .nn import fold_bn
-    from .pipeline import Experiment
-    from .quant import QuantConfig, parse_bits
-
-    from .io import check_out_dir
-
-    cfg = _config(args)
-    check_out_dir(args.out)
-    exp = Experiment(cfg, progress=not args.quiet)
-    if len(exp.targets) < n_targets:
-        raise ValueError(f"this analysis needs {n_targets} target domains, got {exp.targets}")
-    w_bits, a_bits = parse_bits(args.bit_pair)
-    example = exp.bench.source.test.tensors[0][:2]
-    families = {"fp": {d: fold_bn(m, example) for d, m in exp.experts.items()}}
-    for method in exp.cfg.methods:
-        qcfg = QuantConfig(w_bits, a_bits, exp.cfg.first_last_bits, exp.cfg.step_method)
-        families[method] = exp.quantize_experts(method, qcfg)
-    return exp, families
+ANALYSIS_DEFAULTS = {"ptq.methods": ["rtn", "brecq", "qdrop", "hdrq"], "ptq.bits": ["W4A4"]}
 
 
 def cmd_barrier(args: argparse.Namespace) -> int:
-    from .eval import linear_path
-    from .eval.plots import plot_paths
-    from .io import atomic_write_text, write_json
+    from .experiments import steps
 
-    exp, families = _analysis_models(args, 2)
-    d1, d2 = exp.targets[:2]
-    domains = {d: exp.tests[d] for d in (d1, d2)}
-    paths = {name: linear_path(ms[d1], ms[d2], domains, args.points, exp.cfg.device) for name, ms in families.items()}
-    out = Path(args.out)
-    write_json(out / "barrier.json", {"targets": [d1, d2], "bits": args.bit_pair, "seed": exp.cfg.seed, "paths": paths})
-    atomic_write_text(out / "config.yaml", exp.cfg.to_yaml())
-    plot_paths(paths, out / "barrier.png", f"{d1} -> {d2} experts, {args.bit_pair} (fp: full precision)")
+    paths = steps.barrier(load_cli_config(args, ANALYSIS_DEFAULTS), args.out, args.points, _progress(args))
     for name, p in paths.items():
-        print(f"{name:>8}: loss barrier {p['loss_barrier']:.4f}, accuracy barrier {100 * p['accuracy_barrier']:.1f} pts")
+        print(f"{name:>8}: loss barrier {p['loss_barrier']:.4f}, "
+              f"accuracy barrier {100 * p['accuracy_barrier']:.1f} pts")
     return 0
 
 
 def cmd_surface(args: argparse.Namespace) -> int:
-    from .eval import loss_surface
-    from .eval.plots import plot_surfaces
-    from .io import atomic_write_text, write_json
+    from .experiments import steps
 
-    exp, families = _analysis_models(args, 1)
-    d = exp.targets[0]
-    data = {d: exp.tests[d]}
-    surfaces = {name: loss_surface(ms[d], data, args.points, args.radius, exp.cfg.seed, exp.cfg.device)
-                for name, ms in families.items()}
-    out = Path(args.out)
-    write_json(out / "surface.json", {"domain": d, "bits": args.bit_pair, "seed": exp.cfg.seed, "surfaces": surfaces})
-    atomic_write_text(out / "config.yaml", exp.cfg.to_yaml())
-    plot_surfaces(surfaces, out / "surface.png", f"loss around the {d} expert, {args.bit_pair}")
+    surfaces = steps.surface(load_cli_config(args, ANALYSIS_DEFAULTS), args.out, args.points, args.radius,
+                             _progress(args))
     for name, s in surfaces.items():
         mid = len(s["loss"]) // 2
         print(f"{name:>8}: centre loss {s['loss'][mid][mid]:.4f}, max on grid {max(map(max, s['loss'])):.4f}")
@@ -259,9 +239,9 @@ def cmd_surface(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import model_from_checkpoint
     from .deploy import export_onnx, save_packed
     from .io import check_out_file
-    from .zoo import model_from_checkpoint
 
     check_out_file(args.out)
     model, meta = model_from_checkpoint(args.model)
@@ -274,68 +254,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .bench import run_grid
-
-    bar = None
-
-    def progress(i: int, n: int, text: str) -> None:
-        nonlocal bar
-        if args.quiet:
-            return
-        bar = bar or tqdm(total=n, desc="cells", unit="cell")
-        bar.set_postfix_str(text[:100])
-        bar.update(i - bar.n)
-
-    run_grid(args.grid, args.out, args.executor, args.workers, args.address, progress)
-    if bar:
-        bar.close()
-    print((Path(args.out) / "bench.md").read_text())
-    return 0
-
-
-def cmd_tta(args: argparse.Namespace) -> int:
-    from .tta import TTAConfig, load_config, run_tta
-
-    if args.config:
-        run_cfg, tta_cfg = load_config(args.config)
-        d = asdict(run_cfg)
-        d.update({k: v for k, v in {"preset": args.preset, "seed": args.seed, "device": args.device,
-                                     "cache_dir": args.cache_dir, "threads": args.threads}.items() if v is not None})
-        base = RunConfig.from_dict(d)
-        t = asdict(tta_cfg)
-    else:
-        # --methods / --bits are TTA rows here, not the run config's PTQ methods and bits
-        base = _config(argparse.Namespace(**{**vars(args), "methods": None, "bits": None}))
-        t = asdict(TTAConfig())
-    overrides = {"methods": args.methods, "bits": args.bits, "streams": args.streams, "imbalance": args.imbalance,
-                 "severity": args.severity, "corruptions": args.corruptions, "n_images": args.n_images,
-                 "batch_size": args.batch_size}
-    t.update({k: v for k, v in overrides.items() if v is not None})
-    if args.lr is not None:
-        t["tent"] = {**t["tent"], "lr": args.lr}
-    tta_cfg = TTAConfig(**t)
-    progress = not args.quiet
-
-    def on_row(row: dict) -> None:
-        if progress:
-            print(f"  {row['stream']:>10} {row['method']:>10} {row['bits']}: mean error "
-                  f"{100 * row['mean_error']:.1f}% ({row['seconds']:.0f} s)", file=sys.stderr)
-
-    run_tta(base, tta_cfg, args.out, progress=progress, on_row=on_row)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, stream_error.png", file=sys.stderr)
-    return 0
-
-
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import load_benchmark, save_sample_grid
+    import dataclasses
+
+    from .data import load_data, save_sample_grid
     from .io import check_out_file
 
     check_out_file(args.out)
-    bench = load_benchmark(args.benchmark, seed=args.seed or 0, targets=args.targets)
+    cfg = load_cli_config(args)
+    bench = load_data(dataclasses.asdict(cfg.data), cfg.runtime.seed)
     path = save_sample_grid(bench, args.out, per_domain=args.per_domain)
     for d in [bench.source, *bench.targets.values()]:
         print(f"{d.name}: train {len(d.train)}, test {len(d.test)}")
@@ -349,119 +276,88 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show the full traceback of an error (also: environment variable MERGEQ_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="train source, adapt experts, quantize each, merge, evaluate")
-    p.add_argument("--config", help="YAML run config (e.g. a config.yaml written by an earlier run)")
-    p.add_argument("--methods", type=_csv, help="comma-separated PTQ methods, e.g. rtn,qdrop,hdrq")
-    p.add_argument("--bits", type=_csv, help="comma-separated bit pairs, e.g. W8A8,W4A4,W3A3")
-    p.add_argument("--rounding", help="rounding policy for merging quantized experts: float (Eq. 11, default), "
-                   "nearest, noise (Eq. 12 + cosine filter), noise-ties (reference code)")
-    p.add_argument("--samples", type=int, help="noise samples drawn by --rounding noise/noise-ties (default 30/100)")
-    p.add_argument("--step-method", choices=("mse", "lp", "absmax"), help="weight step search (default mse)")
-    p.add_argument("--first-last-bits", type=int, help="bits of first/last layer (default 8; 0 = like the rest)")
+    def command(name: str, fn, helptext: str, *tables: dict, one: dict | None = None, config: bool = True):
+        p = sub.add_parser(name, help=helptext)
+        if config:
+            _add_config(p)
+        for table in tables:
+            _add_flags(p, table)
+        if one:
+            _add_flags(p, one, one=True)
+        p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+        p.set_defaults(func=fn)
+        return p
+
+    p = command("run", cmd_run, "train source, adapt experts, quantize each, merge, evaluate",
+                COMMON, TARGETS, PTQ, MERGE)
     p.add_argument("--out", default="runs/digits", help="output folder (default runs/digits)")
-    _add_common(p)
-    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("pmq", help="merge full-precision experts first, then quantize the merged model (E-PMQ)")
-    p.add_argument("--merges", type=_csv, default=["task_arithmetic", "ties"], help="average, task_arithmetic, ties")
-    p.add_argument("--methods", type=_csv, default=["rtn", "gptq", "epmq"], help="PTQ methods for the merged model")
-    p.add_argument("--bits", type=_csv, default=["W4", "W3"], help="bit pairs; W4 = weight-only")
-    p.add_argument("--anchor", type=float, default=1.0, help="E-PMQ merged-weight anchoring weight")
-    p.add_argument("--out", required=True, help="output folder (results.json, results.md, config.yaml)")
-    _add_common(p)
-    p.set_defaults(func=cmd_pmq)
+    p = command("pmq", cmd_pmq, "merge full-precision experts first, then quantize the merged model (E-PMQ)",
+                COMMON, TARGETS, PTQ_SETTINGS, PMQ)
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, config.yaml, PNG)")
 
-    p = sub.add_parser("train-source", help="train (or reuse the cached) source model and save it")
+    p = command("tta", cmd_tta, "test-time adaptation of FP / PTQ / TTAQ models on a stream of corruptions",
+                COMMON, PTQ_SETTINGS, TTA)
+    p.add_argument("--out", default="runs/tta", help="output folder (default runs/tta)")
+
+    p = command("bench", cmd_bench, "run a resumable grid of methods x bits x target sets x seeds",
+                COMMON, {"--methods": "ptq.methods", "--bits": "ptq.bits"})
+    p.add_argument("grid", nargs="?", help="grid config (the same as --config): ptq.methods x ptq.bits x "
+                   "grid.target_sets x grid.seeds")
+    p.add_argument("--out", required=True, help="output folder: cells/*.json, results.json/.md, bench.csv, PNG")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--workers", type=int, default=1, help="local process pool size")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    p = command("train-source", cmd_train_source, "train (or reuse the cached) source model and save it",
+                COMMON, TARGETS)
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors: weights and metadata in one file)")
-    _add_common(p)
-    p.set_defaults(func=cmd_train_source)
 
-    p = sub.add_parser("adapt", help="adapt a source checkpoint to one target domain with SHOT")
+    p = command("adapt", cmd_adapt, "adapt a source checkpoint to one target domain with SHOT", COMMON)
     p.add_argument("--source", required=True, help="source checkpoint from train-source")
     p.add_argument("--domain", required=True, help="target domain name")
     p.add_argument("--out", required=True, help="expert checkpoint path (.safetensors)")
-    _add_common(p)
-    p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("quantize", help="quantize one expert checkpoint on its domain's calibration split")
+    p = command("quantize", cmd_quantize, "quantize one expert checkpoint on its domain's calibration split",
+                COMMON, PTQ_SETTINGS, one=ONE)
     p.add_argument("--model", required=True, help="expert checkpoint (.safetensors)")
-    p.add_argument("--method", default="rtn", help="PTQ method (rtn, adaround, brecq, qdrop, hdrq)")
-    p.add_argument("--bits", dest="bit_pair", default="W4A4", help="bit pair, e.g. W4A4")
     p.add_argument("--source", help="source checkpoint (needed by hdrq's distance term)")
     p.add_argument("--domain", help="calibration domain (default: the checkpoint's own)")
     p.add_argument("--out", required=True, help="quantized checkpoint path (.safetensors)")
-    _add_common(p)
-    p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("merge", help="merge expert checkpoints into one; writes the checkpoint and a JSON report")
+    p = command("merge", cmd_merge, "merge expert checkpoints into one; writes the checkpoint and a JSON report",
+                {"--seed": "runtime.seed", "--device": "runtime.device", "--rounding": "merge.rounding",
+                 "--samples": "merge.rounding_options.samples"})
     p.add_argument("experts", nargs="+", help="expert checkpoints (all full precision or all quantized)")
-    p.add_argument("--method", default="average", help="average, task_arithmetic or ties")
-    p.add_argument("--rounding", help="for quantized experts: float (default), nearest, noise, noise-ties")
-    p.add_argument("--samples", type=int, help="noise samples (noise: 30, noise-ties: 100)")
+    p.add_argument("--method", default="average", help="average, task_arithmetic or ties (options: merge.options)")
     p.add_argument("--base", help="shared source checkpoint (task_arithmetic, ties)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="merged checkpoint path (.safetensors)")
     p.add_argument("--report", help="JSON report path (default: OUT with .report.json)")
-    p.set_defaults(func=cmd_merge)
 
     for name, fn, helptext in [
         ("barrier", cmd_barrier, "loss/accuracy along the linear path between two experts, error barrier (Eq. 1-3)"),
         ("surface", cmd_surface, "2-D loss surface around an expert along filter-normalised directions (Fig. 2)"),
     ]:
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--methods", type=_csv, default=["rtn", "brecq", "qdrop", "hdrq"])
-        p.add_argument("--bits", dest="bit_pair", default="W4A4", help="bit pair for the quantized experts")
+        p = command(name, fn, helptext, COMMON, TARGETS, {"--methods": "ptq.methods"}, PTQ_SETTINGS,
+                    one={"--bits": "ptq.bits"})
         p.add_argument("--points", type=_at_least(2), default=11, help="grid points along each axis (at least 2)")
         if name == "surface":
             p.add_argument("--radius", type=float, default=1.0, help="grid half-width in direction norms")
         p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
-        p.add_argument("--config", help="YAML run config to start from")
-        _add_common(p)
-        p.set_defaults(func=fn)
 
-    p = sub.add_parser("export", help="export a quantized checkpoint: packed integer safetensors or QDQ ONNX")
+    p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or QDQ ONNX",
+                config=False)
     p.add_argument("--model", required=True, help="quantized (or merged) checkpoint from quantize/merge (.safetensors)")
     p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                    help="safetensors: bit-packed integer weights; onnx: QDQ graph for onnxruntime")
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21)")
     p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="run a resumable grid of methods x bits x target sets x seeds from YAML")
-    p.add_argument("grid", help="grid YAML (methods, bits, target_sets, seeds, plus any run config field)")
-    p.add_argument("--out", required=True, help="output folder: cells/*.json, bench.csv, bench.md")
-    p.add_argument("--executor", choices=("local", "ray"), default="local")
-    p.add_argument("--workers", type=int, default=1, help="local process pool size")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("tta", help="test-time adaptation of FP / PTQ / TTAQ models on a stream of corruptions")
-    p.add_argument("--config", help="config.yaml of an earlier mergeq tta run (run + tta sections)")
-    p.add_argument("--methods", type=_csv, help="comma-separated MODEL[+ADAPTER] (ADAPTER: none, tent, abl); "
-                   "default fp,fp+tent,qdrop,qdrop+tent,ttaq (ttaq = ttaq PTQ + TENT with ABL)")
-    p.add_argument("--bits", type=_csv, help="comma-separated bit pairs (default W4A4,W2A4)")
-    p.add_argument("--streams", type=_csv, help="balanced, imbalanced or both (default both)")
-    p.add_argument("--imbalance", choices=("dirichlet", "sorted"), help="label order of the imbalanced stream "
-                   "(default dirichlet, alpha 0.1)")
-    p.add_argument("--severity", type=int, help="corruption severity 1..5 (default 5)")
-    p.add_argument("--corruptions", type=_csv, help="corruptions in stream order (default: the 15 of ImageNet-C)")
-    p.add_argument("--n-images", type=int, help="clean test images per domain (default all 500)")
-    p.add_argument("--batch-size", type=int, help="test batch size (default 64)")
-    p.add_argument("--lr", type=float, help="TENT / ABL learning rate (default 1e-3, Adam)")
-    p.add_argument("--out", default="runs/tta", help="output folder (default runs/tta)")
-    _add_common(p)
-    p.set_defaults(func=cmd_tta)
-
-    p = sub.add_parser("data", help="save a PNG grid of samples per domain and print split sizes")
-    p.add_argument("--benchmark", default="digits")
+    p = command("data", cmd_data, "save a PNG grid of samples per domain and print split sizes",
+                {"--seed": "runtime.seed"}, TARGETS)
     p.add_argument("--out", default="docs/digits_samples.png")
     p.add_argument("--per-domain", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--targets", type=_csv, default=None)
-    p.set_defaults(func=cmd_data)
     return ap
 
 

@@ -194,8 +194,8 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def earlier_results(out: str | os.PathLike) -> tuple[dict[str, Any], list[dict]] | None:
-    """The config (parsed ``config.yaml``) and rows (``results.json``) of an earlier run in ``out``;
+def earlier_results(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The config (parsed ``config.yaml``) and results (``results.json``) of an earlier run in ``out``;
     None if ``out`` holds no results. A results file that cannot be read or matched to its config
     raises a MergeqError naming it: a rerun must never overwrite rows it cannot account for."""
     import yaml
@@ -212,4 +212,4 @@ def earlier_results(out: str | os.PathLike) -> tuple[dict[str, Any], list[dict]]
     rows = read_json(res)
     if not isinstance(config, dict) or not isinstance(rows, dict) or not isinstance(rows.get("rows"), list):
         raise MergeqError(f"{out} holds a config.yaml / results.json that mergeq did not write: use another --out")
-    return config, rows["rows"]
+    return config, rows

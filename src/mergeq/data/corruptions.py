@@ -42,7 +42,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -193,11 +193,11 @@ def _domain_seed(seed: int, k: int) -> int:
 
 
 def build_stream(labels: torch.Tensor, names: Sequence[str], corrupt_fn, imbalance: str | None, seed: int,
-                 alpha: float, slots: int) -> Stream:
-    """Corrupt (``corrupt_fn(name)`` -> N x H x W x 3 uint8), standardise and order each domain."""
+                 alpha: float, slots: int, normalize: Callable[[torch.Tensor], torch.Tensor] = standardize) -> Stream:
+    """Corrupt (``corrupt_fn(name)`` -> N x H x W x 3 uint8), normalise and order each domain."""
     out = []
     for k, name in enumerate(names):
-        x = standardize(from_uint8_hwc(corrupt_fn(name)))
+        x = normalize(from_uint8_hwc(corrupt_fn(name)))
         order = stream_order(labels, imbalance, _domain_seed(seed, k), alpha, slots)
         out.append((name, TensorDataset(x[order], labels[order])))
     return out
@@ -205,12 +205,13 @@ def build_stream(labels: torch.Tensor, names: Sequence[str], corrupt_fn, imbalan
 
 def corruption_stream(images: torch.Tensor, labels: torch.Tensor, severity: int = 5,
                       order: Sequence[str] | None = None, seed: int = 0, imbalance: str | None = None,
-                      alpha: float = 0.1, slots: int = 10,
-                      cache_dir: str | Path | None = ".mergeq-cache") -> Stream:
+                      alpha: float = 0.1, slots: int = 10, cache_dir: str | Path | None = ".mergeq-cache",
+                      normalize: Callable[[torch.Tensor], torch.Tensor] = standardize) -> Stream:
     """``[(corruption, TensorDataset(x, y)), ...]`` in ``order`` (default: the 15 standard ones).
 
     ``images``: N x 3 x H x W in [0,1] (H, W >= 32), e.g. ``load_digits_benchmark(normalize=False)
-    .source.test.tensors[0]``; the returned images are corrupted and standardised.
+    .source.test.tensors[0]``; the returned images are corrupted, then normalised with
+    ``normalize`` (default: standardised per image, as the digits benchmark's inputs are).
     """
     names = check_corruptions(order)
     severity = check_severity(severity)
@@ -225,7 +226,7 @@ def corruption_stream(images: torch.Tensor, labels: torch.Tensor, severity: int 
     labels = labels.long().cpu()
     return build_stream(labels, names,
                         lambda n: cached_corruption(raw, n, severity, seed, cache_dir),
-                        imbalance, seed, alpha, slots)
+                        imbalance, seed, alpha, slots, normalize)
 
 
 def digits_stream(severity: int = 5, order: Sequence[str] | None = None, seed: int = 0,

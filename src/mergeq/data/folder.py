@@ -31,8 +31,9 @@ each side). Both are in a seeded shuffled order, so the first N images of ``trai
 ``quantize(calib_size=N)`` takes) mix all classes. ``transductive=True`` gives targets the
 protocol of SHOT and the HDRQ paper: adapt on all of a target's images and test on the same
 images (the source is still split). ``Benchmark.spec`` reports the class list and, per domain,
-the split sizes and a fingerprint of the split (a hash of the files' paths relative to the
-domain folder, in split order): the same folder and seed give the same fingerprints.
+the split sizes and a fingerprint of its files (a hash of the sorted image paths relative to
+the domain folder, whatever the seed): the split itself is a function of the files, ``seed``,
+``test_fraction`` and ``transductive``, so the same files and settings give the same split.
 
 Every mergeq function takes the lazy datasets as they are (a ``DataLoader`` over them works
 too); ``materialize`` decodes a split into a ``TensorDataset`` once (about 0.6 MB per 224 x 224
@@ -45,7 +46,7 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +75,18 @@ class FolderDataError(MergeqError):
 
 class FolderNotFoundError(FolderDataError, FileNotFoundError):
     """A missing data root or domain folder."""
+
+
+def normalizer(normalize: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The normalisation ``normalize`` names (module docstring), for N x 3 x H x W images in [0, 1]."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    if normalize == "standardize":
+        return standardize
+    if normalize == "none":
+        return lambda x: x
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return lambda x: (x - mean) / std
 
 
 @dataclass(frozen=True)
@@ -259,9 +272,9 @@ def _check_same_classes(found: Mapping[str, Sequence[str]], dirs: Mapping[str, P
                 f"missing {missing}, extra {extra}; every domain needs the same class folders")
 
 
-def _fingerprint(parts: Mapping[str, Sequence[Path]], folder: Path) -> str:
-    """Hash of ``<split>:<path relative to folder>`` lines, in split order."""
-    text = "\n".join(f"{k}:{p.relative_to(folder).as_posix()}" for k, ps in parts.items() for p in ps)
+def _fingerprint(paths: Sequence[Path], folder: Path) -> str:
+    """Hash of the sorted paths relative to ``folder`` (one per line)."""
+    text = "\n".join(sorted(p.relative_to(folder).as_posix() for p in paths))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -292,7 +305,7 @@ def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[s
         train, test = part(train_idx, train_t if d == source else eval_t), part(test_idx, eval_t)
         domains[d] = Domain(d, train, test)
         splits[d] = {"train": len(train), "test": len(test),
-                     "fingerprint": _fingerprint({"train": train.paths, "test": test.paths}, dirs[d])}
+                     "fingerprint": _fingerprint(paths, dirs[d])}
     return Benchmark(name, domains[source], {t: domains[t] for t in targets}, len(classes),
                      {"classes": classes, "splits": splits})
 

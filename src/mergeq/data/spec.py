@@ -4,7 +4,7 @@
 ``load_benchmark`` returns (source and targets, each with a ``train`` split, for targets the
 unlabeled adaptation / calibration data, and a labelled ``test`` split), with ``bench.spec`` set
 to the *resolved* spec: every default filled in, paths absolute, and the outcome of the seed
-(class list, split sizes, split fingerprints). Loading the resolved spec again with the same
+(class list, split sizes, fingerprints of their files). Loading the resolved spec again with the same
 seed gives the same splits, and refuses a folder whose files changed since (the fingerprints
 differ). Kinds::
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from ..errors import ConfigError
-from ..typed import from_mapping
+from ..typed import check_value
 from .corruptions import Stream, load_cifar10c
 from .digits import DOMAINS, Benchmark, load_digits_benchmark
 from .folder import FolderDataError, load_folder_benchmark, load_office_home, materialize
@@ -79,18 +79,14 @@ class Cifar10CData:
     normalize: Literal["standardize", "none"] = "standardize"
 
 
-BENCHMARK_KINDS: dict[str, type] = {"digits": DigitsData, "folder": FolderData, "office_home": FolderData}
-STREAM_KINDS: dict[str, type] = {"cifar10c": Cifar10CData}
+DataSpec = DigitsData | FolderData  # tagged by ``kind`` (mergeq.typed): the config's ``data:`` section
 
 
-def parse_spec(spec: Mapping[str, Any], kinds: Mapping[str, type], where: str = "data"):
-    """The dataclass of ``spec['kind']`` built from ``spec`` (ConfigError naming a bad key)."""
+def parse_spec(spec: Mapping[str, Any], hint: Any = DataSpec, where: str = "data"):
+    """The dataclass ``spec['kind']`` names (missing kind: the first of the union), built from ``spec``."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a mapping with a 'kind' key, got {type(spec).__name__} {spec!r}")
-    kind = spec.get("kind", "digits" if "digits" in kinds else None)
-    if kind not in kinds:
-        raise ConfigError(f"{where}.kind: expected one of {', '.join(kinds)}, got {kind!r}")
-    return from_mapping(kinds[kind], spec, where)
+    return check_value(hint, spec, where)
 
 
 def _folder(spec: FolderData, seed: int) -> Benchmark:
@@ -112,7 +108,7 @@ def _folder(spec: FolderData, seed: int) -> Benchmark:
         got = found["splits"].get(d)
         if got is not None and want.get("fingerprint") not in (None, got["fingerprint"]):
             raise FolderDataError(f"data.splits.{d}: the files of domain {d!r} under {spec.root} changed since the "
-                                  f"config was written (split fingerprint {got['fingerprint']}, config "
+                                  f"config was written (files fingerprint {got['fingerprint']}, config "
                                   f"{want['fingerprint']}); remove data.splits to accept the new split")
     if spec.in_memory:
         for dom in (bench.source, *bench.targets.values()):
@@ -124,7 +120,7 @@ def _folder(spec: FolderData, seed: int) -> Benchmark:
 
 def load_data(spec: Mapping[str, Any], seed: int = 0) -> Benchmark:
     """The benchmark a ``data:`` spec describes (see the module docstring), ``bench.spec`` resolved."""
-    parsed = parse_spec(spec, BENCHMARK_KINDS)
+    parsed = parse_spec(spec)
     if isinstance(parsed, FolderData):
         return _folder(parsed, seed)
     if parsed.source not in DOMAINS:
@@ -136,7 +132,7 @@ def load_data(spec: Mapping[str, Any], seed: int = 0) -> Benchmark:
 
 def load_stream(spec: Mapping[str, Any], seed: int = 0) -> tuple[Stream, dict[str, Any]]:
     """The stream of domains a ``cifar10c`` spec describes, and its resolved spec."""
-    s = parse_spec(spec, STREAM_KINDS, "stream")
+    s = parse_spec(spec, Cifar10CData, "stream")
     stream = load_cifar10c(s.root, s.corruptions, s.severity, s.n, s.imbalance, seed, s.normalize, s.alpha, s.slots)
     resolved = {**dataclasses.asdict(s), "root": str(Path(s.root).expanduser().resolve()),
                 "corruptions": [name for name, _ in stream], "n": len(stream[0][1])}

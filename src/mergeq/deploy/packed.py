@@ -19,7 +19,6 @@ The header metadata key ``mergeq`` holds JSON: ``format``, ``format_version``,
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections import Counter
@@ -33,8 +32,8 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CheckpointError, MergeqError
+from ..checkpoint import architecture
 from ..io import atomic_write_bytes
-from ..models import build_model
 from ..nn.fold import set_module
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant import check_bits, quantize_int
@@ -100,7 +99,7 @@ def packed_metadata(model: nn.Module, meta: dict | None = None) -> dict[str, Any
 def save_packed(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write ``model`` (quantized, possibly merged) as a packed integer checkpoint at ``path``.
 
-    ``meta`` is the model's mergeq metadata (e.g. the header metadata of a ``zoo.save_model``
+    ``meta`` is the model's mergeq metadata (e.g. the header metadata of a ``checkpoint.save_model``
     checkpoint); it must name ``arch`` and ``num_classes`` for :func:`load_packed` to rebuild the
     model without a template.
     """
@@ -185,8 +184,8 @@ def _layer_state(name: str, spec: dict, tensors: dict[str, torch.Tensor], path: 
 def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Module:
     """Rebuild the quantized model saved by :func:`save_packed` (eval mode, on CPU).
 
-    The architecture comes from the metadata (``arch``, ``num_classes``, ``arch_kwargs``) or,
-    for models outside ``mergeq.models``, from ``template``: an unquantized instance of the
+    The architecture comes from the metadata (``arch``, ``num_classes``, ``arch_kwargs``, or a
+    ``model`` spec: :func:`mergeq.checkpoint.architecture`) or from ``template``: an unquantized instance of the
     same architecture (it is copied, not modified). Raises :class:`CheckpointError` for a
     missing, truncated or tampered file.
     """
@@ -195,8 +194,9 @@ def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Modul
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has packed format version {meta.get('format_version')!r}; "
                               f"this mergeq reads version {FORMAT_VERSION}")
-    required = ("quant_layers", "identity_modules") + (() if template is not None else ("arch", "num_classes"))
-    missing = [k for k in required if k not in meta]
+    required = ("quant_layers", "identity_modules") + (() if template is not None else ("num_classes",))
+    missing = [k for k in required if k not in meta] + ([] if template or "arch" in meta or "model" in meta
+                                                       else ["arch (or model)"])
     if missing:
         raise CheckpointError(f"header metadata of {path} lacks {missing}")
     layers = meta["quant_layers"]
@@ -207,8 +207,7 @@ def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Modul
         if missing:
             raise CheckpointError(f"metadata of layer {name} in {path} lacks {missing}")
     try:
-        model = (copy.deepcopy(template) if template is not None
-                 else build_model(meta["arch"], meta["num_classes"], **meta.get("arch_kwargs", {})))
+        model = architecture(meta, template)
         for name in meta["identity_modules"]:
             model.get_submodule(name)
             set_module(model, name, nn.Identity())

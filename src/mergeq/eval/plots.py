@@ -105,3 +105,29 @@ def plot_stream_errors(rows: list[Mapping], path: str | os.PathLike, title: str 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_hmean_vs_bits(panels: Mapping[str, Mapping], path: str | os.PathLike, title: str = "") -> Path:
+    """Merged hmean (%) against bit width: one panel per entry of ``panels`` (``{"lines": {method:
+    {bits: (mean, std)}}, "fp": hmean or None}``), one line per method with the std as error bars,
+    the full-precision merge as a dashed horizontal line. Bit widths are categories, in the order met."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (name, panel) in zip(axes[0], panels.items()):
+        bits = list(dict.fromkeys(b for line in panel["lines"].values() for b in line))
+        for method, line in panel["lines"].items():
+            xs = [bits.index(b) for b in line]
+            ax.errorbar(xs, [100 * m for m, _ in line.values()], yerr=[100 * s for _, s in line.values()],
+                        marker="o", ms=4, capsize=3, label=method)
+        if panel.get("fp") is not None:
+            ax.axhline(100 * panel["fp"], color="black", ls="--", lw=1, label=f"FP merge ({100 * panel['fp']:.1f})")
+        ax.set_xticks(range(len(bits)))
+        ax.set_xticklabels(bits)
+        ax.set(xlabel="bits", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("merged hmean (%)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

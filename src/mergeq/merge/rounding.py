@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..quant import qrange
 from ..registry import Registry
-from ..typecheck import check_fields, hints_of
+from ..typed import check_keys, hints_of
 
 ROUNDINGS: Registry = Registry("merge rounding policy")
 
@@ -62,13 +62,13 @@ def nearest_rounding(layers: list[LayerStack], alphas: Sequence[float]) -> list[
     return [layer.clamp(torch.round(sum(a * i for a, i in zip(alphas, layer.codes)))) for layer in layers]
 
 
-def check_rounding_options(rounding: str, options: dict) -> None:
+def check_rounding_options(rounding: str, options: dict, where: str = "merge.rounding_options") -> None:
     """Refuse, before any work, options the policy does not take (``float`` and ``nearest`` take
     none), values of the wrong type and ``samples`` below 1; each error names the option."""
     policy = ROUNDINGS.get(rounding)
-    check_fields(options, hints_of(policy, skip=("layers", "alphas")), f"merge_options (rounding {rounding}).")
+    check_keys(options, hints_of(policy, skip=("layers", "alphas")), f"{where} (rounding {rounding})")
     if options.get("samples", 1) < 1:
-        raise ConfigError(f"merge_options (rounding {rounding}).samples must be at least 1, got {options['samples']}")
+        raise ConfigError(f"{where} (rounding {rounding}).samples: must be at least 1, got {options['samples']}")
 
 
 def layer_stacks(layers: dict[str, Sequence[nn.Module]]) -> list[LayerStack]:

@@ -209,9 +209,10 @@ def resolve_model(spec: ModelSpec | Mapping[str, Any] | str, num_classes: int,
 
 
 def resolved_spec(spec: ModelSpec | Mapping[str, Any] | str) -> dict[str, Any]:
-    """The spec as a config records it: weights path absolute, its sha256 filled in."""
+    """The spec as a config records it: weights path absolute, its sha256 filled in (a recorded
+    sha256 is kept, so that :func:`resolve_model` refuses a weights file that changed since)."""
     spec = parse_model_spec(spec)
     if spec.weights is not None:
         path = weights_path(spec.weights).resolve()
-        spec = dataclasses.replace(spec, weights=str(path), weights_sha256=file_sha256(path))
+        spec = dataclasses.replace(spec, weights=str(path), weights_sha256=spec.weights_sha256 or file_sha256(path))
     return dataclasses.asdict(spec)

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from ..data_utils import DataLike, as_tensor
-from ..errors import IncompatibleModelsError
+from ..errors import ConfigError, IncompatibleModelsError
 from ..merge.checks import check_mergeable
 from ..nn import calibrate_activations, fold_bn, prepare, quant_modules
 from ..quant import quantize_int
 from ..quant.config import QuantConfig
 from ..registry import PTQ_METHODS
-from ..typecheck import check_fields, hints_of
+from ..typed import check_keys, hints_of
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,17 @@ class PTQContext:
     report: dict[str, Any] = field(default_factory=dict)  # what the method measured (recon losses)
 
 
-def check_options(method: str, options: dict[str, Any]) -> None:
+def check_options(method: str, options: dict[str, Any], where: str = "ptq.options") -> None:
     """Refuse, before any work, option keys ``method`` does not take (its registered options
     dataclass), values of the wrong type and values out of range; each error names the key."""
     PTQ_METHODS.get(method)
     cls = PTQ_METHODS.options(method)
-    check_fields(options, hints_of(cls) if cls is not None else {}, f"ptq_options.{method}.")
+    options = check_keys(options, hints_of(cls) if cls is not None else {}, f"{where}.{method}")
     if cls is not None:
-        cls.from_kwargs(method, dict(options))
+        try:
+            cls.from_kwargs(method, options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}.{method}: {e}") from None
 
 
 def quantize(

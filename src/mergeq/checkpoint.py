@@ -1,0 +1,148 @@
+"""Model checkpoints: save a model (full precision, BN-folded, quantized, merged) and rebuild it.
+
+A checkpoint is one safetensors file (:mod:`mergeq.io`; format: docs/FORMAT.md): the state dict,
+and in the header the metadata, which names the architecture in one of two ways:
+
+* ``arch`` + ``arch_kwargs``: a registered architecture (``mergeq.models.ARCHITECTURES``);
+* ``model``: a model spec (:mod:`mergeq.models.spec`: ``torchvision:NAME``, ``timm:NAME``,
+  ``builder: "pkg.mod:fn"`` with ``kwargs`` and ``output``), rebuilt without its starting weights;
+
+plus ``num_classes``, ``folded_bn`` (BatchNorms folded away, now ``nn.Identity``) and
+``quant_layers`` (``{layer: [w_bits, a_bits]}``) for quantized models. Any other model loads
+onto a ``template``: an unquantized, unfolded instance of the saved architecture (copied, not
+modified).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, MergeqError
+from .io import load_checkpoint, read_checkpoint_header, save_checkpoint
+from .models import build_model
+from .nn.fold import set_module
+from .nn.qmodule import QuantModule, quant_modules
+from .quant import check_bits
+
+
+def _check_meta(meta: dict, path: str | Path, template: nn.Module | None) -> None:
+    """Types of the metadata fields that describe the architecture, each error naming the field."""
+    if template is None:
+        if "arch" not in meta and "model" not in meta:
+            raise CheckpointError(f"checkpoint metadata of {path} names no architecture (arch or model): was it "
+                                  "written by mergeq? Load it onto a model of its architecture with template=")
+        if "num_classes" not in meta:
+            raise CheckpointError(f"checkpoint metadata of {path} lacks 'num_classes': was it written by mergeq?")
+    expected = {"arch": str, "model": dict, "num_classes": int, "arch_kwargs": dict, "folded_bn": list,
+                "quant_layers": dict}
+    for key, kind in expected.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise CheckpointError(f"checkpoint metadata of {path}: {key} must be a {kind.__name__}, "
+                                  f"got {meta[key]!r}")
+    if meta.get("num_classes", 1) < 1:
+        raise CheckpointError(f"checkpoint metadata of {path}: num_classes must be positive, got {meta['num_classes']}")
+    for name, bits in meta.get("quant_layers", {}).items():
+        try:
+            if not (isinstance(bits, list) and len(bits) == 2):
+                raise MergeqError("expected [w_bits, a_bits]")
+            check_bits(bits[0], "w_bits")
+            if bits[1] is not None:
+                check_bits(bits[1], "a_bits")
+        except MergeqError as e:
+            raise CheckpointError(f"checkpoint metadata of {path}: quant_layers[{name!r}] = {bits!r}: {e}") from None
+
+
+def describe(meta: dict) -> str:
+    """The architecture the metadata names, for messages."""
+    if "arch" in meta:
+        return f"{meta['arch']} with arch_kwargs {meta.get('arch_kwargs', {})}"
+    spec = meta.get("model") or {}
+    return f"model {spec.get('builder') or spec.get('name')!r} with kwargs {spec.get('kwargs', {})}"
+
+
+def architecture(meta: dict, template: nn.Module | None = None) -> nn.Module:
+    """The bare model ``meta`` names (or a copy of ``template``), before folding and quantization."""
+    if template is not None:
+        return copy.deepcopy(template)
+    if "arch" in meta:
+        return build_model(meta["arch"], meta["num_classes"], **meta.get("arch_kwargs", {}))
+    from .models.spec import parse_model_spec, resolve_model
+
+    spec = parse_model_spec({**meta["model"], "weights": None, "weights_sha256": None, "ignore": []})
+    return resolve_model(spec, meta["num_classes"])
+
+
+def _skeleton(meta: dict, path: str | Path, template: nn.Module | None) -> nn.Module:
+    """The model the metadata describes, before quantized layers are wrapped; a layer named in
+    ``folded_bn`` or ``quant_layers`` that the architecture lacks is a CheckpointError."""
+    try:
+        model = architecture(meta, template)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"checkpoint {path}: architecture {describe(meta)} cannot be built: {e}") from None
+    modules = dict(model.named_modules())
+    for key in ("folded_bn", "quant_layers"):
+        for name in meta.get(key, []):
+            if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear) if key == "quant_layers" else nn.Module):
+                raise CheckpointError(f"checkpoint metadata of {path}: {key} names {name!r}, but "
+                                      f"{describe(meta) if template is None else 'the template'} has no such "
+                                      f"{'Conv2d/Linear ' if key == 'quant_layers' else ''}layer")
+    for name in meta.get("folded_bn", []):
+        set_module(model, name, nn.Identity())
+    return model
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                          template: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model (full precision or quantized) saved by :func:`save_model`.
+
+    The architecture is the one the metadata names, or ``template`` (see the module docstring).
+    The metadata and the tensor shapes in the file header are checked against it (a named
+    architecture is built on the ``meta`` device first: no memory) before the tensors are read;
+    quantized layers must hold weights on the grid of their declared bit width."""
+    shapes, meta = read_checkpoint_header(path)
+    _check_meta(meta, path, template)
+    if template is None:
+        with torch.device("meta"):
+            skeleton = _skeleton(meta, path, None)
+    else:
+        skeleton = _skeleton(meta, path, template)
+    for key, t in skeleton.state_dict().items():
+        if key in shapes and list(t.shape) != list(shapes[key]):
+            raise CheckpointError(f"checkpoint {path}: tensor {key!r} has shape {list(shapes[key])}, architecture "
+                                  f"{describe(meta) if template is None else 'of the template'} needs "
+                                  f"{list(t.shape)}")
+    state, meta = load_checkpoint(path)
+    model = _skeleton(meta, path, template) if template is None else skeleton
+    for name, (w_bits, a_bits) in meta.get("quant_layers", {}).items():
+        layer = model.get_submodule(name)
+        if f"{name}.bias" in state and layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+        set_module(model, name, QuantModule(layer, w_bits, a_bits, step_method="absmax"))  # steps come from the file
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit architecture {describe(meta)}: {e}") from None
+    for name, m in quant_modules(model):
+        if not m.on_grid():
+            raise CheckpointError(f"checkpoint {path}: the weights of layer {name!r} are not on the grid of its "
+                                  f"declared {m.w_bits} bits (quant_layers does not match the stored weights)")
+    return model.to(device).eval(), meta
+
+
+def save_model(model: nn.Module, path: str | Path, meta: dict, template: nn.Module | None = None) -> Path:
+    """Save ``model`` (possibly BN-folded and quantized) with its metadata (``meta`` names its
+    architecture, or ``template`` is an unfolded, unquantized instance of it)."""
+    qlayers = {n: [m.w_bits, m.a_bits] for n, m in quant_modules(model)}
+    extra: dict[str, Any] = {"mergeq_version": __version__}
+    if qlayers:
+        with torch.device("meta"):
+            fresh = architecture(meta, None) if template is None else template
+        bns = [n for n, m in fresh.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+        extra["folded_bn"] = [n for n in bns if isinstance(model.get_submodule(n), nn.Identity)]
+        extra["quant_layers"] = qlayers
+    return save_checkpoint(model.state_dict(), path, {**meta, **extra})

@@ -1,0 +1,481 @@
+"""The one typed config of every mergeq command: a preset and nine sections.
+
+::
+
+    preset: default                   # quick | default | paper (mergeq.experiments.presets)
+    data: {kind: digits, source: mnist, targets: null}          # or a folder, see mergeq.data.spec
+    model: null                       # null: the preset's (resnet8, width 16); see mergeq.models.spec
+    adapt: {source: null, shot: null}                           # SourceConfig / ShotConfig; null: the preset's
+    ptq: {methods: [rtn, qdrop, hdrq], bits: [W8A8, W4A4, W3A3], calib_size: null,
+          first_last_bits: 8, step_method: mse, options: {hdrq: {iters: 300}}}
+    merge: {rounding: float, rounding_options: {}, repeats: 1, options: {ties: {density: 0.2}}}
+    pmq: {merges: [task_arithmetic, ties], methods: [rtn, gptq, epmq], bits: [W4, W3]}
+    tta: {methods: [...], bits: [W4A4, W2A4], streams: [balanced, imbalanced], severity: 5, ...}
+    grid: {target_sets: null, seeds: null}                      # mergeq bench's axes
+    runtime: {seed: 0, device: cpu, threads: null, cache_dir: .mergeq-cache}
+
+Every command reads the same sections: ``run`` (data, model, adapt, ptq, merge, runtime),
+``pmq`` (ptq's calib_size/first_last_bits/step_method/options, merge.options, pmq), ``tta``
+(tta and ptq's settings for its PTQ methods), ``bench`` (run's, over grid's axes: ptq.methods x
+ptq.bits x grid.target_sets x grid.seeds), the step commands (data, model, adapt, ptq, merge,
+runtime). :meth:`Config.from_dict` checks every key and type when the file is loaded (one-line
+:class:`ConfigError` naming the key path), then :meth:`Config.validate` checks ranges, registered
+names and each method's options against its options dataclass, before any model is trained.
+
+:func:`resolve` fills in what the preset decides (model, adapt, calib_size, per-method PTQ
+options of every method the config names) and makes paths absolute; the experiment pool then
+records the loaded data's resolved spec (class list, split sizes, file fingerprints). Commands
+write that as ``config.yaml``; loading it and resolving again is the identity, so rerunning it
+reproduces the run.
+
+Files of the earlier flat form (``benchmark``, ``arch``, ``methods``, ``ptq_options``, ... at the
+top level; ``run:`` + ``tta:`` of ``mergeq tta``) are translated by :data:`LEGACY`, with a warning.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from ..adapt.shot import ShotConfig
+from ..adapt.source import SourceConfig
+from ..adapt.tta import ABLConfig, TentConfig
+from ..data.spec import DataSpec, DigitsData, FolderData
+from ..errors import ConfigError
+from ..models.spec import ModelSpec
+from ..typed import check_keys, check_unique, check_value, from_mapping, hints_of
+from . import presets
+
+log = logging.getLogger(__name__)
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, help: str = "") -> Any:
+    """A config field with a help text (what ``mergeq --help`` shows for its flag)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+@dataclass
+class Adapt:
+    source: SourceConfig | None = opt(None, help="source training (None: the preset's)")
+    shot: ShotConfig | None = opt(None, help="SHOT adaptation of each expert (None: the preset's)")
+
+
+@dataclass
+class PTQ:
+    methods: list[str] = opt(factory=lambda: ["rtn", "qdrop", "hdrq"], help="PTQ methods, e.g. rtn,qdrop,hdrq")
+    bits: list[str] = opt(factory=lambda: ["W8A8", "W4A4", "W3A3"],
+                          help="bit pairs, e.g. W8A8,W4A4,W3A3 (W4 = weight-only)")
+    calib_size: int | None = opt(None, help="calibration inputs per quantization (None: the preset's)")
+    first_last_bits: int | None = opt(8, help="bits of the first and last layer (none: like the rest)")
+    step_method: Literal["mse", "lp", "absmax"] = opt("mse", help="weight step search")
+    options: dict[str, dict[str, Any]] = opt(factory=dict, help="per-method options, e.g. {hdrq: {iters: 300}}")
+
+
+@dataclass
+class Merge:
+    rounding: str = opt("float", help="how quantized experts merge: float (Eq. 11), nearest, noise (Eq. 12 + "
+                                      "cosine filter), noise-ties (reference code)")
+    rounding_options: dict[str, Any] = opt(factory=dict, help="options of the rounding policy, e.g. {samples: 30}")
+    repeats: int = opt(1, help="sampling roundings: merges averaged, seeds seed..seed+repeats-1")
+    options: dict[str, dict[str, Any]] = opt(factory=dict, help="per merge method, e.g. {ties: {density: 0.2}}")
+
+
+@dataclass
+class PMQ:
+    merges: list[str] = opt(factory=lambda: ["task_arithmetic", "ties"], help="average, task_arithmetic, ties")
+    methods: list[str] = opt(factory=lambda: ["rtn", "gptq", "epmq"], help="PTQ methods for the merged model")
+    bits: list[str] = opt(factory=lambda: ["W4", "W3"], help="bit pairs; W4 = weight-only")
+
+
+TTA_METHODS = ["fp", "fp+tent", "qdrop", "qdrop+tent", "ttaq"]
+TTA_ADAPTERS = ("none", "tent", "abl")
+
+
+@dataclass
+class TTA:
+    methods: list[str] = opt(factory=lambda: list(TTA_METHODS),
+                             help="MODEL[+ADAPTER] (ADAPTER: none, tent, abl; ttaq = ttaq PTQ + TENT with ABL)")
+    bits: list[str] = opt(factory=lambda: ["W4A4", "W2A4"], help="bit pairs of the quantized models")
+    streams: list[Literal["balanced", "imbalanced"]] = opt(factory=lambda: ["balanced", "imbalanced"],
+                                                          help="balanced, imbalanced or both")
+    imbalance: Literal["sorted", "dirichlet"] = opt("dirichlet", help="label order of the imbalanced stream")
+    dirichlet_alpha: float = opt(0.1, help="concentration of the dirichlet label order")
+    severity: int = opt(5, help="corruption severity 1..5")
+    corruptions: list[str] | None = opt(None, help="corruptions in stream order (None: the 15 of ImageNet-C)")
+    n_images: int | None = opt(None, help="images per domain (None: all of the clean test split)")
+    cifar10c: str | None = opt(None, help="folder of CIFAR-10-C .npy arrays: the stream's domains (None: "
+                                          "corrupt the data's source test split)")
+    batch_size: int = opt(64, help="test batch size")
+    tent: TentConfig = opt(factory=TentConfig, help="TENT (and ABL's) optimiser")
+    abl: ABLConfig = opt(factory=ABLConfig, help="adaptive balanced loss")
+
+
+@dataclass
+class Grid:
+    target_sets: list[list[str]] | None = opt(None, help="target sets (None: data.targets)")
+    seeds: list[int] | None = opt(None, help="seeds (None: runtime.seed)")
+
+
+@dataclass
+class Runtime:
+    seed: int = opt(0, help="seed for data splits, training, PTQ and sampling merges")
+    device: str = opt("cpu", help="torch device, e.g. cpu or cuda")
+    threads: int | None = opt(None, help="torch CPU threads (None: torch's); a seeded CPU run repeats bit "
+                                         "for bit per thread count")
+    cache_dir: str = opt(".mergeq-cache", help="where trained source and expert models are cached")
+
+
+@dataclass
+class Config:
+    preset: Literal["quick", "default", "paper"] = opt("default", help="size of the run")
+    data: DataSpec = opt(factory=DigitsData, help="the domains")
+    model: ModelSpec | None = opt(None, help="the model (None: the preset's)")
+    adapt: Adapt = opt(factory=Adapt)
+    ptq: PTQ = opt(factory=PTQ)
+    merge: Merge = opt(factory=Merge)
+    pmq: PMQ = opt(factory=PMQ)
+    tta: TTA = opt(factory=TTA)
+    grid: Grid = opt(factory=Grid)
+    runtime: Runtime = opt(factory=Runtime)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "config") -> "Config":
+        """Check every key and value of ``data`` (a parsed YAML mapping), build and validate."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: must hold a YAML mapping of config sections, got {type(data).__name__}")
+        data = translate_legacy(data)
+        if isinstance(data.get("model"), str):
+            data = {**data, "model": {"name": data["model"]}}
+        cfg = from_mapping(cls, data, where)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def updated(self, changes: Mapping[str, Any]) -> "Config":
+        """A validated copy with ``changes`` (dotted paths, e.g. ``{"ptq.options.hdrq.iters": 100}``) set."""
+        d = self.to_dict()
+        for path, value in changes.items():
+            set_path(d, path, value)
+        return Config.from_dict(d)
+
+    def methods_named(self) -> list[str]:
+        """Every PTQ method the config names (ptq, pmq, and the models of tta's rows)."""
+        tta = [parse_tta_method(m)[0] for m in self.tta.methods]
+        return list(dict.fromkeys([*self.ptq.methods, *self.pmq.methods, *(m for m in tta if m != "fp")]))
+
+    def validate(self) -> None:
+        """Ranges, registered names and options; every error names the key path."""
+        from ..merge import MERGE_METHODS, check_rounding_options
+        from ..merge.rounding import ROUNDINGS
+        from ..ptq import PTQ_METHODS, check_options
+        from ..quant.uniform import check_bits
+
+        _validate_data(self.data)
+        p, m, r, t = self.ptq, self.merge, self.runtime, self.tta
+        _methods("ptq.methods", p.methods, PTQ_METHODS)
+        _bits("ptq.bits", p.bits)
+        _at_least("ptq.calib_size", p.calib_size, 1)
+        if p.first_last_bits is not None:
+            _check("ptq.first_last_bits", lambda: check_bits(p.first_last_bits, "bits"))
+        for name, options in p.options.items():
+            _check(f"ptq.options.{name}", lambda: PTQ_METHODS.get(name))
+            check_options(name, options, "ptq.options")
+        _check("merge.rounding", lambda: ROUNDINGS.get(m.rounding))
+        check_rounding_options(m.rounding, m.rounding_options)
+        _at_least("merge.repeats", m.repeats, 1)
+        if m.repeats > 1 and not m.rounding.startswith("noise"):
+            raise ConfigError(f"merge.repeats: {m.repeats} merges apply to the sampling roundings (noise, "
+                              f"noise-ties); rounding {m.rounding!r} merges the same way every time")
+        for name, options in m.options.items():
+            _check(f"merge.options.{name}", lambda: MERGE_METHODS.get(name))
+            hints = hints_of(MERGE_METHODS.get(name), skip=("models", "base", "rounding"))
+            check_keys(options, hints, f"merge.options.{name}")
+        _methods("pmq.merges", self.pmq.merges, MERGE_METHODS)
+        _methods("pmq.methods", self.pmq.methods, PTQ_METHODS)
+        _bits("pmq.bits", self.pmq.bits)
+        _validate_tta(t)
+        if self.grid.target_sets is not None:
+            check_unique("grid.target_sets", [tuple(s) for s in self.grid.target_sets], self.grid.target_sets)
+            for i, s in enumerate(self.grid.target_sets):
+                check_unique(f"grid.target_sets[{i}]", s)
+        if self.grid.seeds is not None:
+            check_unique("grid.seeds", self.grid.seeds)
+        _at_least("runtime.threads", r.threads, 1)
+        _check("runtime.device", lambda: _device(r.device))
+
+
+def _check(where: str, fn) -> Any:
+    """``fn()``, its ValueError / KeyError re-raised as a ConfigError naming ``where``."""
+    try:
+        return fn()
+    except (ValueError, KeyError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(f"{where}: {msg}") from None
+
+
+def _device(name: str) -> None:
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"must name a torch device such as cpu or cuda, got {name!r}") from None
+
+
+def _at_least(where: str, value: int | float | None, low: int | float) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{where}: must be at least {low} (or null where allowed), got {value!r}")
+
+
+def _methods(where: str, names: list[str], registry) -> None:
+    check_unique(where, names)
+    for i, name in enumerate(names):
+        _check(f"{where}[{i}]", lambda: registry.get(name))
+
+
+def _bits(where: str, specs: list[str]) -> None:
+    from ..quant.config import parse_bits
+
+    parsed = [_check(f"{where}[{i}]", lambda: parse_bits(s)) for i, s in enumerate(specs)]
+    check_unique(where, parsed, specs)
+
+
+def _validate_data(data: DigitsData | FolderData) -> None:
+    from ..data.digits import DOMAINS
+
+    if data.targets is not None:
+        check_unique("data.targets", data.targets)
+    if isinstance(data, DigitsData):
+        if data.source not in DOMAINS:
+            raise ConfigError(f"data.source: expected one of {', '.join(DOMAINS)}, got {data.source!r}")
+        bad = [d for d in data.targets or [] if d not in DOMAINS or d == data.source]
+        if bad:
+            raise ConfigError(f"data.targets: {bad} are not digits domains other than the source {data.source!r}; "
+                              f"known: {', '.join(d for d in DOMAINS if d != data.source)}")
+        return
+    if data.kind == "folder" and data.source is None:
+        raise ConfigError("data.source: a folder benchmark needs the source domain's folder name")
+    _at_least("data.image_size", data.image_size, 1)
+    if data.resize is not None and data.resize < data.image_size:
+        raise ConfigError(f"data.resize: must be at least data.image_size {data.image_size}, got {data.resize}")
+    if not 0.0 < data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {data.test_fraction}")
+
+
+def parse_tta_method(spec: str) -> tuple[str, str]:
+    """``"qdrop+tent"`` -> ("qdrop", "tent"); ``"ttaq"`` -> ("ttaq", "abl"); ``"fp"`` -> ("fp", "none")."""
+    from ..ptq import PTQ_METHODS
+
+    base, _, adapter = spec.strip().partition("+")
+    adapter = adapter or ("abl" if base == "ttaq" else "none")
+    if adapter not in TTA_ADAPTERS:
+        raise ValueError(f"method {spec!r}: adapter must be one of {TTA_ADAPTERS}")
+    if base != "fp":
+        PTQ_METHODS.get(base)  # KeyError naming the known methods
+    return base, adapter
+
+
+def _validate_tta(t: TTA) -> None:
+    from ..data.corruptions import check_corruptions, check_severity
+
+    check_unique("tta.methods", t.methods)
+    for i, spec in enumerate(t.methods):
+        _check(f"tta.methods[{i}]", lambda: parse_tta_method(spec))
+    _bits("tta.bits", t.bits)
+    check_unique("tta.streams", t.streams)
+    _check("tta.severity", lambda: check_severity(t.severity))
+    if t.corruptions is not None:
+        _check("tta.corruptions", lambda: check_corruptions(t.corruptions))
+    _at_least("tta.n_images", t.n_images, 1)
+    _at_least("tta.batch_size", t.batch_size, 1)
+    if not t.dirichlet_alpha > 0:
+        raise ConfigError(f"tta.dirichlet_alpha: must be positive, got {t.dirichlet_alpha}")
+
+
+# --- paths into the config (flags, --set, bench cells) -------------------------------------------
+
+def set_path(d: dict, path: str, value: Any) -> None:
+    """Set ``d[a][b][c] = value`` for ``path`` ``a.b.c``, creating mappings on the way (a section
+    that is null, e.g. ``adapt.source``, starts empty: the preset's values fill the rest)."""
+    *head, last = path.split(".")
+    for key in head:
+        if not isinstance(d.get(key), dict):
+            d[key] = {}
+        d = d[key]
+    d[last] = value
+
+
+def _entry(path: str) -> tuple[Any, Any]:
+    """(type hint, dataclass field or None) of the config entry at ``path`` (a field, or a key of a
+    ``dict[str, X]`` field); ConfigError if ``path`` names nothing in the config."""
+    hint: Any = Config
+    found_field = None
+    for i, key in enumerate(path.split(".")):
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+        found = None
+        for h in options:
+            if dataclasses.is_dataclass(h) and key in hints_of(h):
+                found, found_field = hints_of(h)[key], next(f for f in dataclasses.fields(h) if f.name == key)
+                break
+            if typing.get_origin(h) is dict:
+                found, found_field = typing.get_args(h)[1], None
+                break
+        if found is None:
+            raise ConfigError(f"{path}: no such config entry ({'.'.join(path.split('.')[:i + 1])} is unknown)")
+        hint = found
+    return hint, found_field
+
+
+def hint_at(path: str) -> Any:
+    """The type hint of the config entry at ``path``."""
+    return _entry(path)[0]
+
+
+def help_at(path: str) -> str:
+    """The help text of the config field at ``path`` ("" for a key of a mapping)."""
+    f = _entry(path)[1]
+    return f.metadata.get("help", "") if f is not None else ""
+
+
+def parse_set(text: str) -> tuple[str, Any]:
+    """``"ptq.options.hdrq.iters=100"`` -> (path, value parsed as YAML and checked against the path's type)."""
+    path, sep, raw = text.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set {text!r}: expected PATH=VALUE, e.g. ptq.options.hdrq.iters=100")
+    path = path.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {path}: the value is not valid YAML: {e}") from None
+    return path, check_value(hint_at(path), value, path)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a config file, in the sectioned form (a flat one translated)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping of config sections (data, model, ptq, ...)")
+    return translate_legacy(data)
+
+
+def load_config(path: str | Path) -> Config:
+    """The config in a YAML file (a run's ``config.yaml`` too); ConfigError naming any bad key."""
+    return Config.from_dict(read_mapping(path), "config")
+
+
+LEGACY: dict[str, str] = {
+    "targets": "data.targets", "arch": "model.name", "arch_kwargs": "model.kwargs",
+    "source": "adapt.source", "shot": "adapt.shot",
+    "methods": "ptq.methods", "bits": "ptq.bits", "calib_size": "ptq.calib_size",
+    "first_last_bits": "ptq.first_last_bits", "step_method": "ptq.step_method", "ptq_options": "ptq.options",
+    "rounding": "merge.rounding", "merge_options": "merge.rounding_options",
+    "target_sets": "grid.target_sets", "seeds": "grid.seeds",
+    "seed": "runtime.seed", "device": "runtime.device", "threads": "runtime.threads", "cache_dir": "runtime.cache_dir",
+}
+"""Keys of the earlier flat files -> their path now (``benchmark: digits-<d>`` -> ``data: {kind: digits,
+source: <d>}``; ``mergeq tta``'s ``run:`` section is read as a flat file, its ``tta:`` section as ``tta``)."""
+
+
+def translate_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` in the sectioned form (unchanged if it is already)."""
+    data = dict(data)
+    if "run" in data and isinstance(data["run"], dict):  # mergeq tta's earlier config.yaml
+        data = {**data.pop("run"), **data}
+    flat = [k for k in data if k in LEGACY or k == "benchmark"]
+    if not flat:
+        return data
+    out = {k: v for k, v in data.items() if k not in flat}
+    moved = []
+    for key in flat:
+        if key == "benchmark":
+            name = data[key]
+            if not isinstance(name, str) or not (name == "digits" or name.startswith("digits-")):
+                raise ConfigError(f"benchmark: {name!r} of the earlier flat config form; write a data section "
+                                  "(data: {kind: folder, root: ..., source: ...}) instead")
+            set_path(out, "data.kind", "digits")
+            set_path(out, "data.source", "mnist" if name == "digits" else name.partition("-")[2])
+            moved.append("benchmark -> data")
+        elif data[key] is not None or key not in ("arch", "arch_kwargs"):
+            set_path(out, LEGACY[key], copy.deepcopy(data[key]))
+            moved.append(f"{key} -> {LEGACY[key]}")
+    if isinstance(out.get("model"), dict):  # the earlier resolution: the preset's name or kwargs where unset
+        out["model"] = {"name": presets.MODEL["name"], "kwargs": copy.deepcopy(presets.MODEL["kwargs"]), **out["model"]}
+    log.warning("config in the earlier flat form; read as: %s", ", ".join(moved))
+    return out
+
+
+# --- resolution ----------------------------------------------------------------------------------
+
+def resolve(cfg: Config) -> Config:
+    """``cfg`` with the preset's choices filled in (model, adapt, calib_size, the options of every
+    PTQ method it names), defaults made explicit where they are lists (``tta.corruptions``), paths
+    absolute and the model checked on the ``meta`` device (no memory)."""
+    from ..models.spec import parse_model_spec, resolved_spec
+
+    from ..data.digits import DOMAINS
+
+    data = cfg.data
+    if isinstance(data, FolderData):
+        data = dataclasses.replace(data, root=str(Path(data.root).expanduser().resolve()))
+    elif data.targets is None:
+        data = dataclasses.replace(data, targets=[d for d in DOMAINS if d != data.source])
+    standardized = isinstance(data, DigitsData) or data.normalize == "standardize"
+    source, shot = presets.adapt(cfg.preset, standardized)
+    model = parse_model_spec(cfg.model or copy.deepcopy(presets.MODEL))
+    _check_builds(model)
+    options = {name: {**presets.ptq_options(name, cfg.preset), **cfg.ptq.options.get(name, {})}
+               for name in cfg.methods_named()}
+    from ..data.corruptions import check_corruptions
+
+    tta = dataclasses.replace(cfg.tta, corruptions=check_corruptions(cfg.tta.corruptions))
+    if tta.cifar10c is not None:
+        tta = dataclasses.replace(tta, cifar10c=str(Path(tta.cifar10c).expanduser().resolve()))
+    return dataclasses.replace(
+        cfg, data=data, model=from_mapping(ModelSpec, resolved_spec(model), "model"),
+        adapt=Adapt(cfg.adapt.source or source, cfg.adapt.shot or shot),
+        ptq=dataclasses.replace(cfg.ptq, calib_size=cfg.ptq.calib_size or presets.calib_size(cfg.preset),
+                                options={**cfg.ptq.options, **options}),
+        tta=tta)
+
+
+def _check_builds(spec: ModelSpec) -> None:
+    """A registered architecture is built on the ``meta`` device, so bad ``kwargs`` fail at load time."""
+    import torch
+
+    from ..models import ARCHITECTURES, build_model
+
+    if spec.builder is not None or ":" in spec.name:
+        return  # imported (and checked against the data) when the pool builds it
+    if spec.name not in ARCHITECTURES:
+        raise ConfigError(f"model.name: expected a registered architecture ({', '.join(sorted(ARCHITECTURES))}), "
+                          f"torchvision:NAME or timm:NAME, or give model.builder; got {spec.name!r}")
+    try:
+        with torch.device("meta"):
+            build_model(spec.name, 2, **spec.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.kwargs: {spec.kwargs} do not fit model {spec.name!r}: {e}") from None
+
+
+def with_data(cfg: Config, spec: Mapping[str, Any]) -> Config:
+    """``cfg`` recording the loaded data's resolved spec (``Benchmark.spec``)."""
+    return dataclasses.replace(cfg, data=check_value(hints_of(Config)["data"], dict(spec), "data"))

@@ -1,0 +1,241 @@
+"""The model pool of every experiment: the data, the source model, one SHOT expert per target,
+what is derived from them (BN-folded experts, their full-precision merge), calibration batches,
+quantized experts and their merge.
+
+``Pool(config)`` resolves the config (:func:`~mergeq.experiments.config.resolve`), loads the
+data (:func:`mergeq.data.load_data`; ``pool.cfg`` then records its resolved spec) and builds the
+model with :func:`mergeq.models.resolve_model`, checking on two source test images that it
+yields ``N x num_classes`` logits. Models are trained on first use and cached under
+``runtime.cache_dir`` as single-file checkpoints (:mod:`mergeq.checkpoint`), keyed by a hash of
+everything that determines them: the data (the digits benchmark's name; a folder's resolved
+spec and the file fingerprint of the domain's split), the model (registered name and kwargs, or
+its resolved spec, weights' sha256 included), the seed, the training config, the device kind and
+the number of torch threads (CPU training repeats bit for bit only per thread count). An entry
+is verified on read: one that is truncated, fails its digest or holds another model than its key
+names (a swapped file) is rebuilt, with a warning in the log. A lock file per entry lets
+concurrent runs (``mergeq bench`` workers) train each model once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..adapt.shot import shot
+from ..adapt.source import train_source
+from ..checkpoint import model_from_checkpoint, save_model
+from ..data import load_data
+from ..data.spec import DigitsData
+from ..data_utils import as_tensor, take
+from ..errors import CheckpointError
+from ..eval import accuracy, evaluate
+from ..io import file_lock
+from ..merge import merge
+from ..models.spec import resolve_model
+from ..nn import fold_bn
+from ..ptq import quantize
+from ..quant.config import QuantConfig
+from .config import Config, resolve, with_data
+
+log = logging.getLogger(__name__)
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_identity(spec) -> dict[str, Any]:
+    """How checkpoints name the model: ``arch``/``arch_kwargs`` for a plain registered one, else the spec."""
+    if spec.builder is None and ":" not in spec.name and spec.weights is None and spec.output is None:
+        return {"arch": spec.name, "arch_kwargs": dict(spec.kwargs)}
+    return {"model": dataclasses.asdict(spec)}
+
+
+class Pool:
+    """Data, source, experts and their derivatives for one config (see the module docstring)."""
+
+    def __init__(self, config: Config, progress: bool = False) -> None:
+        cfg = resolve(config)
+        if cfg.runtime.threads is not None:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.progress, self.device, self.seed = progress, cfg.runtime.device, cfg.runtime.seed
+        torch.manual_seed(self.seed)
+        self.bench = load_data(dataclasses.asdict(cfg.data), self.seed)
+        self.cfg = with_data(cfg, self.bench.spec)
+        self.targets = list(self.bench.targets)
+        self.tests = {d: self.bench.targets[d].test for d in self.targets}
+        self.example = take(self.bench.source.test, [0, 1])[0]
+        self.cache_dir = Path(cfg.runtime.cache_dir)
+        data = self.cfg.data
+        ident = {"benchmark": self.bench.name} if isinstance(data, DigitsData) else {"data": {
+            k: v for k, v in dataclasses.asdict(data).items() if k not in ("targets", "splits", "verify", "in_memory")}}
+        self._meta = {**ident, **model_identity(self.cfg.model), "num_classes": self.bench.num_classes,
+                      "seed": self.seed}
+        # training repeats bit for bit only on the same device kind and (CPU) number of torch threads
+        compute = {"device": torch.device(self.device).type, "threads": torch.get_num_threads()}
+        self._source_key = _key({**self._meta, **self._split(self.bench.source.name),
+                                 "source": dataclasses.asdict(self.cfg.adapt.source), "compute": compute})
+        self._source: nn.Module | None = None
+        self._experts: dict[str, nn.Module] = {}
+
+    def _split(self, domain: str) -> dict[str, Any]:
+        splits = getattr(self.cfg.data, "splits", None)
+        return {"split": splits[domain]} if splits else {}
+
+    def checkpoint_meta(self, **extra: Any) -> dict[str, Any]:
+        """Metadata of a checkpoint of this pool's model: architecture, data spec, seed, plus ``extra``."""
+        return {**self._meta, "data": dataclasses.asdict(self.cfg.data), **extra}
+
+    def new_model(self) -> nn.Module:
+        """A freshly initialised model of the config (its starting weights, if any, loaded)."""
+        return resolve_model(self.cfg.model, self.bench.num_classes, self.example)
+
+    def _cached(self, path: Path, make: Callable[[], nn.Module], meta: dict, key: str) -> nn.Module:
+        with file_lock(self.cache_dir / ".locks" / f"{path.stem}.lock"):
+            if path.exists():
+                try:
+                    model, stored = model_from_checkpoint(path, self.device)
+                    _check_entry(path, stored, meta, key)
+                    log.info("reusing cached %s", path)
+                    return model
+                except CheckpointError as e:
+                    log.warning("rebuilding cache entry: %s", e)
+            model = make()
+            save_model(model, path, {**meta, "cache_key": key})
+            return model.to(self.device).eval()
+
+    @property
+    def source(self) -> nn.Module:
+        """The source model, trained on the source domain's labelled training split."""
+        if self._source is None:
+            path = self.cache_dir / f"source-{self._source_key}.safetensors"
+
+            def make() -> nn.Module:
+                torch.manual_seed(self.seed)
+                return train_source(self.new_model(), self.bench.source.train, self.cfg.adapt.source, seed=self.seed,
+                                    device=self.device, progress=self.progress)
+
+            meta = self.checkpoint_meta(domain=self.bench.source.name, role="source",
+                                        config=dataclasses.asdict(self.cfg.adapt.source))
+            self._source = self._cached(path, make, meta, self._source_key)
+        return self._source
+
+    def expert(self, domain: str) -> nn.Module:
+        """The SHOT expert of target ``domain``, adapted from the source on its unlabeled split."""
+        if domain not in self._experts:
+            shot_cfg = self.cfg.adapt.shot
+            key = _key({"source": self._source_key, "domain": domain, "shot": dataclasses.asdict(shot_cfg),
+                        **self._split(domain)})
+            path = self.cache_dir / f"expert-{domain}-{key}.safetensors"
+
+            def make() -> nn.Module:
+                return shot(self.source, self.bench.targets[domain].train, shot_cfg, seed=self.seed,
+                            device=self.device, progress=self.progress)
+
+            meta = self.checkpoint_meta(domain=domain, role="expert", config=dataclasses.asdict(shot_cfg))
+            self._experts[domain] = self._cached(path, make, meta, key)
+        return self._experts[domain]
+
+    @property
+    def experts(self) -> dict[str, nn.Module]:
+        return {d: self.expert(d) for d in self.targets}
+
+    def fold(self, model: nn.Module) -> nn.Module:
+        """``model`` with every BatchNorm folded into the layer before it (a copy)."""
+        return fold_bn(model, self.example.to(self.device))
+
+    def fp_merged(self) -> dict[str, float]:
+        """Accuracy of the BN-folded full-precision experts, averaged (the reference of every row)."""
+        return evaluate(merge([self.fold(self.expert(d)) for d in self.targets]), self.tests, self.device)
+
+    def fp_results(self) -> dict[str, Any]:
+        """The full-precision references of a run: source, experts, their merges."""
+        source = {self.bench.source.name: self.bench.source.test, **self.tests}
+        return {
+            "source": evaluate(self.source, source, self.device),
+            "fp": {"experts": {d: accuracy(self.expert(d), self.tests[d], device=self.device) for d in self.targets},
+                   "merged": self.fp_merged()},
+            "fp_bn_mixture": evaluate(merge(list(self.experts.values())), self.tests, self.device),
+        }
+
+    def calib(self, domain: str, n: int | None = None) -> torch.Tensor:
+        """The first ``n`` (default ``ptq.calib_size``) inputs of ``domain``'s unlabeled training split."""
+        split = self.bench.source.train if domain == self.bench.source.name else self.bench.targets[domain].train
+        return as_tensor(split, limit=n or self.cfg.ptq.calib_size)
+
+    def options(self, method: str, **overrides: Any) -> dict[str, Any]:
+        """PTQ ``method``'s options: the resolved config's, then ``overrides``."""
+        return {**self.cfg.ptq.options.get(method, {}), **overrides}
+
+    def qconfig(self, bits: tuple[int, int | None], fold_bn: bool = True) -> QuantConfig:
+        return qconfig(self.cfg, bits, fold_bn)
+
+    def quantize_experts(self, method: str, qcfg: QuantConfig, **overrides: Any) -> dict[str, nn.Module]:
+        """Each expert quantized with ``method`` on its own target's calibration split."""
+        options = self.options(method, **overrides)
+        return {d: quantize(m, method, calib=self.bench.targets[d].train, config=qcfg, source=self.source,
+                            calib_size=self.cfg.ptq.calib_size, device=self.device, seed=self.seed,
+                            progress=self.progress, **options)
+                for d, m in self.experts.items()}
+
+    def merged(self, models: list[nn.Module], rounding: str | None = None, **options: Any) -> nn.Module:
+        """``models`` averaged (quantized experts stay on a grid, merged with ``rounding``, default
+        ``merge.rounding`` with ``merge.rounding_options``; a sampling rounding draws with ``seed``,
+        default ``runtime.seed``)."""
+        m = self.cfg.merge
+        rounding = rounding or m.rounding
+        opts = {**m.options.get("average", {}), **(m.rounding_options if rounding == m.rounding else {}), **options}
+        if rounding.startswith("noise"):
+            opts.setdefault("seed", self.seed)
+        return merge(models, rounding=rounding, **opts)
+
+    def merge_and_evaluate(self, models: list[nn.Module], rounding: str | None = None,
+                           **options: Any) -> dict[str, Any]:
+        """Merge ``models`` (:meth:`merged`) and evaluate on every target.
+
+        A sampling rounding (``noise``, ``noise-ties``) merges ``merge.repeats`` times with seeds
+        ``seed .. seed + repeats - 1``: the accuracies are the means over the merges, and (for more
+        than one merge) ``repeats`` holds the seeds, the hmean of each merge and their standard
+        deviation (the HDRQ paper reports the mean of 30 sampled merges)."""
+        rounding = rounding or self.cfg.merge.rounding
+        if not rounding.startswith("noise"):
+            return evaluate(self.merged(models, rounding, **options), self.tests, self.device)
+        base = options.pop("seed", self.cfg.merge.rounding_options.get("seed", self.seed))
+        seeds = [base + k for k in range(self.cfg.merge.repeats)]
+        runs = [evaluate(self.merged(models, rounding, **options, seed=s), self.tests, self.device) for s in seeds]
+        if len(runs) == 1:
+            return runs[0]
+        hmeans = [r["hmean"] for r in runs]
+        mean = {d: statistics.mean(r[d] for r in runs) for d in self.targets}
+        return {**mean, "hmean": statistics.mean(hmeans),
+                "repeats": {"seeds": seeds, "hmeans": hmeans, "std": statistics.stdev(hmeans)}}
+
+def qconfig(cfg: Config, bits: tuple[int, int | None], fold_bn: bool = True) -> QuantConfig:
+    """The quantization of ``bits`` (w, a) with the config's first/last-layer bits and step search."""
+    return QuantConfig(bits[0], bits[1], cfg.ptq.first_last_bits, cfg.ptq.step_method, fold_bn=fold_bn)
+
+
+def ptq_report(qmodel: nn.Module) -> dict[str, Any]:
+    """What quantization measured (``changed_codes``, ``recon_loss`` per unit), when it did."""
+    meta = getattr(qmodel, "mergeq_meta", {}) or {}
+    return {k: meta[k] for k in ("changed_codes", "recon_loss") if k in meta}
+
+
+def _check_entry(path: Path, stored: dict, meta: dict, key: str) -> None:
+    """A cache entry must hold the model its key names (entries of the earlier two-file form,
+    written without ``cache_key``, are matched on the metadata they were saved with)."""
+    if "cache_key" in stored:
+        same = stored["cache_key"] == key
+    else:
+        same = all(stored.get(k) == v for k, v in json.loads(json.dumps(meta)).items() if k != "data")
+    if not same:
+        raise CheckpointError(f"cache entry {path} holds another model (role {stored.get('role')!r}, domain "
+                              f"{stored.get('domain')!r}, key {stored.get('cache_key')!r}) than its name says")
+

@@ -1,0 +1,231 @@
+"""Readable results: the Markdown table of each experiment and its pictures.
+
+:func:`markdown` renders ``results.md`` from a results dict (``results["experiment"]``: run,
+pmq, tta or bench); :func:`pictures` writes the PNGs beside it: ``hmean_vs_bits.png`` for run,
+pmq and bench (merged hmean per method against bit width, the full-precision merge as a line;
+pmq: one panel per merge method; bench: one per target set, mean ± std over seeds) and
+``stream_error.png`` for tta (error along the stream). ``bench`` also gets ``bench.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..eval.metrics import harmonic_mean
+from ..io import atomic_write_text
+
+HMEAN_PNG = "hmean_vs_bits.png"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _bits(r: dict) -> str:
+    return f"W{r['w_bits']}A{r['a_bits'] if r['a_bits'] is not None else 32}"
+
+
+def _mean_sd(xs: list[float]) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def _merged(m: dict) -> str:
+    """Merged hmean in bold; ± the std over repeated sampling merges when there were several."""
+    rep = m.get("repeats")
+    extra = f" ± {_pct(rep['std'])} ({len(rep['seeds'])} merges)" if rep and len(rep["seeds"]) > 1 else ""
+    return f"**{_pct(m['hmean'])}**{extra}"
+
+
+def run_markdown(results: dict[str, Any]) -> str:
+    """Per-domain accuracy of each quantized expert (own domain) and of the merged model, plus hmean."""
+    targets = results["targets"]
+    src = results["source"]
+    lines = [
+        f"# {results['benchmark']}: quantize each expert, then merge (seed {results['seed']}, "
+        f"preset {results.get('preset', '?')})",
+        "",
+        "Accuracy in %. `expert` = each quantized expert on its own domain; `merged` = the one "
+        "merged model on every domain; hmean = harmonic mean over the targets. First and last "
+        "layer at 8 bits unless the config says otherwise.",
+        "",
+        "| model | bits | " + " | ".join(f"{d} expert" for d in targets) + " | "
+        + " | ".join(f"{d} merged" for d in targets) + " | merged hmean | s/expert |",
+        "|---|---|" + "---:|" * (2 * len(targets) + 2),
+    ]
+    srow = " | ".join(_pct(src[d]) for d in targets)
+    src_hmean = harmonic_mean([src[d] for d in targets])  # ``src`` also holds the source domain
+    lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(src_hmean)} | |")
+    fp = results["fp"]
+    lines.append(
+        "| experts, BN folded, averaged | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
+        + " | ".join(_pct(fp["merged"][d]) for d in targets) + f" | {_pct(fp['merged']['hmean'])} | |"
+    )
+    mix = results.get("fp_bn_mixture")
+    if mix:
+        lines.append(
+            "| experts, BN statistics mixed | FP32 | " + " | ".join("" for _ in targets) + " | "
+            + " | ".join(_pct(mix[d]) for d in targets) + f" | {_pct(mix['hmean'])} | |"
+        )
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['method']} | {_bits(r)} | " + " | ".join(_pct(r["experts"][d]) for d in targets) + " | "
+            + " | ".join(_pct(r["merged"][d]) for d in targets)
+            + f" | {_merged(r['merged'])} | {r.get('seconds_per_expert', r['seconds'] / len(targets)):.1f} |"
+        )
+    src_name = next(k for k in src if k not in targets and k != "hmean")
+    lines += ["", f"Source model on its own test split ({src_name}): {_pct(src[src_name])}%.", "",
+              f"![merged hmean against bit width]({HMEAN_PNG})", ""]
+    return "\n".join(lines)
+
+
+def pmq_markdown(results: dict[str, Any]) -> str:
+    """Merged hmean per merge method and bit width, one column per PTQ method."""
+    rows = results["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"# Merge, then quantize ({results['benchmark']}, seed {results['seed']})", "",
+             "Merged hmean in % (full-precision merged model in the first column).", "",
+             "| merge | bits | FP merged | " + " | ".join(methods) + " |",
+             "|---|---|---:|" + "---:|" * len(methods)]
+    for m, w, a in dict.fromkeys((r["merge"], r["w_bits"], r["a_bits"]) for r in rows):
+        rs = {r["method"]: r for r in rows if (r["merge"], r["w_bits"], r["a_bits"]) == (m, w, a)}
+        fp = next(iter(rs.values()))["fp_merged"]["hmean"]
+        cols = " | ".join(_pct(rs[x]["merged"]["hmean"]) if x in rs else "" for x in methods)
+        lines.append(f"| {m} | {_bits(next(iter(rs.values())))} | {_pct(fp)} | {cols} |")
+    lines += ["", f"![merged hmean against bit width]({HMEAN_PNG})", ""]
+    return "\n".join(lines)
+
+
+def tta_markdown(results: dict[str, Any]) -> str:
+    """One table per stream: rows method x bits, columns corruptions and mean error (%); the lowest
+    mean error per bit width in bold."""
+    corr = results["corruptions"]
+    lines = [f"TTA on the corruption stream (severity {results['severity']}, seed {results['seed']}, "
+             f"preset {results['preset']}): error in %, mean over the {len(corr)} corruptions.", ""]
+    for stream, imb in results["streams"].items():
+        rows = [r for r in results["rows"] if r["stream"] == stream]
+        if not rows:
+            continue
+        lines += [f"### {stream} stream" + (f" ({imb})" if imb else ""), ""]
+        lines.append("| method | bits | " + " | ".join(corr) + " | mean |")
+        lines.append("|---|---|" + "---:|" * (len(corr) + 1))
+        best = {b: min(r["mean_error"] for r in rows if r["bits"] == b) for b in {r["bits"] for r in rows}}
+        for r in rows:
+            cells = " | ".join(f"{100 * r['error'][c]:.1f}" for c in corr)
+            mean = f"{100 * r['mean_error']:.1f}"
+            mean = f"**{mean}**" if r["mean_error"] == best[r["bits"]] else mean
+            lines.append(f"| {r['method']} | {r['bits']} | {cells} | {mean} |")
+        lines.append("")
+    lines += ["![error along the stream](stream_error.png)", ""]
+    return "\n".join(lines)
+
+
+def bench_markdown(results: dict[str, Any]) -> str:
+    """Paper Table 2 form: merged hmean (mean ± std over seeds), own-domain expert accuracy in
+    parentheses, one table per target set, best mean per column in bold; a first row with the
+    full-precision merge of the same experts."""
+    lines = []
+    cells = results["rows"]
+    for targets in dict.fromkeys(tuple(r["targets"]) for r in cells):
+        rs = [r for r in cells if tuple(r["targets"]) == targets]
+        bits = list(dict.fromkeys(r["bits"] for r in rs))
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        seeds = sorted({r["seed"] for r in rs})
+        cell = {(m, b): [r for r in rs if r["method"] == m and r["bits"] == b] for m in methods for b in bits}
+        best = {b: max(statistics.mean(r["merged"]["hmean"] for r in cell[(m, b)]) for m in methods if cell[(m, b)])
+                for b in bits}
+        lines += [f"Targets {', '.join(targets)}; seeds {seeds}. Merged hmean % (mean ± std over seeds), "
+                  "quantized experts' own-domain accuracy % in parentheses.", "",
+                  "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+        fp = {r["seed"]: r["fp_merged"]["hmean"] for r in rs if "fp_merged" in r}
+        if fp:  # one full-precision merge per seed (the same in every column)
+            lines.append("| full precision (merged) | " + " | ".join([_mean_sd(list(fp.values()))] * len(bits)) + " |")
+        for m in methods:
+            cols = []
+            for b in bits:
+                sel = cell[(m, b)]
+                if not sel:
+                    cols.append("")
+                    continue
+                h = [r["merged"]["hmean"] for r in sel]
+                text = _mean_sd(h)
+                if statistics.mean(h) == best[b]:
+                    text = f"**{text}**"
+                exp_acc = statistics.mean(statistics.mean(r["experts"].values()) for r in sel)
+                cols.append(f"{text} ({100 * exp_acc:.1f})")
+            lines.append(f"| {m} | " + " | ".join(cols) + " |")
+        lines.append("")
+    lines += [f"![merged hmean against bit width]({HMEAN_PNG})", ""]
+    return "\n".join(lines)
+
+
+def bench_csv(cells: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["targets", "seed", "bits", "method", "merged_hmean", "expert_mean", "seconds"])
+    for r in cells:
+        w.writerow(["+".join(r["targets"]), r["seed"], r["bits"], r["method"], f"{r['merged']['hmean']:.4f}",
+                    f"{statistics.mean(r['experts'].values()):.4f}", f"{r['seconds']:.1f}"])
+    return buf.getvalue()
+
+
+MARKDOWN = {"run": run_markdown, "pmq": pmq_markdown, "tta": tta_markdown, "bench": bench_markdown}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md`` of any experiment."""
+    return MARKDOWN[results.get("experiment", "run")](results)
+
+
+def hmean_panels(results: dict[str, Any]) -> dict[str, dict]:
+    """What ``hmean_vs_bits.png`` shows: per panel, each method's (mean, std) merged hmean per bit
+    width and the full-precision merge's hmean."""
+    kind, rows = results["experiment"], results["rows"]
+    if kind == "run":
+        lines: dict = {}
+        for r in rows:
+            std = r["merged"].get("repeats", {}).get("std", 0.0)
+            lines.setdefault(r["method"], {})[_bits(r)] = (r["merged"]["hmean"], std)
+        return {"": {"lines": lines, "fp": results["fp"]["merged"]["hmean"]}}
+    if kind == "pmq":
+        panels: dict = {}
+        for r in rows:
+            p = panels.setdefault(f"merge: {r['merge']}", {"lines": {}, "fp": r["fp_merged"]["hmean"]})
+            p["lines"].setdefault(r["method"], {})[_bits(r)] = (r["merged"]["hmean"], 0.0)
+        return panels
+    panels = {}
+    for targets in dict.fromkeys(tuple(r["targets"]) for r in rows):
+        rs = [r for r in rows if tuple(r["targets"]) == targets]
+        lines = {}
+        for m in dict.fromkeys(r["method"] for r in rs):
+            for b in dict.fromkeys(r["bits"] for r in rs):
+                h = [r["merged"]["hmean"] for r in rs if r["method"] == m and r["bits"] == b]
+                if h:
+                    lines.setdefault(m, {})[b] = (statistics.mean(h), statistics.stdev(h) if len(h) > 1 else 0.0)
+        fp = {r["seed"]: r["fp_merged"]["hmean"] for r in rs if "fp_merged" in r}
+        panels[f"targets: {', '.join(targets)}"] = {"lines": lines,
+                                                    "fp": statistics.mean(fp.values()) if fp else None}
+    return panels
+
+
+def pictures(results: dict[str, Any], out: Path) -> None:
+    """The experiment's PNGs in ``out`` (none before its first row)."""
+    from ..eval.plots import plot_hmean_vs_bits, plot_stream_errors
+
+    if not results["rows"]:
+        return
+    seed = results.get("seed", "")
+    if results["experiment"] == "tta":
+        plot_stream_errors(results["rows"], out / "stream_error.png",
+                           f"error along the corruption stream (severity {results['severity']}, seed {seed})")
+        return
+    if results["experiment"] == "bench":
+        atomic_write_text(out / "bench.csv", bench_csv(results["rows"]))
+    title = {"run": "quantize, then merge", "pmq": "merge, then quantize", "bench": "quantize, then merge"}
+    bench = results.get("benchmark")
+    plot_hmean_vs_bits(hmean_panels(results), out / HMEAN_PNG,
+                       (f"{bench}: " if bench else "") + title[results["experiment"]]
+                       + (f" (seed {seed})" if seed != "" else ""))

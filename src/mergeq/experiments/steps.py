@@ -1,0 +1,211 @@
+"""The pipeline step by step, one checkpoint at a time, and the analyses of ``barrier``/``surface``.
+
+Each step takes the same config as ``mergeq run`` (its ``adapt``, ``ptq``, ``merge`` and
+``runtime`` sections; the data and model of a checkpoint come from the checkpoint's metadata,
+and the recorded config's ``data`` says which) and writes, beside the checkpoint ``OUT``,
+``OUT``'s name with ``.config.yaml``: the resolved config, which reran gives the same checkpoint. Checkpoints: :mod:`mergeq.checkpoint`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapt.shot import shot
+from ..checkpoint import model_from_checkpoint, save_model
+from ..data import Benchmark, load_data
+from ..errors import MergeqError
+from ..eval import accuracy, evaluate, linear_path, loss_surface
+from ..io import atomic_write_text, check_out_dir, check_out_file, write_json
+from ..merge import MERGE_METHODS, check_rounding_options, merge
+from ..ptq import quantize
+from ..quant.config import parse_bits
+from .config import Config, resolve, translate_legacy, with_data
+from .pool import Pool, qconfig
+
+ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
+
+
+def config_path(out: str | Path) -> Path:
+    """Where a step writes the config of checkpoint ``out``: ``out`` with suffix ``.config.yaml``."""
+    return Path(out).with_suffix(".config.yaml")
+
+
+def _record(cfg: Config, out: str | Path) -> None:
+    atomic_write_text(config_path(out), cfg.to_yaml())
+
+
+def _one(cfg: Config, what: str) -> tuple[str, tuple[int, int | None]]:
+    """The one PTQ method and bit pair a step quantizes with."""
+    if len(cfg.ptq.methods) != 1 or len(cfg.ptq.bits) != 1:
+        raise MergeqError(f"{what} takes one PTQ method and one bit pair; the config lists ptq.methods "
+                          f"{cfg.ptq.methods} and ptq.bits {cfg.ptq.bits}: pass --method and --bits")
+    return cfg.ptq.methods[0], parse_bits(cfg.ptq.bits[0])
+
+
+def checkpoint_data(meta: dict, cfg: Config, domains: list[str]) -> tuple[Benchmark, int]:
+    """The data a checkpoint was made with (its ``data`` spec, or the earlier ``benchmark`` name;
+    without either the config's), with ``domains`` as targets, and the seed of its splits."""
+    if "data" in meta:
+        spec = meta["data"]
+    elif "benchmark" in meta:
+        spec = translate_legacy({"benchmark": meta["benchmark"]})["data"]
+    else:
+        spec = dataclasses.asdict(cfg.data)
+    seed = meta.get("seed", cfg.runtime.seed)
+    bench = load_data({**spec, "targets": [d for d in domains if d != spec.get("source")] or None}, seed)
+    return bench, seed
+
+
+def _domain(bench: Benchmark, name: str):
+    return bench.source if name == bench.source.name else bench.targets[name]
+
+
+def train_source(config: Config, out: str | Path, progress: bool = False) -> dict[str, float]:
+    """Train (or reuse the cached) source model, save it to ``out``; its accuracy on every domain."""
+    check_out_file(out)
+    pool = Pool(config, progress)
+    model = pool.source
+    accs = evaluate(model, {pool.bench.source.name: pool.bench.source.test, **pool.tests}, pool.device)
+    save_model(model, out, pool.checkpoint_meta(domain=pool.bench.source.name, role="source", accuracy=accs,
+                                                config=dataclasses.asdict(pool.cfg.adapt.source)))
+    _record(pool.cfg, out)
+    return accs
+
+
+def adapt(config: Config, source: str | Path, domain: str, out: str | Path,
+          progress: bool = False) -> tuple[float, float]:
+    """SHOT-adapt the source checkpoint to ``domain``, save the expert; (source, expert) accuracy there."""
+    check_out_file(out)
+    cfg = _apply(config)
+    model, meta = model_from_checkpoint(source, cfg.runtime.device)
+    bench, seed = checkpoint_data(meta, cfg, [domain])
+    dom = bench.targets[domain]
+    expert = shot(model, dom.train, cfg.adapt.shot, seed=seed, device=cfg.runtime.device, progress=progress)
+    before, after = (accuracy(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
+    save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
+                             "domain": domain, "role": "expert", "config": dataclasses.asdict(cfg.adapt.shot),
+                             "accuracy": {"source": before, "expert": after}})
+    _record(with_data(cfg, bench.spec), out)
+    return before, after
+
+
+def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path, source: str | Path | None = None,
+                        domain: str | None = None, progress: bool = False) -> tuple[str, float]:
+    """Quantize a checkpoint (the config's one method and bit pair) on ``domain``'s calibration
+    split (default: the checkpoint's own), save it; (domain, accuracy there)."""
+    cfg = _apply(config)
+    method, bits = _one(cfg, "quantize")
+    check_out_file(out)
+    device = cfg.runtime.device
+    model, meta = model_from_checkpoint(model_path, device)
+    src = model_from_checkpoint(source, device)[0] if source else None
+    domain = domain or meta.get("domain")
+    if not domain:
+        raise MergeqError(f"{model_path} names no domain to calibrate on: pass --domain")
+    bench, seed = checkpoint_data(meta, cfg, [domain])
+    dom = _domain(bench, domain)
+    qcfg = qconfig(cfg, bits)
+    q = quantize(model, method, calib=dom.train, config=qcfg, source=src, calib_size=cfg.ptq.calib_size,
+                 device=device, seed=cfg.runtime.seed, progress=progress, **cfg.ptq.options.get(method, {}))
+    acc = accuracy(q, dom.test, device=device)
+    save_model(q, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
+                        "domain": domain, "role": "quantized expert", "method": method, "bits": qcfg.tag,
+                        "accuracy": acc})
+    _record(with_data(cfg, bench.spec), out)
+    return domain, acc
+
+
+def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | Path, report: str | Path | None,
+                      base: str | None = None) -> dict[str, Any]:
+    """Merge checkpoints (``average``: quantized experts stay quantized, merged with
+    ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), save, evaluate when the
+    checkpoints name their data and domains; the JSON report (also written to ``report``)."""
+    cfg = _apply(config)
+    MERGE_METHODS.get(method)
+    m = cfg.merge
+    options = dict(m.options.get(method, {}))
+    if method == "average":
+        rounding = m.rounding
+        options.update(rounding=rounding, **m.rounding_options)
+        if rounding.startswith("noise"):
+            options.setdefault("seed", cfg.runtime.seed)
+        check_rounding_options(rounding, {k: v for k, v in options.items() if k not in ("rounding", "weights")})
+    report_path = Path(report) if report else Path(out).with_suffix(".report.json")
+    if report_path.resolve() == Path(out).resolve():
+        raise MergeqError(f"the report path {report_path} is the checkpoint path: pass another --report")
+    check_out_file(out)
+    check_out_file(report_path)
+    device = cfg.runtime.device
+    loaded = [model_from_checkpoint(p, device) for p in paths]
+    models, metas = [mdl for mdl, _ in loaded], [meta for _, meta in loaded]
+    if base:
+        options["base"] = model_from_checkpoint(base, device)[0]
+    merged = merge(models, method=method, **options)
+    domains = [meta.get("domain") for meta in metas]
+    meta = {k: metas[0][k] for k in (*ARCH_KEYS, "benchmark", "data", "seed") if k in metas[0]}
+    result: dict[str, Any] = {"experts": [str(p) for p in paths], "domains": domains, "method": method,
+                              "options": {k: v for k, v in options.items() if k != "base"}, "base": base}
+    if ("data" in meta or "benchmark" in meta) and all(domains):
+        bench, _ = checkpoint_data(meta, cfg, domains)
+        result["accuracy"] = evaluate(merged, {d: _domain(bench, d).test for d in domains}, device)
+    save_model(merged, out, {**meta, "role": "merged", "domains": domains, "merge": result})
+    write_json(report_path, result)
+    _record(cfg, out)
+    return result
+
+
+def _apply(config: Config) -> Config:
+    """The config as a step records it: resolved (presets filled in) and its threads applied."""
+    cfg = resolve(config)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(cfg.runtime.threads)
+    return cfg
+
+
+def analysis_models(config: Config, out: str | Path, n_targets: int, progress: bool = False):
+    """The pool and, per family (``fp`` + each PTQ method), its experts: BN-folded full precision,
+    or quantized at the config's one bit pair. ``out`` (a folder) is checked first."""
+    check_out_dir(out)
+    pool = Pool(config, progress)
+    if len(pool.targets) < n_targets:
+        raise MergeqError(f"this analysis needs {n_targets} target domains, got {pool.targets}")
+    if len(pool.cfg.ptq.bits) != 1:
+        raise MergeqError(f"this analysis quantizes at one bit pair; ptq.bits lists {pool.cfg.ptq.bits}: pass --bits")
+    qcfg = pool.qconfig(parse_bits(pool.cfg.ptq.bits[0]))
+    families = {"fp": {d: pool.fold(m) for d, m in pool.experts.items()}}
+    for method in pool.cfg.ptq.methods:
+        families[method] = pool.quantize_experts(method, qcfg)
+    atomic_write_text(Path(out) / "config.yaml", pool.cfg.to_yaml())
+    return pool, families
+
+
+def barrier(config: Config, out: str | Path, points: int, progress: bool = False) -> dict[str, dict]:
+    """Loss and accuracy along the linear path between the first two targets' experts, per family."""
+    from ..eval.plots import plot_paths
+
+    pool, families = analysis_models(config, out, 2, progress)
+    d1, d2 = pool.targets[:2]
+    domains = {d: pool.tests[d] for d in (d1, d2)}
+    bits = pool.cfg.ptq.bits[0]
+    paths = {name: linear_path(ms[d1], ms[d2], domains, points, pool.device) for name, ms in families.items()}
+    write_json(Path(out) / "barrier.json", {"targets": [d1, d2], "bits": bits, "seed": pool.seed, "paths": paths})
+    plot_paths(paths, Path(out) / "barrier.png", f"{d1} -> {d2} experts, {bits} (fp: full precision)")
+    return paths
+
+
+def surface(config: Config, out: str | Path, points: int, radius: float, progress: bool = False) -> dict[str, dict]:
+    """The 2-D loss surface around the first target's expert, per family."""
+    from ..eval.plots import plot_surfaces
+
+    pool, families = analysis_models(config, out, 1, progress)
+    d = pool.targets[0]
+    bits = pool.cfg.ptq.bits[0]
+    surfaces = {name: loss_surface(ms[d], {d: pool.tests[d]}, points, radius, pool.seed, pool.device)
+                for name, ms in families.items()}
+    write_json(Path(out) / "surface.json", {"domain": d, "bits": bits, "seed": pool.seed, "surfaces": surfaces})
+    plot_surfaces(surfaces, Path(out) / "surface.png", f"loss around the {d} expert, {bits}")
+    return surfaces
+

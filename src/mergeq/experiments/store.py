@@ -1,0 +1,189 @@
+"""An experiment's output folder: the one resume rule and the one writer of its files.
+
+Every experiment (``run``, ``pmq``, ``tta``, ``bench``) writes into ``--out`` the resolved
+``config.yaml`` first, then ``results.json`` and ``results.md`` after every row, and at the end
+its pictures (:mod:`mergeq.experiments.report`); all atomically (temp file, then rename).
+
+The resume rule: a folder that already holds results is resumed iff they are results of the same
+experiment whose config differs from this one at most in the experiment's *axes* (``run``:
+``ptq.methods``, ``ptq.bits``; ``pmq``: ``pmq.merges``, ``pmq.methods``, ``pmq.bits``; ``tta``:
+``tta.methods``, ``tta.bits``, ``tta.streams``; ``bench``: those of ``run`` plus
+``grid.target_sets``, ``grid.seeds``), in the options of methods only one of the two runs names,
+in sections the experiment does not read, and in ``runtime.cache_dir``. Both configs are
+compared resolved (folders of the earlier flat form too). The recorded config then holds the
+union of both runs' axes, every earlier row is kept as it was, and only missing rows are
+computed: rows are never dropped. Any other difference is refused before any model is trained,
+naming the keys, as is a folder whose results cannot be read or matched to a config; a bench
+folder with cell files but no results yet is compared with its ``config.yaml`` (or the earlier
+``grid.yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import yaml
+
+from ..errors import MergeqError
+from ..io import atomic_write_text, check_out_dir, config_diff, earlier_results, write_json
+from .config import Config, resolve, set_path
+
+log = logging.getLogger(__name__)
+PER_METHOD = ("ptq.options", "merge.options")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What the store needs to know of an experiment kind."""
+
+    name: str
+    axes: tuple[str, ...]  # list-valued config paths whose union a resumed run records
+    ignored: tuple[str, ...]  # config paths (prefixes) the experiment does not read
+    row_key: Callable[[dict], Hashable]
+
+
+EXPERIMENTS = {e.name: e for e in (
+    Experiment("run", ("ptq.methods", "ptq.bits"), ("pmq", "tta", "grid"),
+               lambda r: (r["method"], r["w_bits"], r["a_bits"])),
+    Experiment("pmq", ("pmq.merges", "pmq.methods", "pmq.bits"),
+               ("ptq.methods", "ptq.bits", "merge.rounding", "merge.rounding_options", "merge.repeats", "tta", "grid"),
+               lambda r: (r["merge"], r["method"], r["w_bits"], r["a_bits"])),
+    Experiment("tta", ("tta.methods", "tta.bits", "tta.streams"),
+               ("data.targets", "ptq.methods", "ptq.bits", "merge", "pmq", "grid"),
+               lambda r: (r["stream"], r["method"], r["bits"])),
+    Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds"), ("pmq", "tta"),
+               lambda r: r["key"]),
+)}
+
+
+def _kind_of(results: dict) -> str:
+    """The experiment of a results.json (files written before it was recorded: by their rows)."""
+    if "experiment" in results:
+        return results["experiment"]
+    rows = results.get("rows") or [{}]
+    return "tta" if "stream" in rows[0] else "pmq" if "merge" in rows[0] else "run"
+
+
+def _earlier_cells(out: Path) -> tuple[dict, dict] | None:
+    """A bench folder with cell files but no results.json yet (interrupted, or written before issue
+    16 with ``grid.yaml``): its grid config, and no rows (the cells are read from their files)."""
+    if not any((out / "cells").glob("*.json")):
+        return None
+    for name in ("config.yaml", "grid.yaml"):
+        if (out / name).is_file():
+            try:
+                return yaml.safe_load((out / name).read_text()), {"experiment": "bench", "rows": []}
+            except yaml.YAMLError as e:
+                raise MergeqError(f"{out / name} is not valid YAML ({e}): use another --out") from None
+    raise MergeqError(f"{out} holds bench cells but no config.yaml to resume from: use another --out")
+
+
+def _get(d: dict, path: str) -> Any:
+    for key in path.split("."):
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def _drop(d: dict, path: str) -> None:
+    *head, last = path.split(".")
+    for key in head:
+        d = d.get(key) if isinstance(d, dict) else None
+    if isinstance(d, dict):
+        d.pop(last, None)
+
+
+def _settings(d: dict, exp: Experiment, common: dict[str, set]) -> dict:
+    """The parts of a config dict that must agree for rows to be reused."""
+    d = yaml.safe_load(yaml.safe_dump(d))  # a deep copy in YAML's types
+    for path in (*exp.axes, *exp.ignored, "runtime.cache_dir"):  # where models are cached changes no number
+        _drop(d, path)
+    for path, keep in common.items():
+        opts = _get(d, path)
+        if isinstance(opts, dict):
+            for k in [k for k in opts if k not in keep]:
+                del opts[k]
+    return d
+
+
+class RunDir:
+    """The output folder of one experiment (see the module docstring)."""
+
+    def __init__(self, out: str | Path, experiment: str) -> None:
+        self.out = check_out_dir(out)
+        self.exp = EXPERIMENTS[experiment]
+
+    def begin(self, cfg: Config) -> tuple[Config, dict[Hashable, dict]]:
+        """The config to record (written to ``config.yaml`` now) and the rows to reuse, by row key."""
+        earlier = earlier_results(self.out)
+        if earlier is None and self.exp.name == "bench":
+            earlier = _earlier_cells(self.out)
+        if earlier is None:
+            atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+            return cfg, {}
+        old_raw, old_results = earlier
+        kind = _kind_of(old_results)
+        if kind != self.exp.name:
+            self._refuse([f"experiment ({kind} there, {self.exp.name} here)"])
+        try:  # resolved, as this run's config is (a bench grid of the earlier form was recorded unresolved)
+            old = resolve(Config.from_dict(old_raw, f"{self.out / 'config.yaml'}"))
+        except MergeqError as e:
+            raise MergeqError(f"{self.out} holds results whose config.yaml mergeq cannot read ({e}): "
+                              "use another --out") from None
+        new_d, old_d = cfg.to_dict(), old.to_dict()
+        common = {p: set(_get(old_d, p) or {}) & set(_get(new_d, p) or {}) for p in PER_METHOD}
+        diff = config_diff(_settings(old_d, self.exp, common), _settings(new_d, self.exp, common))
+        if diff:
+            self._refuse(diff)
+        for path in self.exp.axes:
+            old_items, new_items = _get(old_d, path) or [], _get(new_d, path) or []
+            set_path(new_d, path, old_items + [x for x in new_items if x not in old_items])
+        for path in PER_METHOD:
+            set_path(new_d, path, {**(_get(old_d, path) or {}), **(_get(new_d, path) or {})})
+        union = Config.from_dict(new_d)
+        atomic_write_text(self.out / "config.yaml", union.to_yaml())
+        return union, {self.exp.row_key(r): r for r in old_results["rows"]}
+
+    def _refuse(self, diff: list[str]) -> None:
+        raise MergeqError(f"{self.out} holds results of a run with other settings ({', '.join(diff)} differ); its "
+                          "rows would be mixed with new ones: use another --out, or these settings as they were there")
+
+    def fill(self, results: dict[str, Any], keys: list[Hashable], done: dict[Hashable, dict],
+             todo: set[Hashable], compute: Callable[[Hashable], dict],
+             on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """``results["rows"]``: every row of ``keys`` (the recorded config's plan), reused from ``done``
+        or, if this run asked for it (``todo``), computed by ``compute(key)``; saved after each row,
+        earlier rows outside ``keys`` kept at the end. The files and pictures are written at the end."""
+        def ordered() -> list[dict]:
+            return [done[k] for k in dict.fromkeys([*keys, *done]) if k in done]
+
+        for key in keys:
+            if key in done:
+                log.info("resuming: row %s already done", key)
+            elif key in todo:
+                done[key] = compute(key)
+            else:  # a row of the recorded union that neither run asked for
+                continue
+            results["rows"] = ordered()
+            self.write(results)
+            if on_row:
+                on_row(done[key])
+        results["rows"] = ordered()
+        self.finish(results)
+        return results
+
+    def write(self, results: dict[str, Any]) -> None:
+        """``results.json`` and ``results.md`` (after every row)."""
+        from .report import markdown
+
+        write_json(self.out / "results.json", {"experiment": self.exp.name, **results})
+        atomic_write_text(self.out / "results.md", markdown({"experiment": self.exp.name, **results}))
+
+    def finish(self, results: dict[str, Any]) -> None:
+        """The files and the pictures, once all rows are done."""
+        from .report import pictures
+
+        pictures({"experiment": self.exp.name, **results}, self.out)
+        self.write(results)
+

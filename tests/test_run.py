@@ -1,0 +1,152 @@
+"""``mergeq run`` end to end on the tiny digits config: files, the written config reruns, resume, steps."""
+import json
+import statistics
+
+import pytest
+import torch
+import yaml
+
+from mergeq import evaluate, merge
+from mergeq.cli import main
+from mergeq.errors import MergeqError
+from mergeq.experiments import Pool, load_config, resolve, run
+from mergeq.experiments.store import RunDir
+
+from .conftest import tiny_config
+
+
+def _same(rows_a, rows_b):
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}  # noqa: E731
+    return [strip(r) for r in rows_a] == [strip(r) for r in rows_b]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, model_cache):
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = tiny_config(model_cache)
+    return out, cfg, run(cfg, out)
+
+
+def test_results_schema_and_files(tiny_run):
+    out, _, res = tiny_run
+    assert {"results.json", "results.md", "config.yaml", "hmean_vs_bits.png"} <= {p.name for p in out.iterdir()}
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps({"experiment": "run", **res}))
+    assert on_disk["benchmark"] == "digits" and on_disk["targets"] == ["uci", "noisy"] and on_disk["seed"] == 0
+    assert set(on_disk["fp"]["merged"]) == {"uci", "noisy", "hmean"}
+    assert [(r["method"], r["w_bits"], r["a_bits"]) for r in on_disk["rows"]] == [("rtn", 8, 8), ("rtn", 3, 3)]
+    for r in on_disk["rows"]:
+        assert all(0.0 <= v <= 1.0 for v in [*r["experts"].values(), *r["merged"].values()])
+        assert r["ptq"]["uci"]["changed_codes"] == 0.0 and "recon_loss" not in r["ptq"]["uci"]  # RTN: nothing moved
+    assert "](hmean_vs_bits.png)" in (out / "results.md").read_text()
+    assert (out / "hmean_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_written_config_is_resolved_and_reruns_to_the_same_numbers(tiny_run, tmp_path):
+    out, cfg, res = tiny_run
+    text = (out / "config.yaml").read_text()
+    again = load_config(out / "config.yaml")
+    assert again.to_yaml() == text and resolve(again).to_yaml() == text  # resolving a resolved config: the identity
+    assert again.adapt.source.epochs == 1 and again.ptq.options["rtn"] == {} and again.data.targets == ["uci", "noisy"]
+    assert main(["run", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    res2 = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert _same(res2["rows"], res["rows"]) and res2["fp"] == res["fp"]
+    assert (tmp_path / "again" / "config.yaml").read_text() == text
+
+
+def test_resume_keeps_every_row_and_refuses_other_settings(tiny_run, tmp_path):
+    """Issue 15: results.json once went from 4 rows to 1 when --out held another run's rows."""
+    import shutil
+
+    out0, cfg, res = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    assert run(cfg, out)["rows"] == res["rows"]  # the same run again: nothing recomputed
+    more = run(cfg.updated({"ptq.bits": ["W4A4"]}), out)
+    assert [(r["method"], r["w_bits"], r["a_bits"]) for r in more["rows"]] == [("rtn", 8, 8), ("rtn", 3, 3),
+                                                                              ("rtn", 4, 4)]
+    assert more["rows"][:2] == res["rows"]  # the earlier rows, untouched
+    assert json.loads((out / "results.json").read_text())["rows"] == more["rows"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["ptq"]["bits"] == ["W8A8", "W3A3", "W4A4"]
+    before = (out / "results.json").read_text()
+    for change, name in [({"runtime.seed": 1}, "runtime.seed"), ({"ptq.calib_size": 32}, "ptq.calib_size"),
+                         ({"ptq.step_method": "absmax"}, "ptq.step_method"), ({"merge.rounding": "nearest"},
+                                                                                "merge.rounding")]:
+        with pytest.raises(MergeqError, match=f"other settings .*{name}"):
+            run(cfg.updated(change), out)
+    with pytest.raises(MergeqError, match=r"experiment \(run there, pmq here\)"):
+        RunDir(out, "pmq").begin(cfg)
+    assert (out / "results.json").read_text() == before
+
+
+def test_repeated_sampling_merges_are_averaged(model_cache):
+    pool = Pool(tiny_config(model_cache, {"merge.rounding": "noise", "merge.rounding_options": {"samples": 2},
+                                          "merge.repeats": 3}))
+    q = list(pool.quantize_experts("rtn", pool.qconfig((3, 3))).values())
+    m = pool.merge_and_evaluate(q)
+    rep = m["repeats"]
+    assert rep["seeds"] == [0, 1, 2] and len(rep["hmeans"]) == 3
+    assert m["hmean"] == pytest.approx(sum(rep["hmeans"]) / 3)
+    one = [evaluate(merge(q, rounding="noise", samples=2, seed=s), pool.tests)["hmean"] for s in (0, 1, 2)]
+    assert one == rep["hmeans"]  # each repeat is the merge with its own seed
+    assert rep["std"] == pytest.approx(statistics.stdev(one)) and rep["std"] > 0
+
+
+def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys):
+    assert main(["run", "--bits", "W9A4", "--out", str(tmp_path)]) == 2
+    assert "from 2 to 8" in capsys.readouterr().err
+    assert main(["run", "--methods", "nope", "--targets", "uci", "--preset", "quick", "--out", str(tmp_path),
+                 "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "ptq.methods[0]: unknown PTQ method 'nope'" in capsys.readouterr().err
+
+
+def test_step_commands_round_trip_and_write_their_config(tiny_run, model_cache, tmp_path):
+    from mergeq.checkpoint import model_from_checkpoint
+    from mergeq.nn import quant_modules
+
+    common = ["--config", str(tiny_run[0] / "config.yaml"), "--quiet"]
+    source = tmp_path / "source.safetensors"
+    assert main(["train-source", *common, "--out", str(source)]) == 0  # the cached source, saved
+    qpaths = []
+    for d in ("uci", "noisy"):
+        expert, q = tmp_path / f"{d}.safetensors", tmp_path / f"{d}-w4a4.safetensors"
+        assert main(["adapt", *common, "--source", str(source), "--domain", d, "--out", str(expert)]) == 0
+        assert main(["quantize", *common, "--model", str(expert), "--method", "rtn", "--bits", "W4A4",
+                     "--out", str(q)]) == 0
+        qpaths.append(q)
+    model, meta = model_from_checkpoint(qpaths[0])
+    assert meta["quant_layers"] and meta["bits"] == "W4A4" and meta["data"]["kind"] == "digits"
+    for _, m in quant_modules(model):
+        assert torch.equal(m.weight, m.int_weight() * m.w_step)
+    written = load_config(tmp_path / "uci-w4a4.config.yaml")
+    assert written.ptq.methods == ["rtn"] and written.ptq.bits == ["W4A4"]
+    again = tmp_path / "again.safetensors"  # the written config reruns the step
+    assert main(["quantize", "--config", str(tmp_path / "uci-w4a4.config.yaml"), "--model",
+                 str(tmp_path / "uci.safetensors"), "--out", str(again), "--quiet"]) == 0
+    assert torch.equal(model_from_checkpoint(again)[0].conv1.weight, model.conv1.weight)
+    merged_path = tmp_path / "merged.safetensors"
+    assert main(["merge", *map(str, qpaths), "--rounding", "noise", "--samples", "3", "--out", str(merged_path)]) == 0
+    report = json.loads(merged_path.with_suffix(".report.json").read_text())
+    assert set(report["accuracy"]) == {"uci", "noisy", "hmean"} and report["options"]["samples"] == 3
+    merged, _ = model_from_checkpoint(merged_path)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(merged(x), model_from_checkpoint(merged_path)[0](x))
+    assert load_config(tmp_path / "merged.config.yaml").merge.rounding == "noise"
+    # the expert adapted by the step command is the pool's cached expert: same data, seed and settings
+    assert torch.equal(model_from_checkpoint(tmp_path / "uci.safetensors")[0].conv1.weight,
+                       Pool(tiny_run[1]).expert("uci").conv1.weight)
+
+
+def test_threads_are_validated_and_applied(model_cache):
+    from mergeq.cli import build_parser, load_cli_config
+
+    with pytest.raises(MergeqError, match="runtime.threads: must be at least 1"):
+        tiny_config(model_cache, {"runtime.threads": 0})
+    assert load_cli_config(build_parser().parse_args(["run", "--threads", "1"])).runtime.threads == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Pool(tiny_config(model_cache))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
