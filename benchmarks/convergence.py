@@ -1,6 +1,6 @@
 """Convergence of the PTQ methods against the reconstruction budget (iterations per unit).
 
-    python benchmarks/convergence.py --config benchmarks/configs/convergence.yaml \
+    python benchmarks/convergence.py --config benchmarks/studies/convergence.yaml \
         --out docs/results/convergence --workers 2
 
 For every seed x bit pair x method x schedule variant x budget, the three SHOT experts of the
@@ -13,14 +13,15 @@ round-to-nearest on the same grids, and seconds. Jobs are written one JSON each 
 torch thread each; the models of every seed are trained (or read from the cache) first.
 ``out/convergence.md`` holds the tables (mean ± std over seeds), ``out/convergence.png`` the curves.
 
-The config (YAML) gives ``seeds``, ``bits``, ``methods``, ``iters`` (budgets), ``variants``
+The study file (YAML) gives ``seeds``, ``bits``, ``methods``, ``iters`` (budgets), ``variants``
 (name -> {method: {option: value}}; a variant applies to the methods it names, and the
 variant ``paper`` with no overrides to all; the option ``step_method`` picks the weight grid the
-method starts from) and any config section (``preset``, ``data``, ...).
+method starts from) and ``config``, a mergeq config (``preset``, ``data``, ...) for every job.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -35,9 +36,6 @@ import yaml
 from mergeq.experiments import Config, Pool
 from mergeq.io import atomic_write_text, write_json
 from mergeq.quant import parse_bits
-
-RUN_KEYS = ("seeds", "bits", "methods", "iters", "variants")
-
 
 def jobs_of(cfg: dict) -> list[tuple]:
     """(seed, bits, method, variant, iters) for every job the config asks for."""
@@ -56,9 +54,8 @@ def key_of(job: tuple) -> str:
 
 
 def run_config(cfg: dict, seed: int) -> Config:
-    base = {k: v for k, v in cfg.items() if k not in RUN_KEYS}
-    return Config.from_dict(base).updated({"runtime.seed": seed, "runtime.threads": 1, "ptq.methods": ["rtn"],
-                                           "ptq.bits": ["W8A8"]})
+    return Config.from_dict(cfg.get("config") or {}).updated(
+        {"runtime.seed": seed, "runtime.threads": 1, "ptq.methods": ["rtn"], "ptq.bits": ["W8A8"]})
 
 
 def run_job(cfg: dict, job: tuple, out: str) -> dict:
@@ -66,7 +63,7 @@ def run_job(cfg: dict, job: tuple, out: str) -> dict:
     pool = Pool(run_config(cfg, seed))
     options = {**cfg["variants"][variant].get(method, {}), "iters": iters}
     qcfg = pool.qconfig(parse_bits(bits))
-    qcfg.step_method = options.pop("step_method", qcfg.step_method)  # the weight grid the method starts from
+    qcfg = dataclasses.replace(qcfg, step_method=options.pop("step_method", qcfg.step_method))  # the start grid
     t0 = time.perf_counter()
     q = pool.quantize_experts(method, qcfg, **options)
     seconds = time.perf_counter() - t0
