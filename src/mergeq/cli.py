@@ -220,13 +220,33 @@ def cmd_surface(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_calibration(meta: dict, size: int):
+    """Calibration images for integer kernels: the checkpoint's domains' calibration splits, evenly."""
+    import torch
+
+    from .data import load_benchmark
+    from .deploy import ExportError
+
+    domains = meta.get("domains") or ([meta["domain"]] if meta.get("domain") else [])
+    if not domains:
+        raise ExportError("--kernels int8 calibrates on the checkpoint's domains, but its metadata names none")
+    bench = load_benchmark(meta.get("benchmark", "digits"), seed=meta.get("seed", 0))
+    splits = {bench.source.name: bench.source.train, **{d: t.train for d, t in bench.targets.items()}}
+    unknown = [d for d in domains if d not in splits]
+    if unknown:
+        raise ExportError(f"domains {unknown} are not in benchmark {bench.name}; known: {sorted(splits)}")
+    return torch.cat([splits[d].tensors[0][: -(-size // len(domains))] for d in domains])[:size]
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_onnx, save_packed
     from .zoo import model_from_checkpoint
 
     model, meta = model_from_checkpoint(args.model)
     if args.format == "onnx":
-        path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta)
+        calib = _export_calibration(meta, args.calib_size) if args.kernels == "int8" else None
+        path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta,
+                           kernels=args.kernels, calib=calib)
     else:
         path = save_packed(model, args.out, meta)
     kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
@@ -383,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21)")
     p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
+    p.add_argument("--kernels", choices=("qdq", "int8", "fp32"), default="qdq",
+                   help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "
+                        "requantization calibrated on the checkpoint's domains) or fp32 (unquantized model)")
+    p.add_argument("--calib-size", type=int, default=512,
+                   help="ONNX int8: calibration images for the requantization steps (default 512)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="run a resumable grid of methods x bits x target sets x seeds from YAML")

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..data_utils import DataLike, as_tensor
 from ..nn.qmodule import QuantModule
 from ..quant import ActQuantizer, qrange, quantize_int
 from .groups import is_grouped
@@ -259,10 +260,10 @@ def _calibrate(gm: fx.GraphModule, nodes: list[fx.Node], calib: torch.Tensor, ba
     return grids
 
 
-def plan_integer(model: nn.Module, calib: torch.Tensor, batch_size: int = 128) -> IntegerPlan:
-    """Decide which tensors of ``model`` stay uint8 and on which grid (calibrated on ``calib``)."""
-    if not isinstance(calib, torch.Tensor) or calib.dim() < 2 or len(calib) == 0:
-        raise ExportError("integer kernels need calibration images: a non-empty tensor [N, ...]")
+def plan_integer(model: nn.Module, calib: DataLike, calib_size: int = 1024, batch_size: int = 128) -> IntegerPlan:
+    """Decide which tensors of ``model`` stay uint8 and on which grid, calibrating the 8-bit
+    requantization steps on up to ``calib_size`` inputs of ``calib`` (tensor, Dataset, DataLoader)."""
+    calib = as_tensor(calib, limit=calib_size)
     model = model.eval()
     gm = trace(model)
     input_shape = ["N", *calib.shape[1:]]
