@@ -8,11 +8,14 @@ is that tensor clipped to ``[lo, hi]``), its weights are int8 codes, its accumul
 Its output is
 
 * for a Conv2d, requantized to uint8 (QLinearConv): on the 8-bit version of the consuming
-  layer's own grid when that layer is its only consumer (one rounding, exactly the fake-quant
-  model's), otherwise on a per-tensor 8-bit grid calibrated on the calibration images like an
-  activation step (MSE over clipping ratios, ``ActQuantizer.init_from``). These calibrated
-  requantizations are the only rounding the fake-quant model does not have, and
-  :class:`IntegerSimulation` has them too. A residual add of two uint8 tensors that an integer
+  layer's own grid when that layer is its only consumer, or when it has an 8-bit input grid
+  (one rounding for that layer, exactly the fake-quant model's; its step was calibrated on
+  this very tensor, so other consumers such as a residual add get an 8-bit grid fitted to it),
+  otherwise on a per-tensor 8-bit grid calibrated on the calibration images like an activation
+  step (MSE over clipping ratios, ``ActQuantizer.init_from``). The extra roundings (the 8-bit
+  grid seen by the residual path, a second rounding where a layer's b-bit grid differs from
+  the tensor's) are what the fake-quant model does not have, and :class:`IntegerSimulation`
+  has them too. A residual add of two uint8 tensors that an integer
   op consumes is QLinearAdd (requantized likewise); other ops take the dequantized value.
   (ConvInteger would give a float output without requantization, but onnxruntime 1.32 runs it
   several times slower than QLinearConv.)
@@ -260,6 +263,24 @@ def _calibrate(gm: fx.GraphModule, nodes: list[fx.Node], calib: torch.Tensor, ba
     return grids
 
 
+def _consumer_grid(roles: _Roles, n: fx.Node) -> Grid | None:
+    """A consuming layer's own input grid for producer ``n``'s output, where one fits: the only
+    consumer's, or an 8-bit consumer's (its activation step was calibrated on this very tensor;
+    the other consumers read 8 bits on it). ``None``: calibrate a grid. A fused ReLU needs an
+    unsigned grid."""
+    users = roles.consumers(n)
+    layers = [roles.layers[u] for u in users if u in roles.layers]
+    if len(users) == 1 and layers:
+        candidates = layers
+    else:
+        candidates = [m for m in layers if m.act_quant.bits == 8]
+    for m in candidates:
+        grid = Grid.of(m.act_quant).full()
+        if roles.fused_relu(n) is None or grid.zero_point == 0:
+            return grid
+    return None
+
+
 def plan_integer(model: nn.Module, calib: DataLike, calib_size: int = 1024, batch_size: int = 128) -> IntegerPlan:
     """Decide which tensors of ``model`` stay uint8 and on which grid, calibrating the 8-bit
     requantization steps on up to ``calib_size`` inputs of ``calib`` (tensor, Dataset, DataLoader)."""
@@ -274,13 +295,11 @@ def plan_integer(model: nn.Module, calib: DataLike, calib_size: int = 1024, batc
     matched: dict[fx.Node, Grid] = {}
     to_calibrate = []
     for n in producers:
-        users, relu = roles.consumers(n), roles.fused_relu(n)
-        grid = Grid.of(roles.layers[users[0]].act_quant).full() if len(users) == 1 and users[0] in roles.layers \
-            else None
-        if grid is not None and not (relu is not None and grid.zero_point):
+        grid = _consumer_grid(roles, n)
+        if grid is not None:
             matched[n] = grid
         else:
-            to_calibrate.append(relu or n)
+            to_calibrate.append(roles.fused_relu(n) or n)
     calibrated = _calibrate(gm, to_calibrate, calib, batch_size)
     grids: dict[str, Grid] = {}
     for n in producers:

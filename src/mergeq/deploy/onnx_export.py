@@ -162,37 +162,40 @@ class _Exporter:
         return g.op("Reshape", [w, g.const(f"{base}_w_shape", np.array(codes.shape, np.int64))], g.name(f"{base}_w"))
 
     def float_layer(self, node: fx.Node, m: nn.Module) -> str:
-        """Conv or Gemm/MatMul for a QuantModule (QDQ) or a plain Conv2d/Linear (float)."""
+        """Conv, Gemm (2-D input) or MatMul for a QuantModule (QDQ) or a plain Conv2d/Linear (float)."""
         g, base, out = self.g, node.target, node.name
         x = self.float_arg(node.args[0])
-        if isinstance(m, QuantModule):
+        quantized = isinstance(m, QuantModule)
+        conv = m.kind == "conv" if quantized else isinstance(m, nn.Conv2d)
+        matmul = not conv and len(self.facts[node.args[0].name].values[0]) != 2
+        if quantized:
             if m.act_quant is not None and m.quant_act:
                 x = self._act_qdq(x, m, base)
-            if self.kernels == "int8" and m.kind == "linear" and (m.act_quant is None or not m.quant_act):
+            if self.kernels == "int8" and not conv and (m.act_quant is None or not m.quant_act):
                 y = matmul_nbits(self, x, m, base, out)
                 if y is not None:
                     self.layer_ops[base] = "MatMulNBits"
                     return y
-            wname = self._dq_weight(m, base)
-            kind, kw = m.kind, getattr(m, "conv_kwargs", None)
+            w = self._dq_weight(m, base)
+            w = g.op("Transpose", [w], perm=[1, 0]) if matmul else w
+            kw = m.conv_kwargs if conv else None
+            self.layer_ops[base] = "Conv" if conv else "Gemm"
         else:
-            wname = g.const(f"{base}_w", m.weight.detach().cpu().float().numpy())
-            kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
-            kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups) if kind == "conv" else None
+            value = m.weight.detach().cpu().float().numpy()
+            w = g.const(f"{base}_w", value.T if matmul else value)  # MatMul takes [in, out]
+            kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups) if conv else None
         shape = tuple(m.weight.shape)
         bias = None if m.bias is None else m.bias.detach().cpu().float().numpy()
-        y = out if bias is None else g.name(f"{base}_nobias")
-        if kind == "conv":
-            y = g.op("Conv", [x, wname], y, **self.conv_attrs(kw, shape[2:]))
+        # QDQ keeps the bias a separate float Add: onnxruntime re-quantizes a Conv's bias input to int32 (lossy)
+        inline = bias is not None and not quantized and not matmul
+        ins = [x, w] + ([g.const(f"{base}_b", bias)] if inline else [])
+        y = out if bias is None or inline else g.name(f"{base}_nobias")
+        if conv:
+            y = g.op("Conv", ins, y, **self.conv_attrs(kw, shape[2:]))
             bias = None if bias is None else bias.reshape(-1, *([1] * (len(shape) - 2)))
-        elif len(self.facts[node.args[0].name].values[0]) == 2:
-            y = g.op("Gemm", [x, wname], y, transB=1)
         else:
-            y = g.op("MatMul", [x, g.op("Transpose", [wname], perm=[1, 0])], y)
-        if isinstance(m, QuantModule):
-            self.layer_ops[base] = "Conv" if kind == "conv" else "Gemm"
-        # a separate float Add: onnxruntime re-quantizes a Conv's bias input to int32 (lossy)
-        return y if bias is None else g.op("Add", [y, g.const(f"{base}_b", bias)], out)
+            y = g.op("MatMul", ins, y) if matmul else g.op("Gemm", ins, y, transB=1)
+        return y if bias is None or inline else g.op("Add", [y, g.const(f"{base}_b", bias)], out)
 
     # -- one node ------------------------------------------------------------------------------------
     def translate(self, node: fx.Node) -> Any:
