@@ -29,7 +29,6 @@ ratios. Writes Markdown to --out and the raw numbers next to it (.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

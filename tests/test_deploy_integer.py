@@ -72,10 +72,11 @@ def test_qlinear_add_simulation_is_exact(scales, zps, seed):
         ("sa", ga.scale, np.float32), ("za", ga.zero_point, np.uint8), ("sb", gb.scale, np.float32),
         ("zb", gb.zero_point, np.uint8), ("sc", gc.scale, np.float32), ("zc", gc.zero_point, np.uint8)]]
     node = helper.make_node("QLinearAdd", ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"], ["c"], domain="com.microsoft")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, [65536])
-                                            for n in "ab"], [helper.make_tensor_value_info("c", TensorProto.UINT8, None)],
-                              consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT8, [65536]) for n in "ab"]
+    output = helper.make_tensor_value_info("c", TensorProto.UINT8, None)
+    graph = helper.make_graph([node], "g", inputs, [output], consts)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -132,7 +133,7 @@ def test_int8_general_models(any_model, images, tmp_path):
     assert all(report[n] and report[n] <= INTEGER_OPS for n, _ in quant_modules(q)), report
 
 
-def test_plan_requantizes_only_where_a_tensor_has_several_consumers(fp_resnet):
+def test_plan_reuses_consumer_grids_and_calibrates_the_rest(fp_resnet):
     q = quantize(fp_resnet, "rtn", calib=_images(64), w_bits=4, a_bits=4)
     grids = plan_integer(q, _images(64)).grids
     conv2_in = Grid.of(q.layer1[0].conv2.act_quant)
@@ -140,7 +141,11 @@ def test_plan_requantizes_only_where_a_tensor_has_several_consumers(fp_resnet):
     assert grids["layer1_0_conv1"] == conv2_in.full() and grids["layer1_0_conv1"].zero_point == 0
     # conv2 feeds the residual add: a calibrated signed 8-bit grid; the add feeds the next block
     assert grids["layer1_0_conv2"].zero_point == 128 and "add" in grids
-    assert all(g.scale > 0 for g in grids.values())
+    # the stem feeds layer1.0.conv1 (4-bit input) and the residual add: calibrated, not the 4-bit grid
+    assert grids["relu"].scale != Grid.of(q.layer1[0].conv1.act_quant).scale
+    q8 = quantize(fp_resnet, "rtn", calib=_images(64), w_bits=4, a_bits=8)
+    grids8 = plan_integer(q8, _images(64)).grids  # an 8-bit consumer's grid is reused for the residual too
+    assert grids8["relu"] == Grid.of(q8.layer1[0].conv1.act_quant)
 
 
 # -- the ViT and weight-only Linear layers ---------------------------------------------------------------
@@ -195,6 +200,8 @@ def test_fp32_export_and_kernel_errors(fp_resnet, tmp_path):
         to_onnx(q, kernels="int4")
     with pytest.raises(ExportError, match="calibration"):
         to_onnx(q, kernels="int8")
+    with pytest.raises(ExportError, match="does not use them"):
+        to_onnx(q, calib=_images(8))  # kernels="qdq"
     convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))  # weight-only Conv2d: no kernel
     weight_only = quantize(convs, "rtn", calib=_images(32), w_bits=4, a_bits=None)
     with pytest.raises(ExportError, match="no layer of this model has an integer kernel"):

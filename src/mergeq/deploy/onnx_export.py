@@ -262,6 +262,8 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
         raise ExportError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     _check_opset(opset)
     quantized = bool(quant_modules(model))
+    if kernels != "int8" and (calib is not None or plan is not None):
+        raise ExportError(f"calib and plan set up integer kernels; kernels={kernels!r} does not use them")
     if kernels == "fp32" and quantized:
         raise ExportError("kernels='fp32' exports an unquantized model; this one has QuantModules "
                           "(use 'qdq' or 'int8')")
@@ -275,8 +277,9 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     gm = trace(model)
     shape = list(input_shape) if input_shape is not None else infer_input_shape(gm)
     facts = node_facts(gm, shape)
-    g = Graph(opset, int4, input_name="input")
+    g = Graph(opset, int4)
     g.reserve([n.name for n in gm.graph.nodes])
+    g.input_name = g.name("input")
     ex = _Exporter(gm, g, facts, kernels, plan if kernels == "int8" else None)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -284,7 +287,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     output = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            ex.env[node.name] = g.name("input")
+            ex.env[node.name] = g.input_name
         elif node.op == "output":
             res = node.args[0]
             if not isinstance(res, fx.Node) or not facts[res.name].is_tensor:
@@ -298,7 +301,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     if g.static_input:  # reshape targets were built for the traced size: fix it in the input
         traced = facts[placeholders[0].name].values[0]
         shape = [shape[0]] + [int(d) for d in traced[1:]]
-    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)]
+    inputs = [helper.make_tensor_value_info(g.input_name, TensorProto.FLOAT, shape)]
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(g.domains)]
 
     def build(out_types: list) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ def f32(x: float) -> np.ndarray:
 class Graph:
     """Accumulates ONNX nodes and initializers with unique names."""
 
-    def __init__(self, opset: int, int4: bool, input_name: str = "x") -> None:
+    def __init__(self, opset: int, int4: bool, input_name: str = "input") -> None:
         from onnx import TensorProto, helper, numpy_helper
 
         self.helper, self.numpy_helper, self.TP = helper, numpy_helper, TensorProto
