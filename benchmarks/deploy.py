@@ -17,7 +17,8 @@ model), and on onnxruntime's CPU provider: FP32 (``kernels="fp32"`` of the float
 on the union of the targets' calibration splits) and the reference
 ``onnxruntime.quantization.quantize_static`` of the FP32 file (its default QDQ format, per-channel
 int8 weights, uint8 activations, MinMax calibration on the same images; not for the ViT, whose
-graph it fails on).
+graph it fails on). For W4A8 rows also its W4A8 (int4 weights, the first and last layer int8 as
+ours), accuracy only (onnxruntime has no int4 kernel; uint4 activations it refuses in QLinearConv).
 
 Reported: file sizes; top-1 agreement of each onnxruntime model with the PyTorch model it came
 from (QDQ with fake-quant, integer with its PyTorch simulation ``IntegerSimulation``, and
@@ -47,7 +48,7 @@ from mergeq.deploy import IntegerSimulation, export_onnx, ort_session, plan_inte
 from mergeq.eval import harmonic_mean
 from mergeq.io import atomic_write_text, write_json
 from mergeq.merge import merge
-from mergeq.nn import fold_bn
+from mergeq.nn import fold_bn, quant_modules
 from mergeq.pipeline import Experiment, rounding_options
 from mergeq.ptq import quantize
 from mergeq.quant import QuantConfig, parse_bits
@@ -73,6 +74,7 @@ class Case:
     ms: dict = field(default_factory=dict)
     sim: nn.Module | None = None  # the PyTorch twin of the integer file
     static: bool = True  # whether quantize_static handles the float model
+    accuracy_only: dict = field(default_factory=dict)  # more onnxruntime files, not timed
 
 
 @torch.no_grad()
@@ -110,12 +112,17 @@ class _Reader:
         return next(self.batches, None)
 
 
-def quantize_static_reference(fp_path: Path, out: Path, calib: torch.Tensor) -> Path:
+def quantize_static_reference(fp_path: Path, out: Path, calib: torch.Tensor, int4_except: list[str] | None = None
+                               ) -> Path:
+    """Its default (8-bit weights), or 4-bit weights except the listed layers' (``int4_except``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
+    extra = {} if int4_except is None else {"TensorQuantOverrides": {
+        f"{n.replace('.', '_')}_w": [{"quant_type": QuantType.QInt8}] for n in int4_except}}
     quantize_static(str(fp_path), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8 if int4_except is None
+                    else QuantType.QInt4, extra_options=extra)
     return out
 
 
@@ -170,14 +177,19 @@ def export_all(case: Case, tmp: Path, fp_files: dict) -> None:
                   "ORT integer": export_onnx(case.q, f"{stem}.int8.onnx", meta=case.meta, kernels="int8", plan=plan)}
     if fp_files[key][1] is not None:
         case.files["ORT quantize_static"] = fp_files[key][1]
+    w_bits, a_bits = parse_bits(case.bits)
+    if case.static and w_bits == 4 and a_bits == 8:  # its W4A8: int4 weights but the first and last layer's
+        eights = [n for n, m in quant_modules(case.q) if m.w_bits == 8]
+        case.accuracy_only = {"ORT quantize_static W4A8": quantize_static_reference(
+            case.files["ORT FP32"], Path(f"{stem}.static-w4a8.onnx"), case.calib, eights)}
     case.sizes = {k: p.stat().st_size for k, p in case.files.items()}
     case.sizes["packed"] = save_packed(case.q, f"{stem}.packed.safetensors", case.meta).stat().st_size
     case.sim = IntegerSimulation(case.q, plan) if plan is not None else case.q
 
 
 def evaluate(case: Case) -> None:
-    sessions = {k: ort_session(p) for k, p in case.files.items()}
-    preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in (*VARIANTS, "sim")}
+    sessions = {k: ort_session(p) for k, p in {**case.files, **case.accuracy_only}.items()}
+    preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in (*VARIANTS, *case.accuracy_only, "sim")}
     labels = {}
     for d, test in case.tests.items():
         x, y = test.tensors
@@ -188,7 +200,7 @@ def evaluate(case: Case) -> None:
             preds[k][d] = ort_predict(sess, x)
     everything = lambda k: np.concatenate([preds[k][d] for d in case.tests])  # noqa: E731
     case.acc = {k: harmonic_mean([float((preds[k][d] == labels[d]).mean()) for d in case.tests])
-                for k in VARIANTS if preds[k]}
+                for k in preds if preds[k]}
     pairs = {"QDQ vs fake-quant": ("ORT QDQ", "PyTorch fake-quant"), "integer vs simulation": ("ORT integer", "sim"),
              "integer vs fake-quant": ("ORT integer", "PyTorch fake-quant"),
              "quantize_static vs FP32": ("ORT quantize_static", "PyTorch FP32")}
@@ -246,9 +258,9 @@ def report(cases: list[Case], args, all_cores: int) -> str:
         f"targets' test sets ({cases[0].agree['images']} images for the agreements).",
         "",
         "| model | bits | KiB FP32 / QDQ / integer / static / packed | acc PyTorch FP32 / fake-quant % | acc ORT QDQ / "
-        "integer / quantize_static % | agree QDQ vs fake-quant % | agree integer vs simulation % | agree integer vs "
-        "fake-quant % |",
-        "|---|---|---|---|---|---:|---:|---:|",
+        "integer / quantize_static % | acc quantize_static W4A8 % | agree QDQ vs fake-quant % | agree integer vs "
+        "simulation % | agree integer vs fake-quant % |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for c in cases:
         s, a, g = c.sizes, c.acc, c.agree
@@ -256,7 +268,8 @@ def report(cases: list[Case], args, all_cores: int) -> str:
             f"| {c.name} | {c.bits} | {kib(s['ORT FP32'])} / {kib(s['ORT QDQ'])} / {kib(s['ORT integer'])} / "
             f"{kib(s.get('ORT quantize_static'))} / {kib(s['packed'])} | {pct(a['PyTorch FP32'])} / "
             f"{pct(a['PyTorch fake-quant'])} | {pct(a['ORT QDQ'])} / {pct(a['ORT integer'])} / "
-            f"{pct(a.get('ORT quantize_static'))} | {pct(g['QDQ vs fake-quant'])} | "
+            f"{pct(a.get('ORT quantize_static'))} | {pct(a.get('ORT quantize_static W4A8'))} | "
+            f"{pct(g['QDQ vs fake-quant'])} | "
             f"{pct(g['integer vs simulation'])} | {pct(g['integer vs fake-quant'])} |")
     out += ["", f"Latency, ms (median of {args.runs} interleaved rounds at batch 64, {10 * args.runs} at batch 1). "
             "Ratios: the other model's time over ORT integer's (> 1: ORT integer is faster).", "",
