@@ -220,10 +220,14 @@ def test_cli_exports_every_architecture(arch, tmp_path):
     x = _images(32, seed=6)
     for kernels in ("qdq", "int8"):
         out_path = tmp_path / f"{kernels}.onnx"
-        assert main(["export", "--model", str(ckpt), "--format", "onnx", "--kernels", kernels,
-                     "--calib-size", "128", "--out", str(out_path)]) == 0
+        calib = ["--calib-size", "128"] if kernels == "int8" else []
+        assert main(["export", "--model", str(ckpt), "--format", "onnx", "--kernels", kernels, *calib,
+                     "--out", str(out_path)]) == 0
         info = _metadata(out_path)
         assert info["arch"] == arch and info["kernels"] == kernels
         ref = q if kernels == "qdq" else IntegerSimulation(q, IntegerPlan.from_json(info["integer_plan"]))
         out = _run(out_path, x)
         assert (out.argmax(1) == _predict(ref, x).argmax(1)).mean() >= (1.0 if arch != "vit_tiny" else 0.95)
+    if arch == "resnet8":  # options that would be ignored are refused
+        for extra in (["--format", "safetensors", "--kernels", "int8"], ["--format", "onnx", "--calib-size", "64"]):
+            assert main(["export", "--model", str(ckpt), "--out", str(tmp_path / "x"), *extra]) == 2

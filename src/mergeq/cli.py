@@ -242,9 +242,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_onnx, save_packed
     from .zoo import model_from_checkpoint
 
+    if args.format != "onnx" and args.kernels != "qdq":
+        raise ValueError("--kernels chooses the ONNX graph: it needs --format onnx")
+    if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
+        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
     model, meta = model_from_checkpoint(args.model)
     if args.format == "onnx":
-        calib = _export_calibration(meta, args.calib_size) if args.kernels == "int8" else None
+        calib = _export_calibration(meta, args.calib_size or 512) if args.kernels == "int8" else None
         path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta,
                            kernels=args.kernels, calib=calib)
     else:
@@ -406,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", choices=("qdq", "int8", "fp32"), default="qdq",
                    help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "
                         "requantization calibrated on the checkpoint's domains) or fp32 (unquantized model)")
-    p.add_argument("--calib-size", type=int, default=512,
+    p.add_argument("--calib-size", type=int, default=None,
                    help="ONNX int8: calibration images for the requantization steps (default 512)")
     p.set_defaults(func=cmd_export)
 
