@@ -1,57 +1,84 @@
-"""Deployment benchmark: file sizes, ONNX Runtime vs PyTorch parity, CPU latency of the merged model.
+"""Deployment benchmark: the merged low-bit model on onnxruntime's integer kernels, side by side.
 
-    python benchmarks/deploy.py --preset quick --bits W8A8 W4A4 W3A3 W2A4 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/deploy.py --preset quick --out docs/results/deploy.md
 
-For each bit pair: the digits SHOT experts (``Pool(Config(preset=...))``) are quantized
-with RTN and merged (``mergeq.merge``, the config's rounding); the merged model is written as a
-packed integer checkpoint and as QDQ ONNX. Reported: file sizes against the FP32 checkpoint
-(``checkpoint.save_model`` of one expert), top-1 agreement between onnxruntime and the PyTorch
-fake-quant model on every target's test set, both models' accuracies (harmonic mean over
-targets) and the median latency of ``--runs`` interleaved runs on one batch of ``--batch`` images for
-PyTorch FP32 (the merged BN-folded float experts), PyTorch fake-quant and onnxruntime, all on
-the CPU with ``--threads`` intra-op threads. Prints a Markdown table and writes it to --out
-(default docs/results/deploy.md).
+Models (digits benchmark, the `--preset` adaptation and PTQ settings, `--seed`):
+
+* ResNet-8 and ResNet-20 (``--archs``): SHOT experts quantized with HDRQ at each of ``--bits``
+  (first/last layer 8 bits) on their own target's calibration split and merged (the config's
+  rounding); the full-precision reference is the average of the BN-folded experts;
+* the tiny ViT of benchmarks/configs/vit_digits.yaml (``--vit``): the experts' average
+  quantized after merging (E-PMQ setting) with RTN W8A8 and with GPTQ W4 weight-only (groups
+  of 32, for MatMulNBits).
+
+Variants: PyTorch FP32 (the merged float model), PyTorch fake-quant (the merged quantized
+model), and on onnxruntime's CPU provider: FP32 (``kernels="fp32"`` of the float model), QDQ
+(``kernels="qdq"``, run in float), integer (``kernels="int8"``, requantization steps calibrated
+on the union of the targets' calibration splits) and the reference
+``onnxruntime.quantization.quantize_static`` of the FP32 file (its default QDQ format, per-channel
+int8 weights, uint8 activations, MinMax calibration on the same images; not for the ViT, whose
+graph it fails on). For W4A8 rows also its W4A8 (int4 weights, the first and last layer int8 as
+ours), accuracy only (onnxruntime has no int4 kernel; uint4 activations it refuses in QLinearConv).
+
+Reported: file sizes; top-1 agreement of each onnxruntime model with the PyTorch model it came
+from (QDQ with fake-quant, integer with its PyTorch simulation ``IntegerSimulation``, and
+integer with fake-quant, which shows what the calibrated requantization changes) over every
+target's full test set; the harmonic mean of the targets' accuracies; the median latency of
+``--runs`` interleaved rounds at batch 1 and 64 with one thread and all cores, and the speed
+ratios. Writes Markdown to --out and the raw numbers next to it (.json).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
+from torch import nn
 
-from mergeq.deploy import export_onnx, load_packed, ort_session, save_packed, weight_storage
+from mergeq.deploy import IntegerSimulation, export_onnx, ort_session, plan_integer, save_packed
 from mergeq.eval import harmonic_mean
-from mergeq.io import atomic_write_text
+from mergeq.io import atomic_write_text, write_json
 from mergeq.merge import merge
 from mergeq.nn import fold_bn, quant_modules
-from mergeq.checkpoint import save_model
-from mergeq.experiments import Config, Pool
+from mergeq.data_utils import take
+from mergeq.experiments import Config, Pool, load_config
+from mergeq.ptq import quantize
 from mergeq.quant import parse_bits
 
+VARIANTS = ("PyTorch FP32", "PyTorch fake-quant", "ORT FP32", "ORT QDQ", "ORT integer", "ORT quantize_static")
+
+
+@dataclass
+class Case:
+    """One merged model and everything measured about it."""
+
+    name: str
+    bits: str
+    fp: nn.Module
+    q: nn.Module
+    calib: torch.Tensor
+    tests: dict
+    meta: dict
+    files: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)
+    acc: dict = field(default_factory=dict)
+    agree: dict = field(default_factory=dict)
+    ms: dict = field(default_factory=dict)
+    sim: nn.Module | None = None  # the PyTorch twin of the integer file
+    static: bool = True  # whether quantize_static handles the float model
+    accuracy_only: dict = field(default_factory=dict)  # more onnxruntime files, not timed
+
 
 @torch.no_grad()
-def median_ms(fns: list, runs: int) -> list[float]:
-    """Median milliseconds of each function, timed in interleaved rounds (the machine is shared,
-    so load drifts: interleaving exposes every function to the same drift)."""
-    times: list[list[float]] = [[] for _ in fns]
-    for fn in fns:
-        fn()  # warm-up
-    for _ in range(runs):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [1000 * statistics.median(ts) for ts in times]
-
-
-@torch.no_grad()
-def torch_predict(model: torch.nn.Module, x: torch.Tensor, bs: int = 256) -> np.ndarray:
+def torch_predict(model: nn.Module, x: torch.Tensor, bs: int = 256) -> np.ndarray:
     return torch.cat([model(x[i:i + bs]).argmax(1) for i in range(0, len(x), bs)]).numpy()
 
 
@@ -60,91 +87,204 @@ def ort_predict(sess, x: torch.Tensor, bs: int = 256) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i:i + bs].numpy()})[0].argmax(1) for i in range(0, len(x), bs)])
 
 
+@torch.no_grad()
+def median_ms(fns: dict, runs: int) -> dict[str, float]:
+    """Median milliseconds of each function over ``runs`` interleaved rounds (a shared machine's
+    load drifts: interleaving exposes every function to the same drift)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(ts) for k, ts in times.items()}
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over calibration images."""
+
+    def __init__(self, x: torch.Tensor, bs: int = 64) -> None:
+        self.batches = iter([{"input": x[i:i + bs].numpy()} for i in range(0, len(x), bs)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_static_reference(fp_path: Path, out: Path, calib: torch.Tensor, int4_except: list[str] | None = None
+                               ) -> Path:
+    """Its default (8-bit weights), or 4-bit weights except the listed layers' (``int4_except``)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib)
+    extra = {} if int4_except is None else {"TensorQuantOverrides": {
+        f"{n.replace('.', '_')}_w": [{"quant_type": QuantType.QInt8}] for n in int4_except}}
+    quantize_static(str(fp_path), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8 if int4_except is None
+                    else QuantType.QInt4, extra_options=extra)
+    return out
+
+
+def _calib(pool: Pool) -> torch.Tensor:
+    """The union of the targets' calibration splits (the config's calibration size each)."""
+    return torch.cat([pool.calib(d, pool.cfg.ptq.calib_size) for d in pool.targets])
+
+
+def _meta(pool: Pool) -> dict:
+    return pool.checkpoint_meta(domains=pool.targets, seed=pool.seed)
+
+
+def cnn_cases(args, arch: str) -> list[Case]:
+    pool = Pool(Config.from_dict({"preset": args.preset, "model": {"name": arch, "kwargs": {"width": 16}},
+                                  "ptq": {"methods": ["hdrq"], "bits": args.bits},
+                                  "runtime": {"seed": args.seed, "threads": 1}}))
+    targets = pool.targets
+    fp = merge([pool.fold(pool.experts[d]) for d in targets]).eval()
+    calib, meta = _calib(pool), {**_meta(pool), "method": "hdrq"}
+    cases = []
+    for spec in args.bits:
+        qexperts = pool.quantize_experts("hdrq", pool.qconfig(parse_bits(spec)))
+        q = pool.merged(list(qexperts.values())).eval()
+        cases.append(Case(f"{arch} HDRQ", spec, fp, q, calib, pool.tests, {**meta, "bits": spec}))
+    return cases
+
+
+def vit_cases(args) -> list[Case]:
+    cfg = load_config(args.vit_config).updated({"preset": args.preset, "runtime.seed": args.seed,
+                                                "runtime.threads": 1, "ptq.methods": ["rtn"], "ptq.bits": ["W8A8"]})
+    pool = Pool(cfg)
+    targets = pool.targets
+    fp = merge([pool.experts[d] for d in targets]).eval()
+    calib, meta = _calib(pool), _meta(pool)
+    w8a8 = quantize(fp, "rtn", calib=calib, w_bits=8, a_bits=8, calib_size=len(calib))
+    w4 = quantize(fp, "gptq", calib=calib, w_bits=4, a_bits=None, calib_size=len(calib), group_size=32)
+    # quantize_static (1.32) fails on this graph: per-channel, it gives the 3-D input of a MatMul a per-axis
+    # scale that QuantizeLinear refuses at run time; per-tensor, its Gemm bias quantization raises
+    return [Case("vit_tiny RTN", "W8A8", fp, w8a8, calib, pool.tests, {**meta, "method": "rtn", "bits": "W8A8"},
+                 static=False),
+            Case("vit_tiny GPTQ g32", "W4", fp, w4, calib, pool.tests, {**meta, "method": "gptq", "bits": "W4"},
+                 static=False)]
+
+
+def export_all(case: Case, tmp: Path, fp_files: dict) -> None:
+    key = id(case.fp)
+    if key not in fp_files:  # one FP32 file and one quantize_static reference per float model
+        fp_path = export_onnx(case.fp, tmp / f"fp{len(fp_files)}.onnx", kernels="fp32")
+        fp_files[key] = (fp_path, quantize_static_reference(fp_path, tmp / f"qs{len(fp_files)}.onnx", case.calib)
+                         if case.static else None)
+    stem = tmp / f"{case.name}-{case.bits}".replace(" ", "_")
+    plan = plan_integer(case.q, case.calib, calib_size=len(case.calib)) if case.bits != "W4" else None
+    case.files = {"ORT FP32": fp_files[key][0], "ORT QDQ": export_onnx(case.q, f"{stem}.qdq.onnx", meta=case.meta),
+                  "ORT integer": export_onnx(case.q, f"{stem}.int8.onnx", meta=case.meta, kernels="int8", plan=plan)}
+    if fp_files[key][1] is not None:
+        case.files["ORT quantize_static"] = fp_files[key][1]
+    w_bits, a_bits = parse_bits(case.bits)
+    if case.static and w_bits == 4 and a_bits == 8:  # its W4A8: int4 weights but the first and last layer's
+        eights = [n for n, m in quant_modules(case.q) if m.w_bits == 8]
+        case.accuracy_only = {"ORT quantize_static W4A8": quantize_static_reference(
+            case.files["ORT FP32"], Path(f"{stem}.static-w4a8.onnx"), case.calib, eights)}
+    case.sizes = {k: p.stat().st_size for k, p in case.files.items()}
+    case.sizes["packed"] = save_packed(case.q, f"{stem}.packed.safetensors", case.meta).stat().st_size
+    case.sim = IntegerSimulation(case.q, plan) if plan is not None else case.q
+
+
+def evaluate(case: Case) -> None:
+    sessions = {k: ort_session(p) for k, p in {**case.files, **case.accuracy_only}.items()}
+    preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in (*VARIANTS, *case.accuracy_only, "sim")}
+    labels = {}
+    for d, test in case.tests.items():
+        x, y = take(test, range(len(test)))
+        labels[d] = y.numpy()
+        preds["PyTorch FP32"][d], preds["PyTorch fake-quant"][d] = torch_predict(case.fp, x), torch_predict(case.q, x)
+        preds["sim"][d] = torch_predict(case.sim, x)
+        for k, sess in sessions.items():
+            preds[k][d] = ort_predict(sess, x)
+    everything = lambda k: np.concatenate([preds[k][d] for d in case.tests])  # noqa: E731
+    case.acc = {k: harmonic_mean([float((preds[k][d] == labels[d]).mean()) for d in case.tests])
+                for k in preds if preds[k]}
+    pairs = {"QDQ vs fake-quant": ("ORT QDQ", "PyTorch fake-quant"), "integer vs simulation": ("ORT integer", "sim"),
+             "integer vs fake-quant": ("ORT integer", "PyTorch fake-quant"),
+             "quantize_static vs FP32": ("ORT quantize_static", "PyTorch FP32")}
+    case.agree = {k: float((everything(a) == everything(b)).mean()) for k, (a, b) in pairs.items() if preds[a]}
+    case.agree["images"] = len(everything("sim"))
+
+
+def time_all(case: Case, runs: int, threads: int, batch: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    x = take(next(iter(case.tests.values())), range(batch))[0]
+    xn = x.numpy()
+    fns = {"PyTorch FP32": lambda: case.fp(x), "PyTorch fake-quant": lambda: case.q(x)}
+    for k, path in case.files.items():
+        sess = ort_session(path, threads=threads)
+        fns[k] = (lambda s: lambda: s.run(None, {"input": xn}))(sess)
+    return median_ms(fns, runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bits", nargs="+", default=["W8A8", "W4A4", "W3A3", "W2A4"])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for PyTorch and onnxruntime")
-    ap.add_argument("--opset", type=int, default=21)
+    ap.add_argument("--bits", nargs="+", default=["W8A8", "W4A8", "W4A4"])
+    ap.add_argument("--archs", nargs="*", default=["resnet8", "resnet20"])
+    ap.add_argument("--vit", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--vit-config", default="benchmarks/configs/vit_digits.yaml")
+    ap.add_argument("--runs", type=int, default=30, help="timed rounds per setting (batch 1: 10x as many)")
     ap.add_argument("--out", default="docs/results/deploy.md")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    exp = Pool(Config.from_dict({"preset": args.preset, "runtime": {"seed": args.seed},
-                                 "ptq": {"methods": ["rtn"], "bits": args.bits}}))
-    cfg, targets, tests = exp.cfg, exp.targets, exp.tests
-    batch = tests[targets[0]].tensors[0][: args.batch]
-    example = batch[:2]
-    fp_merged = merge([fold_bn(exp.experts[d], example) for d in targets]).eval()
-    fp_acc = harmonic_mean([float((torch_predict(fp_merged, tests[d].tensors[0]) == tests[d].tensors[1].numpy()).mean())
-                            for d in targets])
-    rows = []
+    all_cores = os.cpu_count() or 1
+    cases = [c for arch in args.archs for c in cnn_cases(args, arch)] + (vit_cases(args) if args.vit else [])
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        meta = exp.checkpoint_meta()
-        fp_size = save_model(exp.experts[targets[0]], tmp / "fp32.safetensors", meta).stat().st_size
-        for spec in args.bits:
-            w_bits, a_bits = parse_bits(spec)
-            qexperts = exp.quantize_experts("rtn", exp.qconfig((w_bits, a_bits)))
-            merged = exp.merged(list(qexperts.values())).eval()
-            packed = save_packed(merged, tmp / f"{spec}.safetensors",
-                                 {**meta, "method": "rtn", "bits": spec, "domains": targets})
-            reloaded = load_packed(packed)
-            assert all(torch.equal(a.quantized_weight(), b.quantized_weight())
-                       for (_, a), (_, b) in zip(quant_modules(merged), quant_modules(reloaded)))
-            onnx_path = export_onnx(merged, tmp / f"{spec}.onnx", opset=args.opset)
-            sess = ort_session(onnx_path, threads=args.threads)
-            agree, acc_pt, acc_ort = {}, {}, {}
-            for d in targets:
-                x, y = tests[d].tensors
-                p_pt, p_ort = torch_predict(merged, x), ort_predict(sess, x)
-                agree[d] = float((p_pt == p_ort).mean())
-                acc_pt[d], acc_ort[d] = float((p_pt == y.numpy()).mean()), float((p_ort == y.numpy()).mean())
-            name = sess.get_inputs()[0].name
-            storage = sorted({weight_storage(m.w_bits, args.opset) for _, m in quant_modules(merged)})
-            rows.append({
-                "spec": spec, "packed": packed.stat().st_size, "onnx": onnx_path.stat().st_size,
-                "storage": "+".join(storage), "agree": agree,
-                "acc_pt": harmonic_mean(list(acc_pt.values())), "acc_ort": harmonic_mean(list(acc_ort.values())),
-            })
-            rows[-1]["fp_ms"], rows[-1]["pt_ms"], rows[-1]["ort_ms"] = median_ms(
-                [lambda: fp_merged(batch), lambda: merged(batch), lambda: sess.run(None, {name: batch.numpy()})],
-                args.runs)
-            print(f"{spec}: agreement {agree}, latency PyTorch FP32 {rows[-1]['fp_ms']:.1f} ms, fake-quant "
-                  f"{rows[-1]['pt_ms']:.1f} ms, onnxruntime {rows[-1]['ort_ms']:.1f} ms")
+        fp_files: dict = {}
+        for case in cases:
+            export_all(case, Path(tmp), fp_files)
+            evaluate(case)
+            for threads in sorted({1, all_cores}):
+                for batch in (1, 64):
+                    case.ms[f"b{batch} t{threads}"] = time_all(case, args.runs * (10 if batch == 1 else 1),
+                                                               threads, batch)
+            print(f"{case.name} {case.bits}: accuracy {case.acc}, agreement {case.agree}, ms {case.ms}", flush=True)
+    lines = report(cases, args, all_cores)
+    atomic_write_text(args.out, lines)
+    write_json(Path(args.out).with_suffix(".json"), [
+        {k: getattr(c, k) for k in ("name", "bits", "sizes", "acc", "agree", "ms")} for c in cases])
+    print(lines)
 
-    kib = lambda b: f"{b / 1024:.1f}"  # noqa: E731
-    lines = [
-        f"Merged digits model ({cfg.model.name} {cfg.model.kwargs}, preset `{args.preset}`, seed {args.seed}; "
-        f"{len(targets)} SHOT experts quantized with RTN, first/last layer {cfg.ptq.first_last_bits} bits, merged "
-        f"with `{cfg.merge.rounding}` rounding). Packed = `mergeq export --format safetensors`; ONNX = QDQ, opset "
-        f"{args.opset}, weights stored as the listed integer type. Agreement = top-1 agreement of "
-        f"onnxruntime {onnxruntime.__version__} with the PyTorch fake-quant model on each target's full test "
-        f"set. Latency: median of {args.runs} interleaved runs, one batch of {args.batch} 3x32x32 images, CPU, "
-        f"{args.threads} thread(s), torch {torch.__version__}, {platform.machine()} (shared machine: "
-        "compare within this table only).",
+
+def report(cases: list[Case], args, all_cores: int) -> str:
+    kib = lambda b: "–" if b is None else f"{b / 1024:.0f}"  # noqa: E731
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    out = [
+        f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, {platform.machine()}, {all_cores} cores "
+        f"(shared machine); preset `{args.preset}`, seed {args.seed}; accuracies are harmonic means over the "
+        f"targets' test sets ({cases[0].agree['images']} images for the agreements).",
         "",
-        "| model | file KiB | × FP32 | ONNX KiB (weights) | "
-        + " | ".join(f"agree {d} %" for d in targets)
-        + " | acc hmean PyTorch / ORT % | PyTorch FP32 ms | PyTorch fake-quant ms | ORT ms |",
-        "|---|---:|---:|---:|" + "---:|" * len(targets) + "---:|---:|---:|---:|",
-        f"| FP32 | {kib(fp_size)} | 1.00 | – | " + " | ".join("–" for _ in targets)
-        + f" | {100 * fp_acc:.1f} / – | – | – | – |",
+        "| model | bits | KiB FP32 / QDQ / integer / static / packed | acc PyTorch FP32 / fake-quant % | acc ORT QDQ / "
+        "integer / quantize_static % | acc quantize_static W4A8 % | agree QDQ vs fake-quant % | agree integer vs "
+        "simulation % | agree integer vs fake-quant % |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['spec']} packed | {kib(r['packed'])} | {r['packed'] / fp_size:.3f} | "
-            f"{kib(r['onnx'])} ({r['storage']}) | "
-            + " | ".join(f"{100 * r['agree'][d]:.2f}" for d in targets)
-            + f" | {100 * r['acc_pt']:.1f} / {100 * r['acc_ort']:.1f} | {r['fp_ms']:.1f} | {r['pt_ms']:.1f} | "
-            f"{r['ort_ms']:.1f} |"
-        )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    atomic_write_text(args.out, table)
+    for c in cases:
+        s, a, g = c.sizes, c.acc, c.agree
+        out.append(
+            f"| {c.name} | {c.bits} | {kib(s['ORT FP32'])} / {kib(s['ORT QDQ'])} / {kib(s['ORT integer'])} / "
+            f"{kib(s.get('ORT quantize_static'))} / {kib(s['packed'])} | {pct(a['PyTorch FP32'])} / "
+            f"{pct(a['PyTorch fake-quant'])} | {pct(a['ORT QDQ'])} / {pct(a['ORT integer'])} / "
+            f"{pct(a.get('ORT quantize_static'))} | {pct(a.get('ORT quantize_static W4A8'))} | "
+            f"{pct(g['QDQ vs fake-quant'])} | "
+            f"{pct(g['integer vs simulation'])} | {pct(g['integer vs fake-quant'])} |")
+    out += ["", f"Latency, ms (median of {args.runs} interleaved rounds at batch 64, {10 * args.runs} at batch 1). "
+            "Ratios: the other model's time over ORT integer's (> 1: ORT integer is faster).", "",
+            "| model | bits | batch | threads | " + " | ".join(VARIANTS) + " | × PyTorch FP32 | × ORT FP32 | "
+            "× quantize_static |", "|---|---|---:|---:|" + "---:|" * (len(VARIANTS) + 3)]
+    for c in cases:
+        for key, ms in c.ms.items():
+            batch, threads = (int(t[1:]) for t in key.split())
+            ratio = lambda k: "–" if k not in ms else f"{ms[k] / ms['ORT integer']:.2f}"  # noqa: E731
+            out.append(f"| {c.name} | {c.bits} | {batch} | {threads} | " + " | ".join(
+                f"{ms[k]:.2f}" if k in ms else "–" for k in VARIANTS)
+                + f" | {ratio('PyTorch FP32')} | {ratio('ORT FP32')} | {ratio('ORT quantize_static')} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -71,6 +71,24 @@ def test_pack_unpack_round_trip(case):
     assert torch.equal(unpack(packed, bits, codes.numel(), signed), codes)
 
 
+def _reference_pack(codes: list[int], bits: int, signed: bool) -> bytes:
+    """The layout of the module docstring, bit by bit: code i at stream bits i*b.., LSB first."""
+    offset = 2 ** (bits - 1) if signed else 0
+    out = bytearray((len(codes) * bits + 7) // 8)
+    for i, c in enumerate(codes):
+        for k in range(bits):
+            if (c + offset) >> k & 1:
+                out[(i * bits + k) // 8] |= 1 << ((i * bits + k) % 8)
+    return bytes(out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(codes_and_bits())
+def test_pack_bytes_match_the_bit_by_bit_layout(case):
+    codes, bits, signed = case
+    assert pack(codes, bits, signed).numpy().tobytes() == _reference_pack(codes.tolist(), bits, signed)
+
+
 def test_pack_layout_is_a_dense_lsb_first_bit_stream():
     assert pack(torch.tensor([-8, 7]), 4).tolist() == [0xF0]  # offset codes 0 and 15, low nibble first
     assert pack(torch.tensor([-128, 127, 0]), 8).tolist() == [0, 255, 128]
@@ -132,6 +150,31 @@ def test_packed_round_trip_with_a_template(any_model, images, tmp_path):
     q = quantize(any_model, "rtn", calib=images, w_bits=3, a_bits=4)
     path = save_packed(q, tmp_path / "t.safetensors")
     _assert_same_model(q, load_packed(path, template=any_model), images[:8])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_grouped_steps_round_trip(tmp_path, act_order):
+    from mergeq.models import vit_tiny
+
+    torch.manual_seed(0)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    q = quantize(vit_tiny(patch=8, depth=1), "gptq", calib=x, w_bits=4, a_bits=None, group_size=16,
+                 act_order=act_order)
+    assert all(m.w_step.shape == m.weight.shape for _, m in quant_modules(q))
+    meta = {"arch": "vit_tiny", "num_classes": 10, "arch_kwargs": {"patch": 8, "depth": 1}}
+    path = save_packed(q, tmp_path / "g.safetensors", meta)
+    _assert_same_model(q, load_packed(path), x[:8])
+    info = read_packed_metadata(path)
+    assert info["format_version"] == 2 and info["quant_layers"]["blocks.0.fc2"]["groups"] == 128 // 16
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.get_tensor("blocks.0.fc2.w_step").shape) == [64, 8]  # [C, G], not per element
+    bad = _rewrite(path, tmp_path / "bad.safetensors",
+                   lambda t: t.__setitem__("blocks.0.fc2.w_group", t["blocks.0.fc2.w_group"] + 8))
+    with pytest.raises(CheckpointError, match="w_group"):
+        load_packed(bad)
+    ungrouped = save_packed(quantize(vit_tiny(patch=8, depth=1), "rtn", calib=x, w_bits=4, a_bits=None),
+                            tmp_path / "u.safetensors", meta)
+    assert read_packed_metadata(ungrouped)["format_version"] == 1  # readable by earlier mergeq
 
 
 def test_packed_w4_is_small(q_resnet, fp_resnet, tmp_path):
@@ -262,8 +305,18 @@ def test_onnx_refuses_bad_input(fp_resnet, q_resnet, tmp_path):
             return self.fc(x.view(x.shape[0], -1))
 
     q = quantize(Reshaping(), "rtn", calib=torch.randn(16, 3, 2, 2), w_bits=4, a_bits=4)
-    with pytest.raises(ExportError, match="cannot"):
+    with pytest.raises(ExportError, match="cannot infer the model's input shape"):
         to_onnx(q)
+    path = export_onnx(q, tmp_path / "view.onnx", input_shape=["N", 3, 2, 2])  # view(N, -1): a Reshape
+    assert _agreement(q, path, torch.randn(8, 3, 2, 2))[1] < 1e-4
+
+    class Sine(Reshaping):
+        def forward(self, x):
+            return self.fc(torch.sin(x))
+
+    q = quantize(Sine(), "rtn", calib=torch.randn(16, 12), w_bits=4, a_bits=4)
+    with pytest.raises(ExportError, match="cannot export call_function sin"):
+        to_onnx(q, input_shape=["N", 12])
 
 
 @needs_ort

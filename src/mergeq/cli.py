@@ -241,12 +241,19 @@ def cmd_surface(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import model_from_checkpoint
     from .deploy import export_onnx, save_packed
+    from .experiments.steps import export_calibration
     from .io import check_out_file
 
+    if args.format != "onnx" and args.kernels != "qdq":
+        raise ValueError("--kernels chooses the ONNX graph: it needs --format onnx")
+    if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
+        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
     check_out_file(args.out)
     model, meta = model_from_checkpoint(args.model)
     if args.format == "onnx":
-        path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta)
+        calib = export_calibration(meta, args.calib_size or 512) if args.kernels == "int8" else None
+        path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta,
+                           kernels=args.kernels, calib=calib)
     else:
         path = save_packed(model, args.out, meta)
     kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
@@ -345,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--radius", type=float, default=1.0, help="grid half-width in direction norms")
         p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
 
-    p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or QDQ ONNX",
+    p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or ONNX",
                 config=False)
     p.add_argument("--model", required=True, help="quantized (or merged) checkpoint from quantize/merge (.safetensors)")
     p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
@@ -353,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21)")
     p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
+    p.add_argument("--kernels", choices=("qdq", "int8", "fp32"), default="qdq",
+                   help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "
+                        "requantization calibrated on the checkpoint's domains) or fp32 (unquantized model)")
+    p.add_argument("--calib-size", type=int, default=None,
+                   help="ONNX int8: calibration images for the requantization steps (default 512)")
 
     p = command("data", cmd_data, "save a PNG grid of samples per domain and print split sizes",
                 {"--seed": "runtime.seed"}, TARGETS)

@@ -1,22 +1,33 @@
-"""ONNX export of a quantized model as a QDQ graph, built directly with ``onnx.helper``.
+"""ONNX export of a model (quantized or not), built directly with ``onnx.helper``.
 
-The model is traced with ``torch.fx`` (QuantModules kept as leaves) and each node is
-translated to ONNX for a small, checked op set: Conv2d/Linear (quantized or not), ReLU, Add,
-BatchNorm (unfolded), Identity/Dropout, Flatten, global average pooling (also ``x.mean`` over the
-spatial dims), MaxPool2d. Anything else raises :class:`ExportError` naming the op.
-We do not use ``torch.onnx.export``: its default (dynamo) exporter needs ``onnxscript``, and
-the legacy TorchScript exporter (``dynamo=False``) refuses fake-quant ranges other than
-(0, 127), (0, 255) and (-128, 127) (a 4-bit (-8, 7) raises), exports a QuantizeLinear on the
-float weight rather than an integer initializer, and has no INT4. Writing the graph ourselves
-gives exact control of what lands in the file.
+The model is traced with ``torch.fx`` (QuantModules kept as leaves, :mod:`.trace`) and each node
+is translated: quantized layers here, every other op in :mod:`.onnx_ops`. ``kernels`` picks
+what onnxruntime's CPU provider runs:
 
-Per QuantModule:
+* ``"qdq"`` (default): a QDQ graph that onnxruntime runs in float and that reproduces the
+  PyTorch fake-quant model to float rounding;
+* ``"int8"``: integer kernels (QLinearConv, ConvInteger, MatMulIntegerToFloat, QLinearAdd;
+  MatMulNBits for weight-only Linear layers) with requantization between layers, calibrated
+  on images (:mod:`.integer`, :mod:`.onnx_integer`); :class:`~.integer.IntegerSimulation` is
+  its PyTorch twin;
+* ``"fp32"``: a model without QuantModules, all in float (the reference for speed).
+
+We do not use ``torch.onnx.export``: its default (dynamo) exporter needs ``onnxscript``, and the
+legacy TorchScript exporter (``dynamo=False``) refuses fake-quant ranges other than (0, 127),
+(0, 255) and (-128, 127) (a 4-bit (-8, 7) raises), exports a QuantizeLinear on the float weight
+rather than an integer initializer, and has no INT4. Writing the graph ourselves gives exact
+control of what lands in the file.
+
+QDQ form, per QuantModule:
 
 * **weights**: the integer codes are an initializer, INT4 when ``w_bits <= 4`` and the opset is
   >= 21 (two codes per byte; onnxruntime's CPU DequantizeLinear takes INT4 since
   microsoft/onnxruntime#20362, i.e. 1.19; checked on 1.32), INT8 otherwise or with
   ``int4=False``. A ``DequantizeLinear`` with the per-output-channel steps (``axis=0``, zero
-  point 0) feeds Conv/Gemm; ``code * step`` in float32 is exactly PyTorch's dequantized weight.
+  point 0) feeds Conv/Gemm (MatMul for inputs of rank > 2); ``code * step`` in float32 is
+  exactly PyTorch's dequantized weight. Grouped steps (GPTQ ``group_size``) dequantize the
+  ``[C, n]`` code matrix blockwise (``block_size``, opset 21) when the groups are contiguous
+  blocks, else multiply it by the steps gathered with the column groups (:mod:`.groups`).
 * **input activations** (per tensor, zero point 0): ``Clip(lo*s, hi*s) -> QuantizeLinear ->
   DequantizeLinear`` with an INT8 (signed grid) or UINT8 (unsigned) zero point. A b-bit grid
   ``[lo, hi]`` with b < 8 is a subset of the 8-bit range, so the Clip restricts the 8-bit
@@ -28,292 +39,314 @@ Biases and unfolded BatchNorm parameters stay float32. A bias is a separate ``Ad
 Conv/Gemm, not its third input: onnxruntime's QDQ optimizer rewrites a float bias input of a
 Conv fed by DequantizeLinear into an int32 bias with scale ``s_x * s_w`` (lossy), which flipped
 some downstream activation roundings; with the Add the graph matches PyTorch to float rounding
-at every optimization level. onnxruntime then runs Conv/Gemm in float on dequantized inputs
-(our layers have no output quantizer, so there is no Q after Conv to fuse into QLinearConv):
-the file is a faithful, compact QDQ deployment format, not an integer-kernel speed-up.
+at every optimization level. onnxruntime runs the QDQ Conv/Gemm in float on dequantized inputs
+(the layers have no output quantizer, so there is nothing to fuse into QLinearConv): that is
+what ``kernels="int8"`` adds.
 """
 from __future__ import annotations
 
 import json
-import operator
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..io import atomic_write_bytes
 from ..nn.qmodule import QuantModule, quant_modules
-from ..quant import qrange, quantize_int
+from .groups import contiguous_block, is_grouped, weight_groups
+from .integer import IntegerPlan, is_integer_layer, plan_integer, weight_codes
+from .onnx_graph import Graph, f32
+from .onnx_integer import dequantize, integer_layer, matmul_nbits, qlinear_add
+from .onnx_ops import Static, translate_call, translate_module
 from .pack import ExportError
 from .packed import check_exportable, packed_metadata
+from .trace import node_facts, trace
 
+log = logging.getLogger(__name__)
 MIN_OPSET, DEFAULT_OPSET, INT4_OPSET = 13, 21, 21
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantModule) or super().is_leaf_module(m, qualname)
+KERNELS = ("qdq", "int8", "fp32")
 
 
 def weight_storage(w_bits: int, opset: int, int4: bool = True) -> str:
-    """``'int4'`` or ``'int8'``: how a ``w_bits`` weight is stored at ``opset``."""
+    """``'int4'`` or ``'int8'``: how a ``w_bits`` weight is stored at ``opset`` in the QDQ form."""
     return "int4" if int4 and w_bits <= 4 and opset >= INT4_OPSET else "int8"
 
 
-class _Graph:
-    """Accumulates ONNX nodes and initializers with unique names."""
-
-    def __init__(self, opset: int, int4: bool) -> None:
-        from onnx import TensorProto, helper, numpy_helper
-
-        self.helper, self.numpy_helper, self.TP = helper, numpy_helper, TensorProto
-        self.opset, self.int4 = opset, int4
-        self.nodes: list = []
-        self.inits: list = []
-        self._names: set[str] = set()
-
-    def name(self, base: str) -> str:
-        base = base.replace(".", "_") or "t"
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
-
-    def const(self, base: str, value: np.ndarray) -> str:
-        name = self.name(base)
-        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def int_codes(self, base: str, codes: np.ndarray, use_int4: bool) -> str:
-        name = self.name(base)
-        if not use_int4:
-            self.inits.append(self.numpy_helper.from_array(codes.astype(np.int8), name))
-            return name
-        nib = (codes.astype(np.int8).flatten() & 0xF).astype(np.uint8)
-        nib = np.concatenate([nib, np.zeros(len(nib) % 2, np.uint8)])
-        raw = (nib[0::2] | (nib[1::2] << 4)).tobytes()  # element 0 in the low nibble
-        self.inits.append(self.helper.make_tensor(name, self.TP.INT4, codes.shape, raw, raw=True))
-        return name
-
-    def op(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs: Any) -> str:
-        out = out or self.name(op_type.lower())
-        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
-
-
-def _f32(x: float) -> np.ndarray:
-    return np.array(x, dtype=np.float32)
-
-
-def _act_qdq(g: _Graph, x: str, m: QuantModule, base: str) -> str:
-    aq = m.act_quant
-    s = float(aq.step.detach().abs().clamp_min(1e-8))  # the step ActQuantizer.forward uses
-    signed = bool(aq.signed)
-    lo, hi = qrange(aq.bits, signed)
-    full = (-128, 127) if signed else (0, 255)
-    if (lo, hi) != full:
-        x = g.op("Clip", [x, g.const(f"{base}_clip_lo", np.float32(lo) * np.float32(s)),
-                          g.const(f"{base}_clip_hi", np.float32(hi) * np.float32(s))])
-    scale = g.const(f"{base}_a_scale", _f32(s))
-    zp = g.const(f"{base}_a_zp", np.array(0, dtype=np.int8 if signed else np.uint8))
-    q = g.op("QuantizeLinear", [x, scale, zp], g.name(f"{base}_a_q"))
-    return g.op("DequantizeLinear", [q, scale, zp], g.name(f"{base}_a_dq"))
-
-
-def _conv_attrs(m: nn.Module, kw: dict, kernel: Sequence[int]) -> dict:
-    pad, dil = kw["padding"], tuple(kw["dilation"])
-    if isinstance(pad, str):
-        if pad == "valid":
-            pad = (0, 0)
-        else:  # 'same' (stride 1): torch pads the extra element at the end
-            totals = [d * (k - 1) for d, k in zip(dil, kernel)]
-            return dict(kernel_shape=list(kernel), strides=list(kw["stride"]), dilations=list(dil),
-                        group=kw["groups"], pads=[t // 2 for t in totals] + [t - t // 2 for t in totals])
-    return dict(kernel_shape=list(kernel), strides=list(kw["stride"]), dilations=list(dil), group=kw["groups"],
-                pads=list(pad) * 2)
-
-
-def _linear_layer(g: _Graph, x: str, m: nn.Module, base: str, out: str) -> str:
-    """Conv or Gemm for a QuantModule (QDQ) or a plain Conv2d/Linear (float)."""
-    if isinstance(m, QuantModule):
-        if m.act_quant is not None and m.quant_act:
-            x = _act_qdq(g, x, m, base)
-        w = m.weight.detach().cpu()
-        codes = quantize_int(w, m.w_step.cpu(), m.w_bits).to(torch.int8).numpy()
-        wq = g.int_codes(f"{base}_w_codes", codes, weight_storage(m.w_bits, g.opset, g.int4) == "int4")
-        scale = g.const(f"{base}_w_scale", m.w_step.detach().cpu().float().flatten().numpy())
-        wname = g.op("DequantizeLinear", [wq, scale], g.name(f"{base}_w"), axis=0)
-        kind, kw = m.kind, getattr(m, "conv_kwargs", None)
-    else:
-        w = m.weight.detach().cpu()
-        wname = g.const(f"{base}_w", w.float().numpy())
-        kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
-        kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups) if kind == "conv" else None
-    bias = None if m.bias is None else m.bias.detach().cpu().float().numpy()
-    y = out if bias is None else g.name(f"{base}_nobias")
-    if kind == "conv":
-        y = g.op("Conv", [x, wname], y, **_conv_attrs(m, kw, w.shape[2:]))
-        bias = None if bias is None else bias.reshape(-1, *([1] * (w.dim() - 2)))
-    else:
-        y = g.op("Gemm", [x, wname], y, transB=1)
-    # a separate float Add: onnxruntime re-quantizes a Conv's bias input to int32 (lossy)
-    return y if bias is None else g.op("Add", [y, g.const(f"{base}_b", bias)], out)
-
-
-def _is_global_pool(size: Any) -> bool:
-    return size == 1 or (isinstance(size, (tuple, list)) and len(size) == 2 and all(s == 1 for s in size))
-
-
-def _reduce_mean(g: _Graph, x: str, dims: Sequence[int], keepdim: bool, out: str) -> str:
-    if g.opset >= 18:
-        return g.op("ReduceMean", [x, g.const("axes", np.array(dims, np.int64))], out, keepdims=int(keepdim))
-    return g.op("ReduceMean", [x], out, axes=list(dims), keepdims=int(keepdim))
-
-
-def _translate(g: _Graph, node: fx.Node, model: nn.Module, env: dict[fx.Node, str]) -> str:
-    """Emit the ONNX nodes of one fx node; return the name of its output."""
-    args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
-    kwargs = {k: env[v] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
-    out, t = node.name, node.target
-    if node.op == "call_module":
-        m = model.get_submodule(t)
-        if isinstance(m, (QuantModule, nn.Conv2d, nn.Linear)):
-            return _linear_layer(g, args[0], m, t, out)
-        if isinstance(m, nn.ReLU):
-            return g.op("Relu", [args[0]], out)
-        if isinstance(m, (nn.Identity, nn.Dropout)):
-            return g.op("Identity", [args[0]], out)
-        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
-            return g.op("Flatten", [args[0]], out, axis=1)
-        if isinstance(m, nn.AdaptiveAvgPool2d) and _is_global_pool(m.output_size):
-            return g.op("GlobalAveragePool", [args[0]], out)
-        if isinstance(m, nn.MaxPool2d) and not m.return_indices:
-            pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
-            return g.op("MaxPool", [args[0]], out, kernel_shape=pair(m.kernel_size), strides=pair(m.stride),
-                        pads=pair(m.padding) * 2, dilations=pair(m.dilation), ceil_mode=int(m.ceil_mode))
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.track_running_stats:
-            c = m.num_features
-            gamma = m.weight.detach().float().numpy() if m.affine else np.ones(c, np.float32)
-            beta = m.bias.detach().float().numpy() if m.affine else np.zeros(c, np.float32)
-            ins = [g.const(f"{t}_{k}", v) for k, v in (("scale", gamma), ("bias", beta),
-                   ("mean", m.running_mean.float().numpy()), ("var", m.running_var.float().numpy()))]
-            return g.op("BatchNormalization", [args[0], *ins], out, epsilon=float(m.eps))
-        what = f"module {t} ({type(m).__name__})"
-    elif node.op in ("call_function", "call_method"):
-        if t in (F.relu, torch.relu, "relu"):
-            return g.op("Relu", [args[0]], out)
-        if t in (operator.add, operator.iadd, torch.add, "add") and not kwargs:
-            ins = [a if isinstance(a, str) else g.const("addend", _f32(a)) for a in args[:2]]
-            return g.op("Add", ins, out)
-        if t in (torch.flatten, "flatten"):
-            start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
-            end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
-            if start == 1 and end == -1:
-                return g.op("Flatten", [args[0]], out, axis=1)
-        if t is F.adaptive_avg_pool2d and _is_global_pool(args[1] if len(args) > 1 else kwargs.get("output_size")):
-            return g.op("GlobalAveragePool", [args[0]], out)
-        if t == "mean":
-            dims = args[1] if len(args) > 1 else kwargs.get("dim")
-            if dims is not None:
-                dims = [dims] if isinstance(dims, int) else list(dims)
-                return _reduce_mean(g, args[0], dims, bool(kwargs.get("keepdim", False)), out)
-        what = f"{node.op} {getattr(t, '__name__', t)} with args {node.args[1:]} {node.kwargs}"
-    else:
-        what = f"{node.op} {t}"
-    raise ExportError(f"cannot export {what} to ONNX; supported: Conv2d, Linear, ReLU, add, BatchNorm, "
-                      "Identity, Dropout, MaxPool2d, flatten(x, 1), global average pooling, mean over dims")
-
-
-def _input_shape(graph: fx.Graph, model: nn.Module) -> list[int | str]:
+def infer_input_shape(gm: fx.GraphModule) -> list[int | str]:
     """``[N, C, H, W]`` (or ``[N, F]``) from the layer that consumes the input directly."""
-    ph = next(n for n in graph.nodes if n.op == "placeholder")
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
     users = [u for u in ph.users if u.op == "call_module"]
     if len(ph.users) == 1 and users:
-        m = model.get_submodule(users[0].target)
+        m = gm.get_submodule(users[0].target)
         if isinstance(m, QuantModule) and m.kind == "conv":
             return ["N", m.weight.shape[1] * m.conv_kwargs["groups"], "H", "W"]
+        if isinstance(m, nn.Conv2d):
+            return ["N", m.in_channels, "H", "W"]
         if isinstance(m, (QuantModule, nn.Linear)):
             return ["N", m.weight.shape[1]]
     raise ExportError("cannot infer the model's input shape; pass input_shape, e.g. ['N', 3, 32, 32]")
 
 
-def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
-            input_shape: Sequence[int | str] | None = None, meta: dict | None = None):
-    """The QDQ ``onnx.ModelProto`` of a quantized model (checked with ``onnx.checker``).
+class _Exporter:
+    """State of one export: the graph, the traced facts and, per node, its ONNX value."""
 
-    The model's mergeq metadata (as in packed checkpoints, plus ``meta``) goes into the
-    ``mergeq`` metadata property as JSON.
-    """
+    def __init__(self, gm: fx.GraphModule, g: Graph, facts: dict, kernels: str, plan: IntegerPlan | None) -> None:
+        self.gm, self.g, self.facts, self.kernels = gm, g, facts, kernels
+        self.grids = dict(plan.grids) if plan is not None else {}
+        self.env: dict[str, Any] = {}
+        self.codes_memo: dict = {}
+        self._float: dict[str, str] = {}
+        self.layer_ops: dict[str, str] = {}  # quantized layer -> the op that multiplies
+
+    def float_arg(self, a: Any) -> Any:
+        """An argument as the translators take it: float tensor names (uint8 ones dequantized)."""
+        if isinstance(a, fx.Node):
+            if a.name in self.grids:
+                if a.name not in self._float:
+                    self._float[a.name] = dequantize(self, self.env[a.name], self.grids[a.name], a.name)
+                return self._float[a.name]
+            return self.env[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.float_arg(x) for x in a)
+        return a
+
+    @staticmethod
+    def conv_attrs(kw: dict, kernel: Sequence[int]) -> dict:
+        pad, dil = kw["padding"], tuple(kw["dilation"])
+        if isinstance(pad, str):
+            if pad == "valid":
+                pad = (0, 0)
+            else:  # 'same' (stride 1): torch pads the extra element at the end
+                totals = [d * (k - 1) for d, k in zip(dil, kernel)]
+                return dict(kernel_shape=list(kernel), strides=list(kw["stride"]), dilations=list(dil),
+                            group=kw["groups"], pads=[t // 2 for t in totals] + [t - t // 2 for t in totals])
+        return dict(kernel_shape=list(kernel), strides=list(kw["stride"]), dilations=list(dil),
+                    group=kw["groups"], pads=list(pad) * 2)
+
+    # -- QDQ / float layers ----------------------------------------------------------------------
+    def _act_qdq(self, x: str, m: QuantModule, base: str) -> str:
+        g, aq = self.g, m.act_quant
+        s = float(aq.step.detach().abs().clamp_min(1e-8))  # the step ActQuantizer.forward uses
+        signed = bool(aq.signed)
+        lo, hi = (-(2 ** (aq.bits - 1)), 2 ** (aq.bits - 1) - 1) if signed else (0, 2 ** aq.bits - 1)
+        if (lo, hi) != ((-128, 127) if signed else (0, 255)):
+            x = g.op("Clip", [x, g.const(f"{base}_clip_lo", np.float32(lo) * np.float32(s)),
+                              g.const(f"{base}_clip_hi", np.float32(hi) * np.float32(s))])
+        scale = g.const(f"{base}_a_scale", f32(s))
+        zp = g.const(f"{base}_a_zp", np.array(0, dtype=np.int8 if signed else np.uint8))
+        q = g.op("QuantizeLinear", [x, scale, zp], g.name(f"{base}_a_q"))
+        return g.op("DequantizeLinear", [q, scale, zp], g.name(f"{base}_a_dq"))
+
+    def _dq_weight(self, m: QuantModule, base: str) -> str:
+        """The float weight ``codes * w_step`` as DequantizeLinear of integer codes."""
+        g = self.g
+        codes = weight_codes(m).numpy()
+        int4 = weight_storage(m.w_bits, g.opset, g.int4) == "int4"
+        steps, g_idx = weight_groups(m)
+        if g_idx is None:
+            wq = g.int_codes(f"{base}_w_codes", codes, int4)
+            return g.op("DequantizeLinear", [wq, g.const(f"{base}_w_scale", steps.flatten().numpy())],
+                        g.name(f"{base}_w"), axis=0)
+        c = codes.shape[0]
+        wq = g.int_codes(f"{base}_w_codes", codes.reshape(c, -1), int4)
+        block = contiguous_block(g_idx)
+        if block is not None and g.opset >= 21:
+            w = g.op("DequantizeLinear", [wq, g.const(f"{base}_w_scale", steps.numpy())], axis=1, block_size=block)
+        else:
+            full = g.op("Gather", [g.const(f"{base}_w_scale", steps.numpy()),
+                                   g.const(f"{base}_w_group", g_idx.numpy())], axis=1)
+            w = g.op("Mul", [g.op("DequantizeLinear", [wq, g.const("one_scale", f32(1.0))]), full])
+        return g.op("Reshape", [w, g.const(f"{base}_w_shape", np.array(codes.shape, np.int64))], g.name(f"{base}_w"))
+
+    def float_layer(self, node: fx.Node, m: nn.Module) -> str:
+        """Conv, Gemm (2-D input) or MatMul for a QuantModule (QDQ) or a plain Conv2d/Linear (float)."""
+        g, base, out = self.g, node.target, node.name
+        x = self.float_arg(node.args[0])
+        quantized = isinstance(m, QuantModule)
+        conv = m.kind == "conv" if quantized else isinstance(m, nn.Conv2d)
+        matmul = not conv and len(self.facts[node.args[0].name].values[0]) != 2
+        if quantized:
+            if m.act_quant is not None and m.quant_act:
+                x = self._act_qdq(x, m, base)
+            if self.kernels == "int8" and not conv and (m.act_quant is None or not m.quant_act):
+                y = matmul_nbits(self, x, m, base, out)
+                if y is not None:
+                    self.layer_ops[base] = "MatMulNBits"
+                    return y
+            w = self._dq_weight(m, base)
+            w = g.op("Transpose", [w], perm=[1, 0]) if matmul else w
+            kw = m.conv_kwargs if conv else None
+            self.layer_ops[base] = "Conv" if conv else "Gemm"
+        else:
+            value = m.weight.detach().cpu().float().numpy()
+            w = g.const(f"{base}_w", value.T if matmul else value)  # MatMul takes [in, out]
+            kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups) if conv else None
+        shape = tuple(m.weight.shape)
+        bias = None if m.bias is None else m.bias.detach().cpu().float().numpy()
+        # QDQ keeps the bias a separate float Add: onnxruntime re-quantizes a Conv's bias input to int32 (lossy)
+        inline = bias is not None and not quantized and not matmul
+        ins = [x, w] + ([g.const(f"{base}_b", bias)] if inline else [])
+        y = out if bias is None or inline else g.name(f"{base}_nobias")
+        if conv:
+            y = g.op("Conv", ins, y, **self.conv_attrs(kw, shape[2:]))
+            bias = None if bias is None else bias.reshape(-1, *([1] * (len(shape) - 2)))
+        else:
+            y = g.op("MatMul", ins, y) if matmul else g.op("Gemm", ins, y, transB=1)
+        return y if bias is None or inline else g.op("Add", [y, g.const(f"{base}_b", bias)], out)
+
+    # -- one node ------------------------------------------------------------------------------------
+    def translate(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            value: Any = self.gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            return self.g.const(node.name, value.detach().cpu().float().numpy())
+        if not self.facts[node.name].is_tensor:
+            return Static(self.facts[node.name].values)
+        integer = self.kernels == "int8"
+        m = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(m, (QuantModule, nn.Conv2d, nn.Linear)):
+            if integer and is_integer_layer(m):
+                y, op = integer_layer(self, node, m, self.grids.get(node.name))
+                self.layer_ops[node.target] = op
+                return y
+            if integer and isinstance(m, QuantModule) and m.act_quant is not None and is_grouped(m):
+                log.warning("%s has grouped weight steps: no integer kernel takes them, it runs in float", node.target)
+            return self.float_layer(node, m)
+        if integer and node.name in self.grids:  # an add of two uint8 tensors, or codes passed through
+            src = [a for a in node.args if isinstance(a, fx.Node)]
+            if len(src) == 2:
+                return qlinear_add(self, node, self.grids[node.name])
+            if isinstance(m, nn.MaxPool2d):
+                return translate_module(self, node, m, self.env[src[0].name], node.name)
+            return self.env[src[0].name]  # a fused ReLU, Identity, Dropout: the same codes
+        args = [self.float_arg(a) for a in node.args]
+        kwargs = {k: self.float_arg(v) for k, v in node.kwargs.items()}
+        if m is not None:
+            return translate_module(self, node, m, args[0], node.name)
+        return translate_call(self, node, args, kwargs, node.name)
+
+
+def _stored_as(op: str, m: QuantModule, opset: int, int4: bool) -> str:
+    if op == "MatMulNBits":
+        return f"{4 if m.w_bits <= 4 else 8}-bit blocks"
+    return weight_storage(m.w_bits, opset, int4) if op in ("Conv", "Gemm") else "int8"
+
+
+def _check_opset(opset: Any) -> None:
     import onnx
-    from onnx import TensorProto, helper
 
     max_opset = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
         raise ExportError(f"ONNX opset must be an integer from {MIN_OPSET} (per-channel DequantizeLinear) "
                           f"to {max_opset}, got {opset!r}")
-    check_exportable(model)
+
+
+def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
+            input_shape: Sequence[int | str] | None = None, meta: dict | None = None, kernels: str = "qdq",
+            calib: torch.Tensor | None = None, plan: IntegerPlan | None = None):
+    """The ``onnx.ModelProto`` of ``model`` (checked with ``onnx.checker``).
+
+    ``kernels``: ``"qdq"``, ``"int8"`` (needs ``plan`` or calibration images ``calib``) or
+    ``"fp32"`` (models without QuantModules). The model's mergeq metadata (as in packed
+    checkpoints, plus ``meta``, the integer plan and which op runs each quantized layer) goes
+    into the ``mergeq`` metadata property as JSON.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    if kernels not in KERNELS:
+        raise ExportError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    _check_opset(opset)
+    quantized = bool(quant_modules(model))
+    if kernels != "int8" and (calib is not None or plan is not None):
+        raise ExportError(f"calib and plan set up integer kernels; kernels={kernels!r} does not use them")
+    if kernels == "fp32" and quantized:
+        raise ExportError("kernels='fp32' exports an unquantized model; this one has QuantModules "
+                          "(use 'qdq' or 'int8')")
+    if kernels != "fp32":
+        check_exportable(model)
     model = model.eval()
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types for data-dependent control flow
-        raise ExportError(f"cannot trace {type(model).__name__} with torch.fx: {e}") from None
-    g = _Graph(opset, int4)
-    env: dict[fx.Node, str] = {}
-    inputs, outputs = [], []
-    for node in graph.nodes:
+    if kernels == "int8" and plan is None:
+        if calib is None and any(is_integer_layer(m) for _, m in quant_modules(model)):
+            raise ExportError("kernels='int8' needs calibration images (calib) or an integer plan")
+        plan = plan_integer(model, calib) if calib is not None else None
+    gm = trace(model)
+    shape = list(input_shape) if input_shape is not None else infer_input_shape(gm)
+    facts = node_facts(gm, shape)
+    g = Graph(opset, int4)
+    g.reserve([n.name for n in gm.graph.nodes])
+    g.input_name = g.name("input")
+    ex = _Exporter(gm, g, facts, kernels, plan if kernels == "int8" else None)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ExportError("only models with a single tensor input can be exported")
+    output = None
+    for node in gm.graph.nodes:
         if node.op == "placeholder":
-            if inputs:
-                raise ExportError("only models with a single tensor input can be exported")
-            shape = list(input_shape) if input_shape is not None else _input_shape(graph, model)
-            env[node] = g.name("input")
-            inputs.append(helper.make_tensor_value_info(env[node], TensorProto.FLOAT, shape))
+            ex.env[node.name] = g.input_name
         elif node.op == "output":
             res = node.args[0]
-            if not isinstance(res, fx.Node):
+            if not isinstance(res, fx.Node) or not facts[res.name].is_tensor:
                 raise ExportError("only models returning a single tensor can be exported")
-            outputs.append(g.op("Identity", [env[res]], g.name("logits")))
+            output = g.op("Identity", [ex.float_arg(res)], g.name("logits"))
         else:
-            env[node] = _translate(g, node, model, env)
-    opsets = [helper.make_opsetid("", opset)]
+            ex.env[node.name] = ex.translate(node)
+    if kernels == "int8" and not any(op not in ("Conv", "Gemm") for op in ex.layer_ops.values()):
+        raise ExportError("kernels='int8': no layer of this model has an integer kernel (weight-only Conv2d "
+                          "layers and grouped steps with activation quantization run in float); use 'qdq'")
+    if g.static_input:  # reshape targets were built for the traced size: fix it in the input
+        traced = facts[placeholders[0].name].values[0]
+        shape = [shape[0]] + [int(d) for d in traced[1:]]
+    inputs = [helper.make_tensor_value_info(g.input_name, TensorProto.FLOAT, shape)]
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(g.domains)]
 
     def build(out_types: list) -> onnx.ModelProto:
-        return helper.make_model(helper.make_graph(g.nodes, "mergeq_qdq", inputs, out_types, g.inits),
+        return helper.make_model(helper.make_graph(g.nodes, f"mergeq_{kernels}", inputs, out_types, g.inits),
                                  opset_imports=opsets, producer_name="mergeq",
-                                 ir_version=helper.find_min_ir_version_for(opsets))
+                                 ir_version=helper.find_min_ir_version_for(opsets[:1]))
 
     # the output's shape comes from ONNX shape inference on the graph (e.g. [N, num_classes])
     inferred = onnx.shape_inference.infer_shapes(build([]))
     known = {v.name: v for v in inferred.graph.value_info}
-    out_types = [known[o] if o in known else helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", f"D{i}"])
-                 for i, o in enumerate(outputs)]
-    proto = build(out_types)
-    info = {**packed_metadata(model, meta), "onnx_opset": opset,
-            "weight_storage": {n: weight_storage(m.w_bits, opset, int4) for n, m in quant_modules(model)}}
+    proto = build([known.get(output) or helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", "D"])])
+    info: dict[str, Any] = {"onnx_opset": opset, "kernels": kernels, "layer_ops": ex.layer_ops}
+    if quantized:
+        info.update(packed_metadata(model, meta))
+        info["weight_storage"] = {n: _stored_as(ex.layer_ops[n], m, opset, int4) for n, m in quant_modules(model)}
+    else:
+        info.update(meta or {})
+    if plan is not None and kernels == "int8":
+        info["integer_plan"] = plan.to_json()
     helper.set_model_props(proto, {"mergeq": json.dumps(info, default=str)})
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, int4: bool = True,
-                input_shape: Sequence[int | str] | None = None, meta: dict | None = None) -> Path:
-    """Write ``model`` (quantized, possibly merged) as a QDQ ONNX file at ``path`` (atomically).
+                input_shape: Sequence[int | str] | None = None, meta: dict | None = None, kernels: str = "qdq",
+                calib: torch.Tensor | None = None, plan: IntegerPlan | None = None) -> Path:
+    """Write ``model`` as an ONNX file at ``path`` (atomically); arguments as :func:`to_onnx`.
 
-    ``int4=False`` stores 2..4-bit weight codes as INT8 even at opset >= 21.
+    ``int4=False`` stores 2..4-bit weight codes as INT8 even at opset >= 21 (QDQ form).
     ``input_shape`` defaults to ``[N, C, H, W]`` with C read from the first layer.
     """
-    proto = to_onnx(model, opset, int4, input_shape, meta)
+    proto = to_onnx(model, opset, int4, input_shape, meta, kernels, calib, plan)
     return atomic_write_bytes(path, proto.SerializeToString())
 
 
-def ort_session(path: str | Path, threads: int = 1):
-    """An onnxruntime CPU ``InferenceSession`` with ``threads`` intra-op threads."""
+def ort_session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None):
+    """An onnxruntime CPU ``InferenceSession`` with ``threads`` intra-op threads; with
+    ``optimized_path``, onnxruntime saves the graph it optimized there (what actually runs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -5,10 +5,12 @@
 least significant first: code ``i`` occupies stream bits ``i*b .. i*b + b - 1`` and stream bit ``k``
 is bit ``k % 8`` of byte ``k // 8``. So int8 is one code per byte and int4 is two per byte (low
 nibble first), while int3 and int2 cross byte boundaries without wasting bits. Padding bits in
-the last byte are zero; :func:`unpack` refuses a stream whose padding is not.
+the last byte are zero; :func:`unpack` refuses a stream whose padding is not. The bit stream
+is ``numpy.unpackbits``/``packbits`` with ``bitorder="little"`` (codes fit a byte, 2..8 bits).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError, MergeqError
@@ -34,18 +36,14 @@ def pack(codes: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise ExportError(f"pack needs an integer tensor, got {codes.dtype}")
     lo, hi = qrange(bits, signed)
-    flat = codes.detach().flatten().to(torch.int64)
+    flat = codes.detach().cpu().flatten().to(torch.int64)
     if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
         kind = "signed" if signed else "unsigned"
         raise ExportError(f"codes span [{int(flat.min())}, {int(flat.max())}], outside the {kind} "
                           f"{bits}-bit range [{lo}, {hi}]")
-    u = flat - lo  # offset 2^(b-1) for signed codes, 0 for unsigned
-    shifts = torch.arange(bits, dtype=torch.int64)
-    stream = ((u[:, None] >> shifts) & 1).flatten()  # LSB first, n * bits entries
-    nbytes = packed_size(flat.numel(), bits)
-    stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int64)
-    return (stream.reshape(nbytes, 8) * weights).sum(dim=1).to(torch.uint8)
+    u = (flat - lo).numpy().astype(np.uint8)  # offset 2^(b-1) for signed codes, 0 for unsigned
+    bits_lsb_first = np.unpackbits(u[:, None], axis=1, count=bits, bitorder="little")  # [n, bits]
+    return torch.from_numpy(np.packbits(bits_lsb_first.ravel(), bitorder="little"))
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int, signed: bool = True) -> torch.Tensor:
@@ -63,9 +61,8 @@ def unpack(packed: torch.Tensor, bits: int, n: int, signed: bool = True) -> torc
     want = packed_size(n, bits)
     if packed.numel() != want:
         raise CheckpointError(f"{n} codes of {bits} bits need {want} bytes, found {packed.numel()}")
-    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, dtype=torch.int64)) & 1).flatten()
-    if bool(stream[n * bits:].any()):
+    stream = np.unpackbits(packed.cpu().numpy(), bitorder="little")
+    if stream[n * bits:].any():
         raise CheckpointError(f"padding bits after the {n} packed {bits}-bit codes are not zero")
-    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int64)
-    u = (stream[: n * bits].reshape(n, bits) * weights).sum(dim=1)
-    return u + qrange(bits, signed)[0]
+    u = np.packbits(stream[: n * bits].reshape(n, bits), axis=1, bitorder="little")[:, 0]
+    return torch.from_numpy(u.astype(np.int64)) + qrange(bits, signed)[0]

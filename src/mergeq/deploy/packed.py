@@ -4,7 +4,9 @@ Layout (all in one ``.safetensors`` file, nothing unpickled on load):
 
 * ``{layer}.weight.codes`` (uint8): the layer's signed weight codes, bit-stream packed with
   :func:`mergeq.deploy.pack.pack` (``ceil(n * w_bits / 8)`` bytes);
-* ``{layer}.w_step`` (float32 ``[C]``): the per-output-channel steps;
+* ``{layer}.w_step`` (float32 ``[C]``): the per-output-channel steps, or ``[C, G]`` for grouped
+  steps (GPTQ ``group_size``) with ``{layer}.w_group`` (int32 ``[n]``): the group of each of the
+  ``n`` flattened input columns (:mod:`mergeq.deploy.groups`; format version 2);
 * ``{layer}.act_quant.step`` (float32 scalar): the input-activation step, for layers with
   activation quantization;
 * every other tensor of the state dict (biases, BN buffers left unfolded) as float32
@@ -12,10 +14,11 @@ Layout (all in one ``.safetensors`` file, nothing unpickled on load):
 
 The header metadata key ``mergeq`` holds JSON: ``format``, ``format_version``,
 ``mergeq_version``, ``quant_layers`` (per layer ``kind``, weight ``shape``, ``w_bits``,
-``a_bits``, ``a_signed``), ``identity_modules`` (folded BatchNorms), the architecture to rebuild
-(``arch``, ``num_classes``, ``arch_kwargs``) and provenance (``bits``, ``method``, ``merge``,
-``domains``, ...). :func:`load_packed` rebuilds a model whose dequantized weights
-(``codes * w_step``) are bit-identical to the exported model's.
+``a_bits``, ``a_signed``, ``groups``: G or null), ``identity_modules`` (folded BatchNorms), the
+architecture to rebuild (``arch``, ``num_classes``, ``arch_kwargs``) and provenance (``bits``,
+``method``, ``merge``, ``domains``, ...). :func:`load_packed` rebuilds a model whose dequantized weights
+(``codes * w_step``) are bit-identical to the exported model's. Files without grouped steps
+are written as format version 1, which earlier readers understand.
 """
 from __future__ import annotations
 
@@ -37,11 +40,13 @@ from ..io import atomic_write_bytes
 from ..nn.fold import set_module
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant import check_bits, quantize_int
+from .groups import expand_steps, is_grouped, weight_groups
 from .pack import ExportError, pack, packed_size, unpack
 
-FORMAT, FORMAT_VERSION = "mergeq-packed", 1
+FORMAT, FORMAT_VERSION, GROUPED_VERSION = "mergeq-packed", 1, 2
 _LAYER_KEYS = ("kind", "shape", "w_bits", "a_bits", "a_signed")
 _QM_STATE = ("weight", "w_step", "act_quant.step", "act_quant.signed", "act_quant.initialized")
+_GROUP_KEY = "w_group"
 
 
 def check_exportable(model: nn.Module) -> list[tuple[str, QuantModule]]:
@@ -61,9 +66,6 @@ def check_exportable(model: nn.Module) -> list[tuple[str, QuantModule]]:
             check_bits(m.act_quant.bits, f"activation bits of {name}")
             if not bool(m.act_quant.initialized):
                 raise ExportError(f"activation quantizer of {name} was never calibrated")
-        if m.w_step.numel() != m.weight.shape[0]:
-            raise ExportError(f"{name} has grouped weight steps (GPTQ group_size); export stores one step "
-                              "per output channel: quantize without group_size to export")
         if not m.on_grid():
             raise ExportError(f"weight of {name} is not on its {m.w_bits}-bit grid; "
                               "call QuantModule.finalize() before exporting")
@@ -89,7 +91,8 @@ def packed_metadata(model: nn.Module, meta: dict | None = None) -> dict[str, Any
         "merge": meta.get("merge"), "domains": domains,
         "quant_layers": {
             n: {"kind": m.kind, "shape": list(m.weight.shape), "w_bits": m.w_bits, "a_bits": m.a_bits,
-                "a_signed": bool(m.act_quant.signed) if m.act_quant is not None else None}
+                "a_signed": bool(m.act_quant.signed) if m.act_quant is not None else None,
+                "groups": weight_groups(m)[0].shape[1] if is_grouped(m) else None}
             for n, m in qms
         },
         "identity_modules": [n for n, m in model.named_modules() if isinstance(m, nn.Identity)],
@@ -111,12 +114,18 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict | None = None) ->
             state.pop(f"{name}.{key}", None)
         codes = quantize_int(m.weight.detach().cpu(), m.w_step.cpu(), m.w_bits).to(torch.int64)
         tensors[f"{name}.weight.codes"] = pack(codes, m.w_bits)
-        tensors[f"{name}.w_step"] = m.w_step.detach().cpu().float().flatten().contiguous()
+        steps, g_idx = weight_groups(m)
+        tensors[f"{name}.w_step"] = steps.flatten() if g_idx is None else steps
+        if g_idx is not None:
+            tensors[f"{name}.{_GROUP_KEY}"] = g_idx.to(torch.int32)
         if m.act_quant is not None:
             tensors[f"{name}.act_quant.step"] = m.act_quant.step.detach().cpu().float().reshape(())
     for key, t in state.items():
         tensors[key] = (t.float() if t.is_floating_point() else t).contiguous()
-    header = {"format": FORMAT, "mergeq": json.dumps(packed_metadata(model, meta), default=str)}
+    info = packed_metadata(model, meta)
+    if any(is_grouped(m) for _, m in qms):
+        info["format_version"] = GROUPED_VERSION
+    header = {"format": FORMAT, "mergeq": json.dumps(info, default=str)}
     return atomic_write_bytes(path, st_save(tensors, metadata=header))
 
 
@@ -164,12 +173,25 @@ def _layer_state(name: str, spec: dict, tensors: dict[str, torch.Tensor], path: 
                               f"{packed_size(n, w_bits)} bytes, found {packed.numel()}")
     codes = unpack(packed, w_bits, n).reshape(shape)
     step = _need(tensors, f"{name}.w_step", path)
-    if step.dtype != torch.float32 or tuple(step.shape) != (channels,):
-        raise CheckpointError(f"w_step of {name} in {path} must be float32 of shape [{channels}], "
+    groups = spec.get("groups")
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+        raise CheckpointError(f"groups of {name} in {path} must be a positive integer or null, got {groups!r}")
+    want = [channels] if groups is None else [channels, groups]
+    if step.dtype != torch.float32 or list(step.shape) != want:
+        raise CheckpointError(f"w_step of {name} in {path} must be float32 of shape {want}, "
                               f"got {step.dtype} {list(step.shape)}")
     if not (torch.isfinite(step).all() and (step > 0).all()):
         raise CheckpointError(f"w_step of {name} in {path} has non-positive or non-finite entries")
-    step = step.reshape((channels,) + (1,) * (len(shape) - 1))
+    g_idx = None
+    if groups is not None:
+        g_idx = _need(tensors, f"{name}.{_GROUP_KEY}", path)
+        cols = n // channels
+        if g_idx.dtype != torch.int32 or list(g_idx.shape) != [cols] or int(g_idx.min()) < 0 \
+                or int(g_idx.max()) >= groups:
+            raise CheckpointError(f"{_GROUP_KEY} of {name} in {path} must be int32 of shape [{cols}] "
+                                  f"with groups in [0, {groups})")
+        g_idx = g_idx.long()
+    step = expand_steps(step.reshape(channels, -1), g_idx, shape)
     out = {f"{name}.weight": codes.to(torch.float32) * step, f"{name}.w_step": step}
     if a_bits is not None:
         a_step = _need(tensors, f"{name}.act_quant.step", path)
@@ -191,9 +213,9 @@ def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Modul
     """
     path = Path(path)
     tensors, meta = _read(path)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (FORMAT_VERSION, GROUPED_VERSION):
         raise CheckpointError(f"{path} has packed format version {meta.get('format_version')!r}; "
-                              f"this mergeq reads version {FORMAT_VERSION}")
+                              f"this mergeq reads versions {FORMAT_VERSION} and {GROUPED_VERSION}")
     required = ("quant_layers", "identity_modules") + (() if template is not None else ("num_classes",))
     missing = [k for k in required if k not in meta] + ([] if template or "arch" in meta or "model" in meta
                                                        else ["arch (or model)"])

@@ -16,6 +16,7 @@ import torch
 from ..adapt.shot import shot
 from ..checkpoint import model_from_checkpoint, save_model
 from ..data import Benchmark, load_data
+from ..data_utils import take
 from ..errors import MergeqError
 from ..eval import accuracy, evaluate, linear_path, loss_surface
 from ..io import atomic_write_text, check_out_dir, check_out_file, write_json
@@ -61,6 +62,25 @@ def checkpoint_data(meta: dict, cfg: Config, domains: list[str]) -> tuple[Benchm
 
 def _domain(bench: Benchmark, name: str):
     return bench.source if name == bench.source.name else bench.targets[name]
+
+
+def export_calibration(meta: dict, size: int) -> torch.Tensor:
+    """Calibration images for integer-kernel export: the calibration splits of the checkpoint's
+    domains (``domains`` of a merge, else its ``domain``), the same number from each."""
+    from ..deploy import ExportError
+
+    domains = meta.get("domains") or ([meta["domain"]] if meta.get("domain") else [])
+    if not domains or not ("data" in meta or "benchmark" in meta):
+        raise ExportError("--kernels int8 calibrates on the checkpoint's domains, but its metadata names "
+                          "no domains or no data")
+    bench, _ = checkpoint_data(meta, Config(), domains)
+    known = [bench.source.name, *bench.targets]
+    unknown = [d for d in domains if d not in known]
+    if unknown:
+        raise ExportError(f"domains {unknown} are not in the checkpoint's data; known: {known}")
+    per = -(-size // len(domains))
+    parts = [take(split, range(min(per, len(split))))[0] for split in (_domain(bench, d).train for d in domains)]
+    return torch.cat(parts)[:size]
 
 
 def train_source(config: Config, out: str | Path, progress: bool = False) -> dict[str, float]:

@@ -32,7 +32,7 @@ layers are already GPTQ-quantized (``sequential=False``: from the full-precision
 activation quantization configured, X is the input after the layer's calibrated activation
 quantizer (what the layer multiplies); activation steps are not changed. Bias is kept. The arithmetic is float64; the result is cast back and lies exactly on the grid. Grouped
 steps are stored per weight element (``QuantModule.w_step`` then has the weight's shape), so
-every elementwise use of the step works unchanged; packed/ONNX export accept per-channel steps only.
+every elementwise use of the step works unchanged; packed/ONNX export store them per group (mergeq.deploy.groups).
 """
 from __future__ import annotations
 
