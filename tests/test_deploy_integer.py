@@ -15,7 +15,7 @@ from mergeq.deploy.integer import Grid, qadd_codes
 from mergeq.models import ARCHITECTURES, build_model, resnet8, vit_tiny
 from mergeq.nn import quant_modules
 from mergeq.ptq import quantize
-from mergeq.zoo import save_model
+from mergeq.checkpoint import save_model
 
 from .conftest import randomize_bn
 
