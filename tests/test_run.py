@@ -150,3 +150,19 @@ def test_threads_are_validated_and_applied(model_cache):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_rows_in_worker_processes_equal_rows_computed_in_process(model_cache, tmp_path):
+    """runtime.workers: rows run side by side in spawned processes, with threads // workers torch
+    threads each (1 here, as in-process), give the same numbers, recorded in plan order."""
+    changes = {"ptq.methods": ["qdrop", "rtn"], "ptq.bits": ["W4A4", "W3A3"], "ptq.options": {"qdrop": {"iters": 4}}}
+    seq = run(tiny_config(model_cache, changes), tmp_path / "seq")
+    par = run(tiny_config(model_cache, {**changes, "runtime.workers": 2}), tmp_path / "par")
+    keys = [(r["method"], r["w_bits"], r["a_bits"]) for r in par["rows"]]
+    assert keys == [("qdrop", 4, 4), ("rtn", 4, 4), ("qdrop", 3, 3), ("rtn", 3, 3)]
+    assert _same(par["rows"], seq["rows"]) and par["fp"] == seq["fp"]
+    assert seq["compute"] == {"threads": 1, "workers": 1, "row_threads": 1}  # null: one worker per torch thread
+    assert par["compute"] == {"threads": 1, "workers": 2, "row_threads": 1}
+    assert yaml.safe_load((tmp_path / "par" / "config.yaml").read_text())["runtime"]["workers"] == 2
+    with pytest.raises(MergeqError, match="runtime.workers: must be at least 1"):
+        tiny_config(model_cache, {"runtime.workers": 0})

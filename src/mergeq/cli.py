@@ -31,6 +31,7 @@ PMQ = {"--merges": "pmq.merges", "--methods": "pmq.methods", "--bits": "pmq.bits
 TTA = {"--methods": "tta.methods", "--bits": "tta.bits", "--streams": "tta.streams", "--imbalance": "tta.imbalance",
        "--severity": "tta.severity", "--corruptions": "tta.corruptions", "--n-images": "tta.n_images",
        "--cifar10c": "tta.cifar10c", "--batch-size": "tta.batch_size", "--lr": "tta.tent.lr"}
+WORKERS = {"--workers": "runtime.workers"}
 ONE = {"--method": "ptq.methods", "--bits": "ptq.bits"}  # one value, recorded as a one-item list
 HELP = {"data.targets": "comma-separated target domains (default: every domain but the source)",
         "merge.rounding_options.samples": "noise samples drawn by --rounding noise/noise-ties (default 30/100)",
@@ -170,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bar.set_postfix_str(text[:100])
         bar.update(i - bar.n)
 
-    run_grid(load_cli_config(args), args.out, args.executor, args.workers, args.address, progress)
+    run_grid(load_cli_config(args), args.out, args.executor, address=args.address, progress=progress)
     if bar:
         bar.close()
     print((Path(args.out) / "results.md").read_text())
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("run", cmd_run, "train source, adapt experts, quantize each, merge, evaluate",
-                COMMON, TARGETS, PTQ, MERGE)
+                COMMON, TARGETS, PTQ, MERGE, WORKERS)
     p.add_argument("--out", default="runs/digits", help="output folder (default runs/digits)")
 
     p = command("pmq", cmd_pmq, "merge full-precision experts first, then quantize the merged model (E-PMQ)",
@@ -308,12 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/tta", help="output folder (default runs/tta)")
 
     p = command("bench", cmd_bench, "run a resumable grid of methods x bits x target sets x seeds",
-                COMMON, {"--methods": "ptq.methods", "--bits": "ptq.bits"})
+                COMMON, {"--methods": "ptq.methods", "--bits": "ptq.bits"}, WORKERS)
     p.add_argument("grid", nargs="?", help="grid config (the same as --config): ptq.methods x ptq.bits x "
                    "grid.target_sets x grid.seeds")
     p.add_argument("--out", required=True, help="output folder: cells/*.json, results.json/.md, bench.csv, PNG")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
-    p.add_argument("--workers", type=int, default=1, help="local process pool size")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
 
     p = command("train-source", cmd_train_source, "train (or reuse the cached) source model and save it",

@@ -20,9 +20,9 @@ axes may grow; anything else that differs is refused). A cell is computed under 
 lock (``.locks/<key>.lock``, released by the OS when its holder dies), so runs started side by
 side on one ``out`` split the cells: a cell locked by another process is put off, then waited
 for (and computed if that process died). Pool workers exit when their parent process dies.
-``local`` runs cells in a process pool (``workers``); ``ray`` submits each cell as a Ray task
-(to ``address``, or a local Ray instance) holding one CPU, or one GPU when ``runtime.device`` is
-cuda; ``out`` and ``runtime.cache_dir`` are made absolute on the driver, so they must name the
+``local`` runs cells in a process pool (``runtime.workers``, default 1; changes no number);
+``ray`` submits each cell as a Ray task (to ``address``, or a local Ray instance) holding one
+CPU, or one GPU when ``runtime.device`` is cuda; ``out`` and ``runtime.cache_dir`` are made absolute on the driver, so they must name the
 same (shared) folder on every node. ``results.json`` / ``results.md`` (paper Table 2 form),
 ``bench.csv`` and ``hmean_vs_bits.png`` are rebuilt from the cell files at the end.
 """
@@ -32,7 +32,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from ..io import file_lock, read_json, write_json
 from ..quant.config import parse_bits
 from ..data import load_data
 from .config import Config, resolve
-from .pool import Pool
+from .pool import Pool, exit_with_parent
 from .store import RunDir
 
 log = logging.getLogger(__name__)
@@ -146,16 +145,6 @@ def _split_with_others(runner: Runner, cells: list[Cell]) -> Iterable[dict]:
         yield from (res for _, res in runner(busy, True))
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Pool-worker initializer: exit as soon as the parent process is gone (killed or crashed)."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _local(grid: dict, out: str, workers: int, started: Callable[[str], None]) -> Runner:
     def runner(cells: list[Cell], wait: bool):
         if workers <= 1:
@@ -167,7 +156,7 @@ def _local(grid: dict, out: str, workers: int, started: Callable[[str], None]) -
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
                                  initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_cell, grid, c, out, wait): c for c in cells}
             for f in as_completed(futures):
@@ -201,7 +190,7 @@ def _ray(grid: dict, out: str, address: str | None, started: Callable[[str], Non
     return runner
 
 
-def run_grid(config: Config, out: str | Path, executor: str = "local", workers: int = 1,
+def run_grid(config: Config, out: str | Path, executor: str = "local", workers: int | None = None,
              address: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
     """Run every unfinished cell of the grid ``config`` into ``out``; return every cell result there.
 
@@ -225,6 +214,7 @@ def run_grid(config: Config, out: str | Path, executor: str = "local", workers: 
     report = progress or (lambda i, n, text: None)
     started = lambda what: report(done, len(todo), f"running {what}")  # noqa: E731
     grid = requested.to_dict()
+    workers = workers or config.runtime.workers or 1
     runner = _local(grid, str(out), workers, started) if executor == "local" else _ray(grid, str(out), address, started)
     t0 = time.perf_counter()
     for done, res in enumerate(_split_with_others(runner, todo), start=1):

@@ -12,7 +12,7 @@
     pmq: {merges: [task_arithmetic, ties], methods: [rtn, gptq, epmq], bits: [W4, W3]}
     tta: {methods: [...], bits: [W4A4, W2A4], streams: [balanced, imbalanced], severity: 5, ...}
     grid: {target_sets: null, seeds: null}                      # mergeq bench's axes
-    runtime: {seed: 0, device: cpu, threads: null, cache_dir: .mergeq-cache}
+    runtime: {seed: 0, device: cpu, threads: null, workers: null, cache_dir: .mergeq-cache}
 
 Every command reads the same sections: ``run`` (data, model, adapt, ptq, merge, runtime),
 ``pmq`` (ptq's calib_size/first_last_bits/step_method/options, merge.options, pmq), ``tta``
@@ -129,6 +129,9 @@ class Runtime:
     device: str = opt("cpu", help="torch device, e.g. cpu or cuda")
     threads: int | None = opt(None, help="torch CPU threads (None: torch's); a seeded CPU run repeats bit "
                                          "for bit per thread count")
+    workers: int | None = opt(None, help="processes computing rows (run: each with threads // workers torch "
+                                         "threads; None: one per torch thread, up to the rows to compute) or cells "
+                                         "(bench; None: 1) side by side")
     cache_dir: str = opt(".mergeq-cache", help="where trained source and expert models are cached")
 
 
@@ -213,6 +216,7 @@ class Config:
         if self.grid.seeds is not None:
             check_unique("grid.seeds", self.grid.seeds)
         _at_least("runtime.threads", r.threads, 1)
+        _at_least("runtime.workers", r.workers, 1)
         _check("runtime.device", lambda: _device(r.device))
 
 

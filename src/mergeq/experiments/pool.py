@@ -21,7 +21,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import statistics
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -239,3 +242,13 @@ def _check_entry(path: Path, stored: dict, meta: dict, key: str) -> None:
         raise CheckpointError(f"cache entry {path} holds another model (role {stored.get('role')!r}, domain "
                               f"{stored.get('domain')!r}, key {stored.get('cache_key')!r}) than its name says")
 
+
+
+def exit_with_parent(parent: int) -> None:
+    """Process-pool initializer: exit as soon as the parent process is gone (killed or crashed)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()

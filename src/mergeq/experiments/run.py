@@ -10,18 +10,24 @@ model before adaptation, every domain), "fp": {"experts": {d: acc}, "merged": {d
 "fp_bn_mixture" (merge of unfolded experts with mixed BN statistics), "rows": [{"method",
 "w_bits", "a_bits", "experts": {d: acc}, "ptq": {d: {"changed_codes", "recon_loss": {unit: err}}},
 "merged": {d: acc, "hmean"[, "repeats": {"seeds", "hmeans", "std"}]}, "seconds",
-"seconds_per_expert"}]}; accuracies are fractions.
+"seconds_per_expert"}], "compute": {"threads", "workers", "row_threads"} (of the rows computed in
+the latest run)}; accuracies are fractions.
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from ..eval import accuracy
 from ..quant.config import parse_bits
 from .config import Config
-from .pool import Pool, ptq_report
+from .pool import Pool, exit_with_parent, ptq_report
 from .store import RunDir
 
 
@@ -48,11 +54,40 @@ def header(pool: Pool) -> dict[str, Any]:
     return {"benchmark": pool.bench.name, "targets": pool.targets, "seed": pool.seed, "preset": pool.cfg.preset}
 
 
+def _row_in_worker(config: dict[str, Any], key: tuple, threads: int, row_threads: int) -> dict[str, Any]:
+    """One row in a worker process: the pool's models read from the cache under the parent's
+    thread count (part of their cache key), the row computed with ``row_threads`` threads."""
+    torch.set_num_threads(threads)
+    pool = Pool(Config.from_dict(config).updated({"runtime.threads": threads}))
+    pool.experts, pool.source  # noqa: B018 (read from the cache, which the parent filled)
+    torch.set_num_threads(row_threads)
+    return row(pool, key[0], key[1:])
+
+
 def run(config: Config, out: str | Path, progress: bool = False,
         on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Every row of ``config`` into ``out`` (resuming what is there); the results dict."""
+    """Every row of ``config`` into ``out`` (resuming what is there); the results dict.
+
+    The models are trained here; the rows still to compute then run side by side in ``workers``
+    spawned processes (``runtime.workers``; None: one per torch thread, at most one per row), each
+    with ``threads // workers`` torch threads and exiting if this process dies. Rows are recorded,
+    and written, in plan order; ``results["compute"]`` records the thread count and workers."""
     store = RunDir(out, "run")
     pool = Pool(config, progress)
     cfg, done = store.begin(pool.cfg)
     results: dict[str, Any] = {**header(pool), **pool.fp_results(), "rows": []}
-    return store.fill(results, plan(cfg), done, set(plan(pool.cfg)), lambda key: row(pool, key[0], key[1:]), on_row)
+    keys, todo = plan(cfg), set(plan(pool.cfg))
+    pending = [k for k in keys if k in todo and k not in done]
+    threads = torch.get_num_threads()
+    workers = max(1, min(pool.cfg.runtime.workers or threads, len(pending)))
+    row_threads = threads if workers == 1 else max(1, threads // workers)
+    results["compute"] = {"threads": threads, "workers": workers, "row_threads": row_threads}
+    if workers == 1:
+        return store.fill(results, keys, done, todo, lambda key: row(pool, key[0], key[1:]), on_row)
+    executor = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                                   initargs=(os.getpid(),))
+    try:
+        futures = {k: executor.submit(_row_in_worker, pool.cfg.to_dict(), k, threads, row_threads) for k in pending}
+        return store.fill(results, keys, done, todo, lambda key: futures[key].result(), on_row)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)

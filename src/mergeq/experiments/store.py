@@ -53,7 +53,7 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("tta", ("tta.methods", "tta.bits", "tta.streams"),
                ("data.targets", "ptq.methods", "ptq.bits", "merge", "pmq", "grid"),
                lambda r: (r["stream"], r["method"], r["bits"])),
-    Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds"), ("pmq", "tta"),
+    Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds"), ("pmq", "tta", "runtime.workers"),
                lambda r: r["key"]),
 )}
 
