@@ -117,6 +117,36 @@ def tables(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def margins(results: list[dict], method: str = "hdrq", variant: str = "paper") -> str:
+    """Per bits and budget: ``method`` (its ``variant``) minus the best baseline, per seed. Each
+    baseline takes the schedule with the best mean over seeds at that budget (chosen on the same
+    seeds: this favours the baselines), then the best of those per seed."""
+    by = series(results)
+    lines = ["| bits | iters/unit | baselines (schedule) | " + f"{method} − best baseline, per seed | mean |",
+             "|---|---:|---|---|---:|"]
+    for (bits, m, v), by_iters in by.items():
+        if (m, v) != (method, variant):
+            continue
+        for iters, own in by_iters.items():
+            chosen = {}
+            for (b2, m2, v2), other in by.items():
+                rs = other.get(iters, [])
+                if b2 != bits or m2 == method or not rs:
+                    continue
+                mean = statistics.mean(r["merged"]["hmean"] for r in rs)
+                if m2 not in chosen or mean > chosen[m2][0]:
+                    chosen[m2] = (mean, v2, {r["seed"]: r["merged"]["hmean"] for r in rs})
+            seeds = [r["seed"] for r in own if all(r["seed"] in c[2] for c in chosen.values())]
+            if not chosen or not seeds:
+                continue
+            own_h = {r["seed"]: r["merged"]["hmean"] for r in own}
+            diffs = [100 * (own_h[k] - max(c[2][k] for c in chosen.values())) for k in seeds]
+            names = ", ".join(f"{m2} ({c[1]})" for m2, c in sorted(chosen.items()))
+            per = ", ".join(f"seed {k}: {d:+.1f}" for k, d in zip(seeds, diffs))
+            lines.append(f"| {bits} | {iters} | {names} | {per} | {statistics.mean(diffs):+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -158,13 +188,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--only", default=None, help="run only jobs whose key contains this text")
+    ap.add_argument("--report", action="store_true", help="run nothing: rebuild the tables and PNG from out/jobs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = yaml.safe_load(Path(args.config).read_text())
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", Path(args.config).read_text())
-    jobs = [j for j in jobs_of(cfg) if args.only is None or args.only in key_of(j)]
+    if not args.report:
+        atomic_write_text(out / "config.yaml", Path(args.config).read_text())
+    jobs = [j for j in jobs_of(cfg) if not args.report and (args.only is None or args.only in key_of(j))]
     todo = sorted((j for j in jobs if not (out / "jobs" / f"{key_of(j)}.json").exists()),
                   key=lambda j: (j[4], j[0], j[1], j[2], j[3]))  # small budgets first: every curve grows
     for seed in sorted({j[0] for j in todo}):
@@ -178,7 +210,9 @@ def main() -> None:
             print(f"[{n}/{len(todo)} {time.perf_counter() - t0:.0f} s] {r['key']}: merged {100 * r['merged']['hmean']:.1f}",
                   flush=True)
     results = [json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))]
-    atomic_write_text(out / "convergence.md", tables(results))
+    if not results:
+        raise SystemExit(f"no finished jobs in {out / 'jobs'}")
+    atomic_write_text(out / "convergence.md", tables(results) + "\n### HDRQ minus the best baseline\n\n" + margins(results))
     plot(results, out / "convergence.png")
     print(f"wrote {out / 'convergence.md'} and {out / 'convergence.png'}")
 
