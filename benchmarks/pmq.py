@@ -54,18 +54,21 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "epmq"])
     ap.add_argument("--bits", nargs="+", default=["W4", "W3"])
     ap.add_argument("--anchor", type=float, default=1.0)
+    ap.add_argument("--calib-size", type=int, default=None, help="calibration images in all (default: the config's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     base = load_config(args.config) if args.config else Config()
     runs = {}
     for seed in args.seeds:
         cfg = base.updated({"runtime.seed": seed, "pmq.merges": args.merges, "pmq.methods": args.methods,
-                            "pmq.bits": args.bits, "ptq.options.epmq.anchor": args.anchor})
+                            "pmq.bits": args.bits, "ptq.options.epmq.anchor": args.anchor,
+                            **({"ptq.calib_size": args.calib_size} if args.calib_size else {})})
         runs[seed] = run_pmq(cfg, Path(args.out) / f"seed{seed}", progress=True)
     command = "python benchmarks/pmq.py " + " ".join(
         ([f"--config {args.config}"] if args.config else []) + [f"--seeds {' '.join(map(str, args.seeds))}"]
         + ([f"--bits {' '.join(args.bits)}"] if args.bits != ["W4", "W3"] else [])
-        + ([f"--anchor {args.anchor}"] if args.anchor != 1.0 else []) + [f"--out {args.out}"])
+        + ([f"--anchor {args.anchor}"] if args.anchor != 1.0 else [])
+        + ([f"--calib-size {args.calib_size}"] if args.calib_size else []) + [f"--out {args.out}"])
     text = table(runs, command)
     atomic_write_text(Path(args.out) / "pmq.md", text)
     print(text)
