@@ -160,3 +160,16 @@ def test_epmq_bad_inputs():
         quantize(e, "epmq", d, config=CFG, experts=[e, wide], expert_calib=[d, d])
     with pytest.raises(IncompatibleModelsError):
         quantize(e, "epmq", d, config=CFG, experts=[wide], expert_calib=[d])
+
+
+def test_too_little_calibration_per_expert_is_a_warning(caplog):
+    from mergeq.ptq.epmq import MIN_EXPERT_CALIB
+
+    e = _mlp(0)
+    few, enough = _data(1, n=MIN_EXPERT_CALIB - 1), _data(2, n=MIN_EXPERT_CALIB)
+    with caplog.at_level("WARNING", logger="mergeq.ptq.epmq"):
+        quantize(e, "epmq", enough, config=CFG, experts=[e, e], expert_calib=[enough, enough])
+        assert not caplog.records
+        quantize(e, "epmq", enough, config=CFG, experts=[e, e], expert_calib=[enough, few])
+    (rec,) = caplog.records
+    assert f"expert_calib [1] holds fewer than {MIN_EXPERT_CALIB} inputs ({MIN_EXPERT_CALIB - 1})" in rec.getMessage()

@@ -40,6 +40,7 @@ one independent term per group, and W* and GPTQ are computed group by group.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,10 @@ from .base import PTQContext
 from .gptq import GPTQOptions, group_rows, input_hessian, layer_order, quantize_layer
 
 _OWN = ("experts", "expert_calib")  # the experts and their data: objects, passed at call time
+# Below this many calibration inputs per expert E-PMQ fell below GPTQ on some seeds (docs/RESULTS.md
+# §11, `benchmarks/pmq.py --calib-size`): each expert's term is then fitted to too few inputs.
+MIN_EXPERT_CALIB = 85
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +80,12 @@ def _experts(ctx: PTQContext, experts, expert_calib) -> tuple[list[nn.Module], l
         raise ValueError(f"epmq: got {len(experts)} experts but {len(expert_calib)} expert_calib entries")
     check_mergeable(experts)
     data = [as_tensor(d, what=f"expert_calib[{k}]") for k, d in enumerate(expert_calib)]
+    small = {k: len(d) for k, d in enumerate(data) if len(d) < MIN_EXPERT_CALIB}
+    if small:
+        log.warning("E-PMQ: expert_calib %s hold%s fewer than %d inputs (%s); with that little data per expert "
+                    "E-PMQ was measured below GPTQ on some seeds (docs/RESULTS.md §11): give each expert more "
+                    "calibration inputs, or compare with gptq", sorted(small), "s" if len(small) == 1 else "",
+                    MIN_EXPERT_CALIB, ", ".join(f"{n}" for n in small.values()))
     example = ctx.calib[:2].to(ctx.device)
     ref = {k: v.shape for k, v in ctx.fp_model.state_dict().items()}
     folded = []
