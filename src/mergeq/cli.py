@@ -34,7 +34,7 @@ TTA = {"--methods": "tta.methods", "--bits": "tta.bits", "--streams": "tta.strea
 WORKERS = {"--workers": "runtime.workers"}
 ONE = {"--method": "ptq.methods", "--bits": "ptq.bits"}  # one value, recorded as a one-item list
 HELP = {"data.targets": "comma-separated target domains (default: every domain but the source)",
-        "merge.rounding_options.samples": "noise samples drawn by --rounding noise/noise-ties (default 30/100)",
+        "merge.rounding_options.samples": "noise candidates per merge for --rounding noise/noise-ties (default 100)",
         "ptq.options.epmq.anchor": "E-PMQ merged-weight anchoring weight (default 1.0)",
         "tta.tent.lr": "TENT / ABL learning rate (default 1e-3, Adam)"}
 

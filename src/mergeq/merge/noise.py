@@ -14,6 +14,13 @@ merges (docs/RESULTS.md §6: a higher mean hmean in all four cells, by 0.4-0.7 p
 higher minimum in three of four). ``filter=False``
 returns the first sample (the unfiltered distribution).
 
+``samples`` (candidates per merge) defaults to 100, the reference code's count. The paper's
+"mean results from 30 sampled weights" is the number of merges averaged for reporting
+(``merge.repeats``). Measured on the three-target HDRQ merges (docs/RESULTS.md §6b,
+``benchmarks/merge_candidates.py``): at W3A3, 1-30 candidates gave 82.2-83.9 mean hmean with a
+5-14 point spread between merge seeds; 100 candidates gave 86.2 with a 3.5 point spread. At W4A4
+the count made no difference.
+
 ``noise-ties`` (the authors' reference code, github.com/ewsn1593/HDRQ): start from the
 integer mid-point merge; noise is added only where Σ α_k I_k is ambiguous (for two experts,
 where I_1 + I_2 is odd), in code units, so each tie goes to either neighbour of the mid-point
@@ -54,7 +61,7 @@ def cosine_score(samples: list[torch.Tensor], layers: list[LayerStack], alphas: 
 
 
 @ROUNDINGS.register("noise")
-def noise_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: int = 30, seed: int = 0,
+def noise_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: int = 100, seed: int = 0,
                    select: Literal["layer", "model"] = "layer", anchor: Literal["first", "all"] = "first",
                    filter: bool = True) -> list[torch.Tensor]:
     if samples < 1:
