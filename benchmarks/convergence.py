@@ -212,9 +212,12 @@ def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted((out / "jobs").glob("*.json"))]
     if not results:
         raise SystemExit(f"no finished jobs in {out / 'jobs'}")
-    atomic_write_text(out / "convergence.md", tables(results) + "\n### HDRQ minus the best baseline\n\n" + margins(results))
-    plot(results, out / "convergence.png")
-    print(f"wrote {out / 'convergence.md'} and {out / 'convergence.png'}")
+    margin = margins(results)
+    margin = "\n### HDRQ minus the best baseline\n\n" + margin if margin.count("\n") > 2 else ""
+    atomic_write_text(out / "convergence.md", tables(results) + margin)
+    if len({r["iters"] for r in results}) > 1:  # a curve needs two budgets
+        plot(results, out / "convergence.png")
+    print(f"wrote {out / 'convergence.md'} (and convergence.png for two budgets or more)")
 
 
 if __name__ == "__main__":
