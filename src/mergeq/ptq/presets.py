@@ -5,12 +5,13 @@ images, AdaRound's V trained with Adam at lr 1e-3); for a GPU. ``default`` and `
 sized for a 2-core CPU (300 and 30 iterations per unit).
 
 ``default`` trains AdaRound's V (adaround, brecq, qdrop) at lr 1e-2 instead of 1e-3, chosen from
-the convergence curves (docs/RESULTS.md §3b, ``benchmarks/convergence.py``): at 300 iterations
-with lr 1e-3, V moves too little (4-5% of the codes leave round-to-nearest) and the merged
-W3A3 hmean is 5-8 points below the same method's at 3,000 iterations; at lr 1e-2 the 300-iteration
-hmean of each of the three is within the seed spread of its 3,000-iteration value (79-82 vs
-80-83), i.e. at least 90% of its gain over RTN. HDRQ (lr 1e-3 on the weights) needs no change:
-its merged hmean is highest at 300 iterations. TTAQ keeps lr 1e-3 (not measured).
+the convergence curves (docs/RESULTS.md §3b, ``benchmarks/convergence.py``, W3A3): at 300
+iterations with lr 1e-3, V moves too little (4-5% of the codes leave round-to-nearest) and the
+merged hmean is 3-6 points below the same method's at 3,000 iterations; at lr 1e-2 the
+300-iteration hmean of each of the three (79.4 / 81.9 / 81.2) is within the seed spread of its
+3,000-iteration value (82.0 / 82.7 / 80.0), about 90% or more of its gain over RTN (RTN: 46 ± 9
+in §3). HDRQ (lr 1e-3 on the weights) needs no change: its merged hmean is highest at 300
+iterations. TTAQ keeps lr 1e-3 (not measured). W4A4 was not measured.
 
 ``quick`` is a smoke test: 30 iterations say nothing about the methods' quality.
 (benchmarks/recon_cost.py measures the cost of one step relative to an FP forward+backward.)
