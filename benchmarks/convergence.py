@@ -14,9 +14,10 @@ torch thread each; the models of every seed are trained (or read from the cache)
 ``out/convergence.md`` holds the tables (mean ± std over seeds), ``out/convergence.png`` the curves.
 
 The study file (YAML) gives ``seeds``, ``bits``, ``methods``, ``iters`` (budgets), ``variants``
-(name -> {method: {option: value}}; a variant applies to the methods it names, and the
-variant ``paper`` with no overrides to all; the option ``step_method`` picks the weight grid the
-method starts from) and ``config``, a mergeq config (``preset``, ``data``, ...) for every job.
+(name -> {method: {option: value}}; a variant applies to the methods it names, the variant
+``paper`` to every method, with the overrides it names on top of the preset's options; the
+option ``step_method`` picks the weight grid the method starts from) and ``config``, a mergeq
+config (``preset``, ``data``, ...) for every job.
 """
 from __future__ import annotations
 
@@ -42,9 +43,8 @@ def jobs_of(cfg: dict) -> list[tuple]:
     out = []
     for seed, bits, method, (variant, over), iters in itertools.product(
             cfg["seeds"], cfg["bits"], cfg["methods"], cfg["variants"].items(), cfg["iters"]):
-        if over or variant == "paper":
-            if not over or method in over:
-                out.append((seed, bits, method, variant, iters))
+        if variant == "paper" or method in over:  # paper: every method; another variant: the methods it names
+            out.append((seed, bits, method, variant, iters))
     return out
 
 
