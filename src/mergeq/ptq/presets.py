@@ -11,7 +11,8 @@ merged hmean is 3-6 points below the same method's at 3,000 iterations; at lr 1e
 300-iteration hmean of each of the three (79.4 / 81.9 / 81.2) is within the seed spread of its
 3,000-iteration value (82.0 / 82.7 / 80.0), about 90% or more of its gain over RTN (RTN: 46 ± 9
 in §3). HDRQ (lr 1e-3 on the weights) needs no change: its merged hmean is highest at 300
-iterations. TTAQ keeps lr 1e-3 (not measured). W4A4 was not measured.
+iterations. At W4A4 (§3b) lr 1e-2 is neutral to slightly better (+0.5 to +1.5 at 300 iterations).
+TTAQ keeps lr 1e-3 (not measured).
 
 ``quick`` is a smoke test: 30 iterations say nothing about the methods' quality.
 (benchmarks/recon_cost.py measures the cost of one step relative to an FP forward+backward.)
