@@ -62,13 +62,13 @@ def main() -> None:
     for seed in args.seeds:
         cfg = base.updated({"runtime.seed": seed, "pmq.merges": args.merges, "pmq.methods": args.methods,
                             "pmq.bits": args.bits, "ptq.options.epmq.anchor": args.anchor,
-                            **({"ptq.calib_size": args.calib_size} if args.calib_size else {})})
+                            **({"ptq.calib_size": args.calib_size} if args.calib_size is not None else {})})
         runs[seed] = run_pmq(cfg, Path(args.out) / f"seed{seed}", progress=True)
     command = "python benchmarks/pmq.py " + " ".join(
         ([f"--config {args.config}"] if args.config else []) + [f"--seeds {' '.join(map(str, args.seeds))}"]
         + ([f"--bits {' '.join(args.bits)}"] if args.bits != ["W4", "W3"] else [])
         + ([f"--anchor {args.anchor}"] if args.anchor != 1.0 else [])
-        + ([f"--calib-size {args.calib_size}"] if args.calib_size else []) + [f"--out {args.out}"])
+        + ([f"--calib-size {args.calib_size}"] if args.calib_size is not None else []) + [f"--out {args.out}"])
     text = table(runs, command)
     atomic_write_text(Path(args.out) / "pmq.md", text)
     print(text)

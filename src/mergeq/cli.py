@@ -116,19 +116,26 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet
 
 
+def _experiment(args: argparse.Namespace, fn, line, picture: str) -> int:
+    """Run the experiment ``fn`` into ``--out``, one progress line per row (``line(row)``), then print its table."""
+    def on_row(row: dict) -> None:
+        if _progress(args):
+            print(f"  {line(row)} ({row['seconds']:.0f} s)", file=sys.stderr)
+
+    fn(load_cli_config(args), args.out, progress=_progress(args), on_row=on_row)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, {picture}", file=sys.stderr)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .experiments import run
 
-    def on_row(row: dict) -> None:
-        if _progress(args):
-            a = row["a_bits"] if row["a_bits"] is not None else 32
-            print(f"  {row['method']:>9} W{row['w_bits']}A{a}: merged hmean {100 * row['merged']['hmean']:.1f}% "
-                  f"({row['seconds']:.0f} s)", file=sys.stderr)
+    def line(row: dict) -> str:
+        a = row["a_bits"] if row["a_bits"] is not None else 32
+        return f"{row['method']:>9} W{row['w_bits']}A{a}: merged hmean {100 * row['merged']['hmean']:.1f}%"
 
-    run(load_cli_config(args), args.out, progress=_progress(args), on_row=on_row)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, hmean_vs_bits.png", file=sys.stderr)
-    return 0
+    return _experiment(args, run, line, "hmean_vs_bits.png")
 
 
 def cmd_pmq(args: argparse.Namespace) -> int:
@@ -142,15 +149,8 @@ def cmd_pmq(args: argparse.Namespace) -> int:
 def cmd_tta(args: argparse.Namespace) -> int:
     from .experiments import run_tta
 
-    def on_row(row: dict) -> None:
-        if _progress(args):
-            print(f"  {row['stream']:>10} {row['method']:>10} {row['bits']}: mean error "
-                  f"{100 * row['mean_error']:.1f}% ({row['seconds']:.0f} s)", file=sys.stderr)
-
-    run_tta(load_cli_config(args), args.out, progress=_progress(args), on_row=on_row)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, stream_error.png", file=sys.stderr)
-    return 0
+    return _experiment(args, run_tta, lambda row: f"{row['stream']:>10} {row['method']:>10} {row['bits']}: mean "
+                       f"error {100 * row['mean_error']:.1f}%", "stream_error.png")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
