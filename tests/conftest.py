@@ -104,7 +104,7 @@ def images() -> torch.Tensor:
 
 TINY = {
     "preset": "quick", "data": {"targets": ["uci", "noisy"]}, "model": {"name": "resnet8", "kwargs": {"width": 4}},
-    "adapt": {"source": {"epochs": 1}, "shot": {"epochs": 1}},
+    "adapt": {"source": {"epochs": 1, "min_steps": 0}, "shot": {"epochs": 1, "min_steps": 0}},  # one pass each
     "ptq": {"methods": ["rtn"], "bits": ["W8A8", "W3A3"], "calib_size": 64}, "runtime": {"threads": 1},
 }
 

@@ -30,14 +30,14 @@ def _equal(a, b):
 @pytest.fixture(scope="module")
 def source_model():
     torch.manual_seed(0)
-    return train_source(resnet8(width=8), _toy(), SourceConfig(epochs=1, batch_size=16), seed=0)
+    return train_source(resnet8(width=8), _toy(), SourceConfig(steps=4, batch_size=16), seed=0)
 
 
 def test_train_source_copies_and_is_deterministic():
     torch.manual_seed(0)
     init = resnet8(width=8)
     before = _state(init)
-    cfg = SourceConfig(epochs=1, batch_size=16, noise=0.1)
+    cfg = SourceConfig(steps=4, batch_size=16, noise=0.1)
     a = train_source(init, _toy(), cfg, seed=1)
     b = train_source(init, _toy(), cfg, seed=1)
     assert _equal(_state(init), before)
@@ -49,7 +49,7 @@ def test_train_source_copies_and_is_deterministic():
 
 def test_shot_freezes_head_and_leaves_input_untouched(source_model):
     before = _state(source_model)
-    expert = shot(source_model, _toy(48, seed=5), ShotConfig(epochs=2, batch_size=16), seed=0)
+    expert = shot(source_model, _toy(48, seed=5), ShotConfig(steps=6, batch_size=16), seed=0)
     assert _equal(_state(source_model), before)
     head, src_head = get_classifier(expert), get_classifier(source_model)
     assert torch.equal(head.weight, src_head.weight) and torch.equal(head.bias, src_head.bias)
@@ -58,7 +58,7 @@ def test_shot_freezes_head_and_leaves_input_untouched(source_model):
 
 
 def test_shot_is_bit_deterministic(source_model):
-    cfg = ShotConfig(epochs=2, batch_size=16)
+    cfg = ShotConfig(steps=6, batch_size=16)
     data = _toy(48, seed=5)
     a, b = shot(source_model, data, cfg, seed=3), shot(source_model, data, cfg, seed=3)
     assert _equal(_state(a), _state(b))
@@ -69,7 +69,7 @@ def test_shot_is_bit_deterministic(source_model):
 def test_shot_works_on_a_generic_module():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 10))
-    expert = shot(model, _toy(32), ShotConfig(epochs=1, batch_size=16), seed=0)
+    expert = shot(model, _toy(32), ShotConfig(steps=2, batch_size=16), seed=0)
     assert torch.equal(expert[5].weight, model[5].weight)
     assert not torch.equal(expert[0].weight, model[0].weight)
     assert not torch.equal(expert[1].running_mean, model[1].running_mean)
@@ -90,11 +90,11 @@ class _Lazy(torch.utils.data.Dataset):
 
 
 def test_lazy_datasets_train_bit_identically_to_tensor_datasets(source_model):
-    data, cfg = _toy(48, seed=5), SourceConfig(epochs=1, batch_size=16, noise=0.1)
+    data, cfg = _toy(48, seed=5), SourceConfig(steps=3, batch_size=16, noise=0.1)
     torch.manual_seed(0)
     init = resnet8(width=8)
     assert _equal(_state(train_source(init, data, cfg, seed=1)), _state(train_source(init, _Lazy(data), cfg, seed=1)))
-    scfg = ShotConfig(epochs=1, batch_size=16)
+    scfg = ShotConfig(steps=3, batch_size=16)
     tensor_expert = _state(shot(source_model, data, scfg, seed=3))
     assert _equal(tensor_expert, _state(shot(source_model, _Lazy(data), scfg, seed=3)))
     assert _equal(tensor_expert, _state(shot(source_model, _Lazy(data, labels=False), scfg, seed=3)))

@@ -74,9 +74,9 @@ def test_folder_spec_end_to_end(tree, one_thread):
     # the whole quantize-then-merge chain on the lazy datasets: train, SHOT, PTQ, merge, evaluate
     torch.manual_seed(0)
     source = train_source(small_cnn(), bench.source.train,
-                          SourceConfig(epochs=20, batch_size=8, lr=0.05, rotate=0, scale=0, translate=0), seed=0)
+                          SourceConfig(steps=20, batch_size=8, lr=0.05, rotate=0, scale=0, translate=0), seed=0)
     assert mergeq.evaluate(source, {"src": bench.source.test})["src"] >= 0.8
-    experts = [shot(source, dom.train, ShotConfig(epochs=1, batch_size=8), seed=0) for dom in bench.targets.values()]
+    experts = [shot(source, dom.train, ShotConfig(steps=1, batch_size=8), seed=0) for dom in bench.targets.values()]
     qexperts = [mergeq.quantize(e, "rtn", calib=dom.train, w_bits=8, a_bits=8, calib_size=16)
                 for e, dom in zip(experts, bench.targets.values())]
     res = mergeq.evaluate(mergeq.merge(qexperts), {d: dom.test for d, dom in bench.targets.items()})
@@ -115,7 +115,7 @@ def test_spec_errors_name_the_key(tree):
         load_data(_spec(tree, image_size="16"))
     with pytest.raises(ConfigError, match=r"^data\.targets\[1\]: expected str, got int 3"):
         load_data(_spec(tree, targets=["Art", 3]))
-    with pytest.raises(ConfigError, match=r"^data\.normalize: expected one of \['imagenet', 'standardize', 'none'\]"):
+    with pytest.raises(ConfigError, match=r"^data\.normalize: expected one of \['imagenet', 'inception', 'standardize', 'none'\]"):
         load_data(_spec(tree, normalize="zscore"))
     with pytest.raises(ConfigError, match=r"^data\.kind: expected one of \['digits', 'folder', 'office_home'\], got 'imagenet'"):
         load_data({"kind": "imagenet"})

@@ -113,8 +113,8 @@ def test_builder_with_dict_output_runs_everywhere(nets, one_thread):
     torch.manual_seed(0)
     model = resolve_model(_spec(nets), 3, example_input=x[:2])
     assert isinstance(model, LogitsAdapter) and model(x[:4]).shape == (4, 3)
-    source = train_source(model, data, SourceConfig(epochs=2, batch_size=16, color=0), seed=0)
-    expert = shot(source, _toy(seed=1), ShotConfig(epochs=1, batch_size=16), seed=0)
+    source = train_source(model, data, SourceConfig(steps=6, batch_size=16, color=0), seed=0)
+    expert = shot(source, _toy(seed=1), ShotConfig(steps=3, batch_size=16), seed=0)
     assert set(mergeq.evaluate(expert, {"a": data})) == {"a", "hmean"}
     options = {"qdrop": {"iters": 2}, "hdrq": {"iters": 2}, "gptq": {},
                "epmq": {"experts": [expert], "expert_calib": [x]}}

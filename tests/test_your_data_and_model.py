@@ -55,7 +55,7 @@ def office(tmp_path_factory):
     config = {"data": {"kind": "office_home", "root": str(root), "source": "Real_World", "image_size": 32,
                        "normalize": "standardize", "in_memory": True},
               "model": {"name": "resnet8", "kwargs": {"width": 4}},
-              "adapt": {"source": {"epochs": 3}, "shot": {"epochs": 1}},
+              "adapt": {"source": {"steps": 6}, "shot": {"steps": 2}},
               "ptq": {"methods": ["rtn", "hdrq"], "bits": ["W4A4"]},
               "pmq": {"merges": ["ties"], "methods": ["rtn", "gptq"], "bits": ["W4"]},
               "runtime": {"threads": 1, "cache_dir": str(base / "cache")}}

@@ -266,11 +266,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .data import load_data, save_sample_grid
+    from .experiments.config import resolve
     from .io import check_out_file
 
     check_out_file(args.out)
-    cfg = load_cli_config(args)
-    bench = load_data(dataclasses.asdict(cfg.data), cfg.runtime.seed)
+    cfg = resolve(load_cli_config(args))  # the model decides an unset image size and normalisation
+    bench = load_data(dataclasses.asdict(cfg.data), cfg.runtime.seed, cfg.runtime.cache_dir)
     path = save_sample_grid(bench, args.out, per_domain=args.per_domain)
     for d in [bench.source, *bench.targets.values()]:
         print(f"{d.name}: train {len(d.train)}, test {len(d.test)}")

@@ -2,7 +2,8 @@
 
 Any map-style ``Dataset`` of ``(image, label)`` items (or of bare images) works, lazy ones such
 as ``data.folder.FolderImages`` included; a ``TensorDataset`` is sliced directly (the same
-values a DataLoader would stack, without the per-item copies).
+values a DataLoader would stack, without the per-item copies), and so is a dataset with a
+``take_batch(idx) -> (images, labels)`` method (``data.decoded.DecodedImages``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def iter_batches(data: DataLike, batch_size: int = 64) -> Iterator[torch.Tensor]
     elif isinstance(data, DataLoader):
         for batch in data:
             yield _images(batch)
+    elif hasattr(data, "take_batch"):
+        for i in range(0, len(data), batch_size):
+            yield data.take_batch(range(i, min(i + batch_size, len(data))))[0]
     else:
         yield from iter_batches(DataLoader(data, batch_size=batch_size, shuffle=False), batch_size)
 
@@ -45,6 +49,8 @@ def take(data: torch.Tensor | Dataset, idx: torch.Tensor | Sequence[int]) -> tup
     if isinstance(data, TensorDataset):
         t = data.tensors
         return t[0][idx], (t[1][idx] if len(t) > 1 else None)
+    if hasattr(data, "take_batch"):
+        return data.take_batch(idx)
     if isinstance(data, DataLoader):
         raise TypeError("expected a tensor or a map-style Dataset (random access), got a DataLoader")
     items = [data[int(i)] for i in idx]

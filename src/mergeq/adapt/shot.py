@@ -16,7 +16,9 @@ every epoch: c_k = sum_x p_k(x) g(x) / sum_x p_k(x); y_hat = argmin_k cos-dist(g
 then one refinement round with hard-label centroids. As in SHOT's code, features get
 a constant 1 appended and are L2-normalised before the cosine distances.
 
-Learning-rate decay lr*(1+10p)^-0.75 as in SHOT's code. Our addition, on by default
+The budget is in optimizer steps (``mergeq.adapt.source.train_steps``: ``steps``, else
+``epochs`` passes with a floor of ``min_steps``); pseudo-labels are recomputed at the start of
+every pass over the data. Learning-rate decay lr*(1+10p)^-0.75 as in SHOT's code. Our addition, on by default
 (``recalibrate_bn``): BN running statistics are re-estimated on the target data (a full
 pass, cumulative average; AdaBN, Li et al. 2016) before each epoch's pseudo-labelling
 and after training. SHOT labels with the model in eval mode, i.e. at epoch 0 with the
@@ -37,14 +39,16 @@ from torch.utils.data import Dataset
 
 from ..data_utils import iter_batches, take
 from ..models import get_classifier
-from .source import make_optimizer
+from .source import make_optimizer, passes, step_bar, train_steps
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ShotConfig:
-    epochs: int = 5
+    epochs: int = 5  # passes over the target data, when steps is None
+    steps: int | None = None  # optimizer steps (None: max(min_steps, epochs * (n // batch_size)))
+    min_steps: int = 50  # the floor of the epoch rule
     batch_size: int = 32
     lr: float = 0.01
     optimizer: str = "sgd"
@@ -132,15 +136,10 @@ def shot(source_model: nn.Module, dataset: Dataset, cfg: ShotConfig, seed: int =
         raise ValueError("shot needs a non-empty target dataset")
     g = torch.Generator().manual_seed(seed)
     rec = _HeadInput(head)
-    steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch
-    total, step = cfg.epochs * steps_per_epoch, 0
-    epochs = range(cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="shot", unit="epoch")
+    total, step = train_steps(cfg, n), 0
+    bar = step_bar(progress, total, "shot")
     try:
-        for epoch in epochs:
+        for k, steps in passes(n, cfg.batch_size, total):
             if cfg.recalibrate_bn:
                 recalibrate_batchnorm(model, dataset, device=device)
             model.eval()
@@ -148,8 +147,8 @@ def shot(source_model: nn.Module, dataset: Dataset, cfg: ShotConfig, seed: int =
             pseudo = centroid_pseudo_labels(feats, probs, rounds=1)
             model.train()
             perm = torch.randperm(n, generator=g)
-            running = 0.0
-            for i in range(steps_per_epoch):
+            running = torch.zeros((), device=device)
+            for i in range(steps):
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 logits = model(take(dataset, idx)[0].to(device))
                 loss = cfg.ent_weight * information_maximization(logits, cfg.epsilon)
@@ -160,11 +159,15 @@ def shot(source_model: nn.Module, dataset: Dataset, cfg: ShotConfig, seed: int =
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                running += loss.item()
+                running += loss.detach()
                 step += 1
-            log.info("shot epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, running / steps_per_epoch)
+                if bar is not None:
+                    bar.update()
+            log.info("shot pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
     finally:
         rec.handle.remove()
+        if bar is not None:
+            bar.close()
     if cfg.recalibrate_bn:
         recalibrate_batchnorm(model, dataset, device=device)
     for p in head.parameters():

@@ -10,6 +10,12 @@ and augmentation written in torch (no torchvision):
   that way, see ``mergeq.data.digits``), so brightness/contrast changes are undone
   and only the channel mix and gain are perturbed;
 * additive Gaussian noise.
+
+The budget is a number of optimizer steps (:func:`train_steps`): ``steps`` when set, else
+``epochs`` passes over the data (``n // batch_size`` steps each, the ragged last batch dropped)
+but at least ``min_steps``, so that 100 images train as well as 50,000 (6 passes over 96 images
+would be 18 steps). The floor sits below the digits benchmark's budgets, whose step counts the
+epochs decide.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SourceConfig:
-    epochs: int = 6
+    epochs: int = 6  # passes over the data, when steps is None
+    steps: int | None = None  # optimizer steps (None: train_steps' rule)
+    min_steps: int = 80  # the floor of the epoch rule
     batch_size: int = 32
     lr: float = 0.05
     optimizer: str = "sgd"  # "sgd" (momentum, nesterov) or "adam"
@@ -73,6 +81,33 @@ def _lr_at(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
+def train_steps(cfg, n: int) -> int:
+    """Optimizer steps of a budget (``SourceConfig`` / ``ShotConfig``) on ``n`` items: ``cfg.steps``,
+    else ``max(cfg.min_steps, cfg.epochs * max(1, n // cfg.batch_size))``."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(cfg.min_steps, cfg.epochs * max(1, n // cfg.batch_size))
+
+
+def passes(n: int, batch_size: int, total: int):
+    """Yield ``(pass, steps)``: the budget ``total`` as passes of ``n // batch_size`` steps (one
+    shuffle each), the last one cut short where the budget ends mid-pass."""
+    per_pass, done, k = max(1, n // batch_size), 0, 0
+    while done < total:
+        steps = min(per_pass, total - done)
+        yield k, steps
+        done, k = done + steps, k + 1
+
+
+def step_bar(progress: bool, total: int, desc: str):
+    """A tqdm bar over ``total`` optimizer steps, or None."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
 def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
@@ -92,17 +127,12 @@ def train_source(model: nn.Module, dataset: Dataset, cfg: SourceConfig, seed: in
         raise ValueError("train_source needs a non-empty labeled dataset")
     g = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = max(1, n // cfg.batch_size)  # drop the ragged last batch
-    total, step = cfg.epochs * steps_per_epoch, 0
-    epochs = range(cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="source", unit="epoch")
-    for epoch in epochs:
+    total, step = train_steps(cfg, n), 0
+    bar = step_bar(progress, total, "source")
+    for k, steps in passes(n, cfg.batch_size, total):
         perm = torch.randperm(n, generator=g)
-        running = 0.0
-        for i in range(steps_per_epoch):
+        running = torch.zeros((), device=device)
+        for i in range(steps):
             xb, yb = take(dataset, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             if yb is None:
                 raise ValueError("train_source needs labeled data: (image, label) items")
@@ -113,7 +143,11 @@ def train_source(model: nn.Module, dataset: Dataset, cfg: SourceConfig, seed: in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += loss.item()
+            running += loss.detach()
             step += 1
-        log.info("source epoch %d/%d loss %.4f", epoch + 1, cfg.epochs, running / steps_per_epoch)
+            if bar is not None:
+                bar.update()
+        log.info("source pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
+    if bar is not None:
+        bar.close()
     return model.eval()

@@ -15,7 +15,8 @@ an error. Images are decoded with Pillow only when an item is read (``FolderImag
 paths, never pixels), converted to RGB, resized (shorter side to ``resize``, bilinear) and
 centre cropped to ``crop`` x ``crop``: 3 x crop x crop float tensors. Normalisation
 (``normalize``): ``"imagenet"`` (default; (x - mean) / std with ImageNet's mean and std, what
-torchvision / timm weights expect), ``"standardize"`` (per image and channel, as the digits
+torchvision / timm weights expect), ``"inception"`` (mean = std = 0.5, what some timm weights
+expect), ``"standardize"`` (per image and channel, as the digits
 benchmark: ``digits.standardize``; what ``adapt.source``'s colour jitter assumes) or ``"none"``
 (values in [0, 1]). With ``augment=True`` the source's training split gets a random-resized
 crop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip (p = 0.5) in place of resize + centre
@@ -37,12 +38,17 @@ the domain folder, whatever the seed): the split itself is a function of the fil
 
 Every mergeq function takes the lazy datasets as they are (a ``DataLoader`` over them works
 too); ``materialize`` decodes a split into a ``TensorDataset`` once (about 0.6 MB per 224 x 224
-image), which saves decoding again in every epoch.
+image), which saves decoding again in every epoch. With ``cache_dir`` (every mergeq command passes
+``runtime.cache_dir``) each domain's images are decoded once, in parallel, and cached as 8-bit
+pixels (:mod:`mergeq.data.decoded`); the splits are then :class:`~mergeq.data.decoded.DecodedImages`
+(150 KB per 224 x 224 image in memory), normalised on read, except an augmented source training
+split, which stays lazy (every epoch draws new crops).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +67,9 @@ OFFICE_HOME_DOMAINS = ("Art", "Clipart", "Product", "Real_World")
 OFFICE_HOME_CLASSES = 65
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("imagenet", "standardize", "none")
+MEAN_STD = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+NORMALIZATIONS = ("imagenet", "inception", "standardize", "none")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Office-Home domain spellings (lower case, without " ", "_" and "-") -> canonical name
 _OFFICE_HOME_ALIASES = {"art": "Art", "a": "Art", "clipart": "Clipart", "c": "Clipart", "product": "Product",
@@ -85,7 +93,7 @@ def normalizer(normalize: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return standardize
     if normalize == "none":
         return lambda x: x
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    mean, std = (torch.tensor(v)[:, None, None] for v in MEAN_STD[normalize])
     return lambda x: (x - mean) / std
 
 
@@ -111,36 +119,30 @@ class ImageTransform:
         """The transform for a ``normalize`` name of the module docstring."""
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-        if normalize == "imagenet":
-            return cls(resize, crop, augment)
-        return cls(resize, crop, augment, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                   standardize=normalize == "standardize")
+        mean, std = MEAN_STD.get(normalize, MEAN_STD["none"])
+        return cls(resize, crop, augment, mean=mean, std=std, standardize=normalize == "standardize")
 
     def __call__(self, img) -> torch.Tensor:
         from PIL import Image
 
-        bilinear = getattr(Image, "Resampling", Image).BILINEAR
-        img = img if img.mode == "RGB" else img.convert("RGB")
         if self.augment:
+            img = img if img.mode == "RGB" else img.convert("RGB")
             top, left, h, w = self._random_box(img.width, img.height)
-            img = img.resize((self.crop, self.crop), bilinear, box=(left, top, left + w, top + h))
+            img = img.resize((self.crop, self.crop), _bilinear(), box=(left, top, left + w, top + h))
             if torch.rand(()) < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT if hasattr(Image, "Transpose")
                                     else Image.FLIP_LEFT_RIGHT)
+            pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
         else:
-            w, h = img.size
-            short, long = (w, h) if w <= h else (h, w)
-            new_long = int(self.resize * long / short)
-            img = img.resize((self.resize, new_long) if w <= h else (new_long, self.resize), bilinear)
-            top = int(round((img.height - self.crop) / 2.0))
-            left = int(round((img.width - self.crop) / 2.0))
-            img = img.crop((left, top, left + self.crop, top + self.crop))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+            pixels = resize_crop(img, self.resize, self.crop)
+        return self.normalize(torch.from_numpy(pixels.copy())[None])[0]
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W 8-bit pixels -> normalised float images."""
+        x = pixels.float().div_(255.0)
         if self.standardize:
-            return standardize(x[None])[0]
-        mean = torch.tensor(self.mean)[:, None, None]
-        std = torch.tensor(self.std)[:, None, None]
-        return (x - mean) / std
+            return standardize(x)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
 
     def _random_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop box: (top, left, h, w)."""
@@ -163,6 +165,26 @@ class ImageTransform:
         else:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _bilinear():
+    from PIL import Image
+
+    return getattr(Image, "Resampling", Image).BILINEAR
+
+
+def resize_crop(img, resize: int, crop: int) -> np.ndarray:
+    """RGB ``img`` with its shorter side resized to ``resize`` (bilinear), centre cropped to
+    ``crop`` x ``crop``: a 3 x crop x crop uint8 array (numpy only: decode workers use no torch)."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize * long / short)
+    img = img.resize((resize, new_long) if w <= h else (new_long, resize), _bilinear())
+    top = int(round((img.height - crop) / 2.0))
+    left = int(round((img.width - crop) / 2.0))
+    img = img.crop((left, top, left + crop, top + crop))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
 class FolderImages(Dataset):
@@ -280,7 +302,7 @@ def _fingerprint(paths: Sequence[Path], folder: Path) -> str:
 
 def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[str], seed: int,
            test_fraction: float, transductive: bool, resize: int, crop: int, augment: bool,
-           verify: bool, normalize: str) -> Benchmark:
+           verify: bool, normalize: str, cache_dir: str | Path | None) -> Benchmark:
     scans = {d: scan_domain(p) for d, p in dirs.items()}
     _check_same_classes({d: list(s) for d, s in scans.items()}, dirs, source)
     classes = list(scans[source])
@@ -293,21 +315,34 @@ def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[s
         if verify:
             for p in paths:
                 _verify_image(p)
+        fingerprint = _fingerprint(paths, dirs[d])
+        pixels = None if cache_dir is None else _decoded(paths, dirs[d], resize, crop, cache_dir, fingerprint,
+                                                         f"{name}-{d}")
         if transductive and d != source:
             order = np.random.default_rng([seed, zlib.crc32(d.encode())]).permutation(len(paths))
             train_idx = test_idx = order
         else:
             train_idx, test_idx = split_indices(labels, test_fraction, seed, d)
 
-        def part(idx: np.ndarray, t: ImageTransform) -> FolderImages:
+        def part(idx: np.ndarray, t: ImageTransform) -> Dataset:
+            if pixels is not None and not t.augment:
+                from .decoded import DecodedImages
+
+                return DecodedImages(pixels, labels, idx, t)
             return FolderImages([paths[i] for i in idx], [labels[i] for i in idx], classes, t)
 
         train, test = part(train_idx, train_t if d == source else eval_t), part(test_idx, eval_t)
         domains[d] = Domain(d, train, test)
-        splits[d] = {"train": len(train), "test": len(test),
-                     "fingerprint": _fingerprint(paths, dirs[d])}
+        splits[d] = {"train": len(train), "test": len(test), "fingerprint": fingerprint}
     return Benchmark(name, domains[source], {t: domains[t] for t in targets}, len(classes),
                      {"classes": classes, "splits": splits})
+
+
+def _decoded(paths: Sequence[Path], folder: Path, resize: int, crop: int, cache_dir: str | Path, fingerprint: str,
+             name: str):
+    from .decoded import decoded_pixels
+
+    return decoded_pixels(paths, folder, resize, crop, cache_dir, fingerprint, re.sub(r"[^\w.-]", "_", name))
 
 
 def _root(root: str | Path | None, what: str) -> Path:
@@ -326,19 +361,21 @@ def _subfolders(root: Path) -> list[str]:
 def load_folder_benchmark(root: str | Path | None = None, source: str | None = None,
                           targets: Sequence[str] | None = None, seed: int = 0, test_fraction: float = 0.2,
                           transductive: bool = False, resize: int = 256, crop: int = 224, augment: bool = False,
-                          verify: bool = False, name: str = "folder", normalize: str = "imagenet") -> Benchmark:
+                          verify: bool = False, name: str = "folder", normalize: str = "imagenet",
+                          cache_dir: str | Path | None = None) -> Benchmark:
     """A benchmark from ``<root>/<Domain>/<Class>/<image>``: domain names are folder names.
 
     ``targets`` defaults to every other domain folder. ``augment`` applies the random-resized
     crop and flip to the source's ``train`` split; ``verify`` opens every image once now
-    (Pillow's header check) instead of failing on first read; ``normalize``: see the module docstring.
+    (Pillow's header check) instead of failing on first read; ``normalize``, ``cache_dir``: see the
+    module docstring.
     """
     root = _root(root, f"benchmark {name!r}")
     if source is None:
         raise ValueError(f"benchmark {name!r} needs source=<domain folder>; found {_subfolders(root)}")
     targets = [d for d in _subfolders(root) if d != source] if targets is None else list(targets)
     return _build(name, _domain_dirs(root, [source, *targets]), source, targets, seed, test_fraction,
-                  transductive, resize, crop, augment, verify, normalize)
+                  transductive, resize, crop, augment, verify, normalize, cache_dir)
 
 
 def _domain_dirs(root: Path, names: Sequence[str],
@@ -368,7 +405,8 @@ def office_home_domain(name: str) -> str:
 def load_office_home(root: str | Path | None = None, source: str = "Real_World",
                      targets: Sequence[str] | None = None, seed: int = 0, test_fraction: float = 0.2,
                      transductive: bool = False, resize: int = 256, crop: int = 224, augment: bool = False,
-                     verify: bool = False, normalize: str = "imagenet") -> Benchmark:
+                     verify: bool = False, normalize: str = "imagenet",
+                     cache_dir: str | Path | None = None) -> Benchmark:
     """Office-Home (Venkateswara et al., CVPR 2017) from ``root``; see the module docstring.
 
     Domain names are canonical (``Art``, ``Clipart``, ``Product``, ``Real_World``); aliases such
@@ -379,7 +417,7 @@ def load_office_home(root: str | Path | None = None, source: str = "Real_World",
     targets = [d for d in OFFICE_HOME_DOMAINS if d != source] if targets is None else \
         [office_home_domain(t) for t in targets]
     bench = _build("office_home", _domain_dirs(root, [source, *targets], _OFFICE_HOME_FOLDERS), source, targets,
-                   seed, test_fraction, transductive, resize, crop, augment, verify, normalize)
+                   seed, test_fraction, transductive, resize, crop, augment, verify, normalize, cache_dir)
     if bench.num_classes != OFFICE_HOME_CLASSES:
         log.warning("Office-Home has %d classes, %s holds %d", OFFICE_HOME_CLASSES, root, bench.num_classes)
     return bench

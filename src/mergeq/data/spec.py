@@ -11,6 +11,7 @@ differ). Kinds::
     {kind: digits, source: mnist, targets: [uci, mnistm, noisy]}          # the embedded benchmark
     {kind: folder, root: PATH, source: Real_World, targets: [Art, Clipart, Product],
      image_size: 224, normalize: imagenet}                                # <root>/<Domain>/<Class>/<image>
+                                                                          # (size, normalize: null = the model's)
     {kind: office_home, root: PATH, source: R}                            # folder + Office-Home's names
 
 ``load_stream(spec, seed)`` does the same for a test-time-adaptation stream::
@@ -52,14 +53,14 @@ class FolderData:
     kind: Literal["folder", "office_home"] = "folder"
     source: str | None = None  # required for folder; office_home: Real_World
     targets: list[str] | None = None  # None: every other domain
-    image_size: int = 224  # side of the square centre crop the model sees
-    resize: int | None = None  # shorter side before the crop; None: round(image_size * 8 / 7) (256 for 224)
-    normalize: Literal["imagenet", "standardize", "none"] = "imagenet"
+    image_size: int | None = None  # side of the square centre crop the model sees; None: the model's
+    resize: int | None = None  # shorter side before the crop; None: the model's, or round(image_size * 8 / 7)
+    normalize: Literal["imagenet", "inception", "standardize", "none"] | None = None  # None: the model's
     test_fraction: float = 0.2
     transductive: bool = False  # targets: adapt and test on all their images (SHOT's protocol)
     augment: bool = False  # random-resized crop + flip on the source's training split
     verify: bool = False  # open every image once at load time
-    in_memory: bool = False  # decode every split once into tensors (no augmentation then)
+    in_memory: bool = False  # without a cache_dir: decode every split once into tensors (no augmentation then)
     classes: list[str] | None = None  # resolved: the class list (checked when given)
     splits: dict[str, dict[str, Any]] | None = None  # resolved: per domain {train, test, fingerprint}
 
@@ -89,14 +90,18 @@ def parse_spec(spec: Mapping[str, Any], hint: Any = DataSpec, where: str = "data
     return check_value(hint, spec, where)
 
 
-def _folder(spec: FolderData, seed: int) -> Benchmark:
-    resize = spec.resize if spec.resize is not None else round(spec.image_size * 8 / 7)
+def _folder(spec: FolderData, seed: int, cache_dir: str | Path | None) -> Benchmark:
+    from ..models.inputs import IMAGENET_INPUT, default_resize
+
+    size = spec.image_size or IMAGENET_INPUT.size  # no model to ask here (mergeq.experiments.config.resolve does)
+    resize = spec.resize if spec.resize is not None else default_resize(size)
+    normalize = spec.normalize or IMAGENET_INPUT.normalize
     if spec.in_memory and spec.augment:
         raise ConfigError("data.in_memory: decoding once would freeze one random augmentation; "
                           "set augment: false or in_memory: false")
     kw = dict(root=spec.root, targets=spec.targets, seed=seed, test_fraction=spec.test_fraction,
-              transductive=spec.transductive, resize=resize, crop=spec.image_size, augment=spec.augment,
-              verify=spec.verify, normalize=spec.normalize)
+              transductive=spec.transductive, resize=resize, crop=size, augment=spec.augment,
+              verify=spec.verify, normalize=normalize, cache_dir=cache_dir)
     if spec.kind == "office_home":
         bench = load_office_home(source=spec.source or "Real_World", **kw)
     else:
@@ -110,19 +115,21 @@ def _folder(spec: FolderData, seed: int) -> Benchmark:
             raise FolderDataError(f"data.splits.{d}: the files of domain {d!r} under {spec.root} changed since the "
                                   f"config was written (files fingerprint {got['fingerprint']}, config "
                                   f"{want['fingerprint']}); remove data.splits to accept the new split")
-    if spec.in_memory:
+    if spec.in_memory and cache_dir is None:  # with a cache the splits are decoded already
         for dom in (bench.source, *bench.targets.values()):
             dom.train, dom.test = materialize(dom.train), materialize(dom.test)
     bench.spec = {**dataclasses.asdict(spec), "root": str(Path(spec.root).expanduser().resolve()),
-                  "source": bench.source.name, "targets": list(bench.targets), "resize": resize, **found}
+                  "source": bench.source.name, "targets": list(bench.targets), "image_size": size, "resize": resize,
+                "normalize": normalize, **found}
     return bench
 
 
-def load_data(spec: Mapping[str, Any], seed: int = 0) -> Benchmark:
-    """The benchmark a ``data:`` spec describes (see the module docstring), ``bench.spec`` resolved."""
+def load_data(spec: Mapping[str, Any], seed: int = 0, cache_dir: str | Path | None = None) -> Benchmark:
+    """The benchmark a ``data:`` spec describes (see the module docstring), ``bench.spec`` resolved;
+    folder images decoded once and cached under ``cache_dir`` when given (:mod:`mergeq.data.decoded`)."""
     parsed = parse_spec(spec)
     if isinstance(parsed, FolderData):
-        return _folder(parsed, seed)
+        return _folder(parsed, seed, cache_dir)
     if parsed.source not in DOMAINS:
         raise ConfigError(f"data.source: expected one of {', '.join(DOMAINS)}, got {parsed.source!r}")
     bench = load_digits_benchmark(seed=seed, targets=parsed.targets, source=parsed.source)

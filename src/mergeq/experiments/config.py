@@ -130,7 +130,8 @@ class Runtime:
     threads: int | None = opt(None, help="torch CPU threads (None: torch's); a seeded CPU run repeats bit "
                                          "for bit per thread count")
     workers: int | None = opt(None, help="processes computing rows (run: each with threads // workers torch "
-                                         "threads; None: one per torch thread, up to the rows to compute) or cells "
+                                         "threads; None: one per torch thread on a CPU, one on a GPU, up to the rows "
+                                         "to compute) or cells "
                                          "(bench; None: 1) side by side")
     cache_dir: str = opt(".mergeq-cache", help="where trained source and expert models are cached")
 
@@ -274,7 +275,7 @@ def _validate_data(data: DigitsData | FolderData) -> None:
     if data.kind == "folder" and data.source is None:
         raise ConfigError("data.source: a folder benchmark needs the source domain's folder name")
     _at_least("data.image_size", data.image_size, 1)
-    if data.resize is not None and data.resize < data.image_size:
+    if data.resize is not None and data.image_size is not None and data.resize < data.image_size:
         raise ConfigError(f"data.resize: must be at least data.image_size {data.image_size}, got {data.resize}")
     if not 0.0 < data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {data.test_fraction}")
@@ -441,14 +442,14 @@ def resolve(cfg: Config) -> Config:
     from ..data.digits import DOMAINS
 
     data = cfg.data
+    model = parse_model_spec(cfg.model or copy.deepcopy(presets.MODEL))
+    _check_builds(model)
     if isinstance(data, FolderData):
-        data = dataclasses.replace(data, root=str(Path(data.root).expanduser().resolve()))
+        data = _model_input(dataclasses.replace(data, root=str(Path(data.root).expanduser().resolve())), model)
     elif data.targets is None:
         data = dataclasses.replace(data, targets=[d for d in DOMAINS if d != data.source])
     standardized = isinstance(data, DigitsData) or data.normalize == "standardize"
     source, shot = presets.adapt(cfg.preset, standardized)
-    model = parse_model_spec(cfg.model or copy.deepcopy(presets.MODEL))
-    _check_builds(model)
     options = {name: {**presets.ptq_options(name, cfg.preset), **cfg.ptq.options.get(name, {})}
                for name in cfg.methods_named()}
     from ..data.corruptions import check_corruptions
@@ -462,6 +463,19 @@ def resolve(cfg: Config) -> Config:
         ptq=dataclasses.replace(cfg.ptq, calib_size=cfg.ptq.calib_size or presets.calib_size(cfg.preset),
                                 options={**cfg.ptq.options, **options}),
         tta=tta)
+
+
+def _model_input(data: FolderData, model: ModelSpec) -> FolderData:
+    """``data`` with the image size, resize and normalisation it leaves unset taken from the model
+    (:func:`mergeq.models.inputs.model_input`; a set image size keeps the ``8 / 7`` resize rule)."""
+    from ..models.inputs import default_resize, model_input
+
+    if data.image_size is not None and data.normalize is not None:
+        return dataclasses.replace(data, resize=data.resize or default_resize(data.image_size))
+    wanted = model_input(model)
+    size = data.image_size or wanted.size
+    resize = data.resize or (wanted.resize if data.image_size is None else default_resize(size))
+    return dataclasses.replace(data, image_size=size, resize=resize, normalize=data.normalize or wanted.normalize)
 
 
 def _check_builds(spec: ModelSpec) -> None:

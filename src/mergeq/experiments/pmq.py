@@ -42,6 +42,7 @@ def run_pmq(config: Config, out: str | Path, progress: bool = False,
     store = RunDir(out, "pmq")
     pool = Pool(config, progress)
     cfg, done = store.begin(pool.cfg)
+    pool.check_experts()
     targets, tests, device = pool.targets, pool.tests, pool.device
     experts = [pool.fold(pool.expert(d)) for d in targets]
     share = max(1, pool.cfg.ptq.calib_size // len(targets))

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..adapt.shot import shot
-from ..adapt.source import train_source
+from ..adapt.source import train_source, train_steps
 from ..checkpoint import model_from_checkpoint, save_model
 from ..data import load_data
 from ..data.spec import DigitsData
@@ -45,6 +45,7 @@ from ..models.spec import resolve_model
 from ..nn import fold_bn
 from ..ptq import quantize
 from ..quant.config import QuantConfig
+from . import health
 from .config import Config, resolve, with_data
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Pool:
             torch.set_num_threads(cfg.runtime.threads)
         self.progress, self.device, self.seed = progress, cfg.runtime.device, cfg.runtime.seed
         torch.manual_seed(self.seed)
-        self.bench = load_data(dataclasses.asdict(cfg.data), self.seed)
+        self.bench = load_data(dataclasses.asdict(cfg.data), self.seed, cfg.runtime.cache_dir)
         self.cfg = with_data(cfg, self.bench.spec)
         self.targets = list(self.bench.targets)
         self.tests = {d: self.bench.targets[d].test for d in self.targets}
@@ -87,6 +88,13 @@ class Pool:
                                  "source": dataclasses.asdict(self.cfg.adapt.source), "compute": compute})
         self._source: nn.Module | None = None
         self._experts: dict[str, nn.Module] = {}
+        self._accuracy: dict[str, Any] = {}
+
+    def steps(self) -> dict[str, Any]:
+        """Optimizer steps of source training and of each target's SHOT (``train_steps`` on the splits)."""
+        a = self.cfg.adapt
+        return {"source": train_steps(a.source, len(self.bench.source.train)),
+                "shot": {d: train_steps(a.shot, len(self.bench.targets[d].train)) for d in self.targets}}
 
     def _split(self, domain: str) -> dict[str, Any]:
         splits = getattr(self.cfg.data, "splits", None)
@@ -158,15 +166,35 @@ class Pool:
         """Accuracy of the BN-folded full-precision experts, averaged (the reference of every row)."""
         return evaluate(merge([self.fold(self.expert(d)) for d in self.targets]), self.tests, self.device)
 
+    def check_source(self) -> dict[str, float]:
+        """The source model's accuracy on every domain's test split (its own: held out), logged and
+        checked (:func:`health.check_source`)."""
+        if "source" not in self._accuracy:
+            name = self.bench.source.name
+            log.info("optimizer steps: source %d, SHOT %s", self.steps()["source"],
+                     ", ".join(f"{d} {n}" for d, n in self.steps()["shot"].items()))
+            acc = evaluate(self.source, {name: self.bench.source.test, **self.tests}, self.device)
+            health.check_source(acc[name], name, self.bench.num_classes)
+            self._accuracy["source"] = acc
+        return self._accuracy["source"]
+
+    def check_experts(self) -> dict[str, float]:
+        """Each expert's accuracy on its own target, logged and checked against the source's
+        (:func:`health.check_expert`)."""
+        if "experts" not in self._accuracy:
+            source = self.check_source()
+            experts = {d: accuracy(self.expert(d), self.tests[d], device=self.device) for d in self.targets}
+            for d in self.targets:
+                health.check_expert(d, source[d], experts[d])
+            self._accuracy["experts"] = experts
+        return self._accuracy["experts"]
+
     def fp_results(self) -> dict[str, Any]:
-        """The full-precision references of a run: source, experts, their merges."""
-        source = {self.bench.source.name: self.bench.source.test, **self.tests}
-        return {
-            "source": evaluate(self.source, source, self.device),
-            "fp": {"experts": {d: accuracy(self.expert(d), self.tests[d], device=self.device) for d in self.targets},
-                   "merged": self.fp_merged()},
-            "fp_bn_mixture": evaluate(merge(list(self.experts.values())), self.tests, self.device),
-        }
+        """The full-precision references of a run: source, experts, their merges (checked, logged)."""
+        experts, merged = self.check_experts(), self.fp_merged()
+        health.check_merged("full precision", experts, merged)
+        return {"source": self.check_source(), "steps": self.steps(), "fp": {"experts": experts, "merged": merged},
+                "fp_bn_mixture": evaluate(merge(list(self.experts.values())), self.tests, self.device)}
 
     def calib(self, domain: str, n: int | None = None) -> torch.Tensor:
         """The first ``n`` (default ``ptq.calib_size``) inputs of ``domain``'s unlabeled training split."""

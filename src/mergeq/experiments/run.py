@@ -6,7 +6,7 @@ evaluated per target domain with the harmonic mean. Rows: every method at every 
 averaged, see :meth:`Pool.merge_and_evaluate`). Files and resume: :mod:`mergeq.experiments.store`.
 
 results.json: {"experiment": "run", "benchmark", "targets", "seed", "preset", "source" (the source
-model before adaptation, every domain), "fp": {"experts": {d: acc}, "merged": {d: acc, "hmean"}},
+model before adaptation, every domain), "steps" ({"source": n, "shot": {d: n}}: optimizer steps), "fp": {"experts": {d: acc}, "merged": {d: acc, "hmean"}},
 "fp_bn_mixture" (merge of unfolded experts with mixed BN statistics), "rows": [{"method",
 "w_bits", "a_bits", "experts": {d: acc}, "ptq": {d: {"changed_codes", "recon_loss": {unit: err}}},
 "merged": {d: acc, "hmean"[, "repeats": {"seeds", "hmeans", "std"}]}, "seconds",
@@ -26,6 +26,7 @@ import torch
 
 from ..eval import accuracy
 from ..quant.config import parse_bits
+from . import health
 from .config import Config
 from .pool import Pool, exit_with_parent, ptq_report
 from .store import RunDir
@@ -64,12 +65,29 @@ def _row_in_worker(config: dict[str, Any], key: tuple, threads: int, row_threads
     return row(pool, key[0], key[1:])
 
 
+def default_workers(device: str, threads: int) -> int:
+    """Row processes when ``runtime.workers`` is null: one per torch thread on a CPU, one per
+    device on a GPU (each process would hold its own CUDA context on the same device)."""
+    return threads if torch.device(device).type == "cpu" else 1
+
+
+def checked(on_row: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """``on_row`` after :func:`health.check_merged` of the row."""
+    def check(r: dict) -> None:
+        a = r["a_bits"] if r["a_bits"] is not None else 32
+        health.check_merged(f"{r['method']} W{r['w_bits']}A{a}", r["experts"], r["merged"])
+        if on_row:
+            on_row(r)
+
+    return check
+
+
 def run(config: Config, out: str | Path, progress: bool = False,
         on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Every row of ``config`` into ``out`` (resuming what is there); the results dict.
 
     The models are trained here; the rows still to compute then run side by side in ``workers``
-    spawned processes (``runtime.workers``; None: one per torch thread, at most one per row), each
+    spawned processes (``runtime.workers``; None: :func:`default_workers`, at most one per row), each
     with ``threads // workers`` torch threads and exiting if this process dies. Rows are recorded,
     and written, in plan order; ``results["compute"]`` records the thread count and workers."""
     store = RunDir(out, "run")
@@ -79,7 +97,8 @@ def run(config: Config, out: str | Path, progress: bool = False,
     keys, todo = plan(cfg), set(plan(pool.cfg))
     pending = [k for k in keys if k in todo and k not in done]
     threads = torch.get_num_threads()
-    workers = max(1, min(pool.cfg.runtime.workers or threads, len(pending)))
+    on_row = checked(on_row)
+    workers = max(1, min(pool.cfg.runtime.workers or default_workers(pool.device, threads), len(pending)))
     row_threads = threads if workers == 1 else max(1, threads // workers)
     results["compute"] = {"threads": threads, "workers": workers, "row_threads": row_threads}
     if workers == 1:

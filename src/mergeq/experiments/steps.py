@@ -23,6 +23,7 @@ from ..io import atomic_write_text, check_out_dir, check_out_file, write_json
 from ..merge import MERGE_METHODS, check_rounding_options, merge
 from ..ptq import quantize
 from ..quant.config import parse_bits
+from . import health
 from .config import Config, resolve, translate_legacy, with_data
 from .pool import Pool, qconfig
 
@@ -56,7 +57,8 @@ def checkpoint_data(meta: dict, cfg: Config, domains: list[str]) -> tuple[Benchm
     else:
         spec = dataclasses.asdict(cfg.data)
     seed = meta.get("seed", cfg.runtime.seed)
-    bench = load_data({**spec, "targets": [d for d in domains if d != spec.get("source")] or None}, seed)
+    bench = load_data({**spec, "targets": [d for d in domains if d != spec.get("source")] or None}, seed,
+                      cfg.runtime.cache_dir)
     return bench, seed
 
 
@@ -87,8 +89,7 @@ def train_source(config: Config, out: str | Path, progress: bool = False) -> dic
     """Train (or reuse the cached) source model, save it to ``out``; its accuracy on every domain."""
     check_out_file(out)
     pool = Pool(config, progress)
-    model = pool.source
-    accs = evaluate(model, {pool.bench.source.name: pool.bench.source.test, **pool.tests}, pool.device)
+    model, accs = pool.source, pool.check_source()
     save_model(model, out, pool.checkpoint_meta(domain=pool.bench.source.name, role="source", accuracy=accs,
                                                 config=dataclasses.asdict(pool.cfg.adapt.source)))
     _record(pool.cfg, out)
@@ -105,6 +106,7 @@ def adapt(config: Config, source: str | Path, domain: str, out: str | Path,
     dom = bench.targets[domain]
     expert = shot(model, dom.train, cfg.adapt.shot, seed=seed, device=cfg.runtime.device, progress=progress)
     before, after = (accuracy(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
+    health.check_expert(domain, before, after)
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                              "domain": domain, "role": "expert", "config": dataclasses.asdict(cfg.adapt.shot),
                              "accuracy": {"source": before, "expert": after}})

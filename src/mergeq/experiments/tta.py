@@ -78,7 +78,8 @@ class TTARows:
         if isinstance(data, DigitsData):
             x, y = load_digits_benchmark(seed=seed, targets=[], normalize=False, source=data.source).source.test.tensors
             return x[:n], y[:n]
-        raw = load_data({**dataclasses.asdict(data), "normalize": "none", "in_memory": False, "targets": []}, seed)
+        raw = load_data({**dataclasses.asdict(data), "normalize": "none", "in_memory": False, "targets": []}, seed,
+                        self.pool.cache_dir)
         test = raw.source.test
         return take(test, range(min(n or len(test), len(test))))
 
@@ -133,6 +134,7 @@ def run_tta(config: Config, out: str | Path, progress: bool = False,
     store = RunDir(out, "tta")
     pool = Pool(config, progress)
     cfg, done = store.begin(pool.cfg)
+    pool.check_source()
     rows = TTARows(pool, progress)
     t = cfg.tta
     results: dict[str, Any] = {
