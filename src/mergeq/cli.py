@@ -120,7 +120,9 @@ def _experiment(args: argparse.Namespace, fn, line, picture: str) -> int:
     """Run the experiment ``fn`` into ``--out``, one progress line per row (``line(row)``), then print its table."""
     def on_row(row: dict) -> None:
         if _progress(args):
-            print(f"  {line(row)} ({row['seconds']:.0f} s)", file=sys.stderr)
+            from tqdm import tqdm
+
+            tqdm.write(f"  {line(row)} ({row['seconds']:.0f} s)", file=sys.stderr)  # not glued onto a bar
 
     fn(load_cli_config(args), args.out, progress=_progress(args), on_row=on_row)
     print((Path(args.out) / "results.md").read_text())
@@ -242,6 +244,7 @@ def cmd_surface(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import model_from_checkpoint
     from .deploy import export_onnx, save_packed
+    from .deploy.trace import trace
     from .experiments.steps import export_calibration
     from .io import check_out_file
 
@@ -252,6 +255,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_out_file(args.out)
     model, meta = model_from_checkpoint(args.model)
     if args.format == "onnx":
+        trace(model)  # a model torch.fx cannot trace is refused with the reason before data is loaded
         calib = export_calibration(meta, args.calib_size or 512) if args.kernels == "int8" else None
         path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta,
                            kernels=args.kernels, calib=calib)
@@ -376,10 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # a log line above the progress bars, never glued onto one
+            return args.func(args)
     except (MergeqError, ValueError, KeyError, OSError, TypeError) as e:
         # bad input, a missing or unwritable file: one line; --debug shows where a real bug is
         if args.debug or os.environ.get("MERGEQ_DEBUG"):

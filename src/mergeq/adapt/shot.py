@@ -82,7 +82,7 @@ def information_maximization(logits: torch.Tensor, eps: float = 1e-5) -> torch.T
 
 def centroid_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: int = 1) -> torch.Tensor:
     """SHOT's clustering pseudo-labels: soft centroids, cosine assignment, ``rounds`` refinements."""
-    f = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
+    f = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype, device=features.device)], dim=1)
     f = F.normalize(f, dim=1)
     weights = probs
     for _ in range(rounds + 1):
@@ -97,8 +97,8 @@ def centroid_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, rounds: 
 def _features_and_probs(model: nn.Module, rec: _HeadInput, data: torch.Tensor | Dataset, bs: int, device: str):
     feats, probs = [], []
     for x in iter_batches(data, bs):
-        probs.append(model(x.to(device)).softmax(dim=1).cpu())
-        feats.append(rec.value.cpu())
+        probs.append(model(x.to(device)).softmax(dim=1))  # kept on the device: pseudo-labels are computed there
+        feats.append(rec.value)
     return torch.cat(feats), torch.cat(probs)
 
 
@@ -163,11 +163,13 @@ def shot(source_model: nn.Module, dataset: Dataset, cfg: ShotConfig, seed: int =
                 step += 1
                 if bar is not None:
                     bar.update()
-            log.info("shot pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
+            log.debug("shot pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
     finally:
         rec.handle.remove()
         if bar is not None:
             bar.close()
+    log.info("SHOT: %d optimizer steps (%d passes over %d images), last pass loss %.4f",
+             total, k + 1, n, float(running) / steps)
     if cfg.recalibrate_bn:
         recalibrate_batchnorm(model, dataset, device=device)
     for p in head.parameters():

@@ -54,13 +54,14 @@ class SourceConfig:
 
 
 def augment(x: torch.Tensor, cfg: SourceConfig, g: torch.Generator) -> torch.Tensor:
-    """Random affine + colour (channel mix) jitter + noise on a standardised batch."""
+    """Random affine + colour (channel mix) jitter + noise on a standardised batch. ``g`` is a CPU
+    generator (the same draws on every device); the draws move to ``x``'s device."""
     n = x.shape[0]
-    u = lambda *s: torch.rand(*s, generator=g) * 2 - 1  # noqa: E731  uniform in [-1, 1)
+    u = lambda *s: (torch.rand(*s, generator=g) * 2 - 1).to(x.device)  # noqa: E731  uniform in [-1, 1)
     if cfg.rotate or cfg.scale or cfg.translate:
         a = u(n) * math.radians(cfg.rotate)
         s = 1 + u(n) * cfg.scale
-        theta = torch.zeros(n, 2, 3)
+        theta = torch.zeros(n, 2, 3, device=x.device)
         theta[:, 0, 0], theta[:, 0, 1] = a.cos() / s, -a.sin() / s
         theta[:, 1, 0], theta[:, 1, 1] = a.sin() / s, a.cos() / s
         theta[:, :, 2] = u(n, 2) * cfg.translate
@@ -69,10 +70,10 @@ def augment(x: torch.Tensor, cfg: SourceConfig, g: torch.Generator) -> torch.Ten
         x = F.grid_sample(x - bg, grid, align_corners=False) + bg
     if cfg.color:
         c = x.shape[1]
-        mix = torch.eye(c) + cfg.color * torch.randn(n, c, c, generator=g)
+        mix = torch.eye(c, device=x.device) + cfg.color * torch.randn(n, c, c, generator=g).to(x.device)
         x = standardize(torch.einsum("nij,njhw->nihw", mix, x))
     if cfg.noise:
-        x = x + cfg.noise * torch.randn(x.shape, generator=g)
+        x = x + cfg.noise * torch.randn(x.shape, generator=g).to(x.device)
     return x
 
 
@@ -85,6 +86,8 @@ def train_steps(cfg, n: int) -> int:
     """Optimizer steps of a budget (``SourceConfig`` / ``ShotConfig``) on ``n`` items: ``cfg.steps``,
     else ``max(cfg.min_steps, cfg.epochs * max(1, n // cfg.batch_size))``."""
     if cfg.steps is not None:
+        if cfg.steps < 1:
+            raise ValueError(f"steps must be at least 1 (or null: the epoch rule), got {cfg.steps}")
         return cfg.steps
     return max(cfg.min_steps, cfg.epochs * max(1, n // cfg.batch_size))
 
@@ -136,7 +139,7 @@ def train_source(model: nn.Module, dataset: Dataset, cfg: SourceConfig, seed: in
             xb, yb = take(dataset, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             if yb is None:
                 raise ValueError("train_source needs labeled data: (image, label) items")
-            xb, yb = augment(xb, cfg, g).to(device), yb.to(device)
+            xb, yb = augment(xb.to(device), cfg, g), yb.to(device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg.lr, step, total)
             loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
@@ -147,7 +150,9 @@ def train_source(model: nn.Module, dataset: Dataset, cfg: SourceConfig, seed: in
             step += 1
             if bar is not None:
                 bar.update()
-        log.info("source pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
+        log.debug("source pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
     if bar is not None:
         bar.close()
+    log.info("source training: %d optimizer steps (%d passes over %d images), last pass loss %.4f",
+             total, k + 1, n, float(running) / steps)
     return model.eval()

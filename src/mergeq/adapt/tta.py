@@ -115,13 +115,15 @@ class ABL:
         """Fold a batch into π and γ; return its pseudo-labels."""
         if logits.dim() != 2 or logits.shape[1] != self.k or len(logits) == 0:
             raise ValueError(f"ABL expects non-empty logits B x {self.k}, got shape {tuple(logits.shape)}")
-        z = logits.detach().float().cpu()
+        z = logits.detach().float()  # on its device: no host sync per batch
         pred = z.argmax(1)
         m = self.cfg.momentum
         counts = torch.bincount(pred, minlength=self.k).float()
         g = entropy_grad_norm(z)
-        mass = torch.zeros(self.k).index_add_(0, pred, g)
-        share = mass / mass.sum() if mass.sum() > 0 else counts / counts.sum()
+        mass = torch.zeros(self.k, device=z.device).index_add_(0, pred, g)
+        total = mass.sum()
+        share = torch.where(total > 0, mass / total.clamp_min(torch.finfo(total.dtype).tiny), counts / counts.sum())
+        self.freq, self.grad = self.freq.to(z.device), self.grad.to(z.device)
         self.freq = m * self.freq + (1 - m) * counts / len(pred)
         self.grad = m * self.grad + (1 - m) * share
         return pred
@@ -135,7 +137,7 @@ class ABL:
     @torch.no_grad()
     def weights(self, pred: torch.Tensor) -> torch.Tensor:
         """Per-sample weights for pseudo-labels ``pred``: mean 1 over the batch, capped at max_weight."""
-        w = self.class_weights()[pred.cpu()]
+        w = self.class_weights()[pred]
         w = w / w.mean()
         return w.clamp(max=self.cfg.max_weight)
 
@@ -223,22 +225,25 @@ def run_stream(adapter: Adapter | nn.Module, stream, batch_size: int = 64, devic
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
-    wrong: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    batch_error, batch_domain = [], []
-    cls_wrong = cls_seen = None
+    preds, labels, batch_domain, k = [], [], [], 0
     for name, x, y in batches:
         logits = adapter(x.to(device))
-        miss = (logits.argmax(1).cpu() != y).long()
-        if cls_seen is None:
-            k = logits.shape[1]
-            cls_wrong, cls_seen = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
+        preds.append(logits.argmax(1))  # kept on the device: one copy to the host after the stream
+        labels.append(y)
+        batch_domain.append(name)
+        k = logits.shape[1]
+    wrong: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    batch_error = []
+    cls_wrong, cls_seen = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
+    sizes = [len(y) for y in labels]
+    for name, pred, y in zip(batch_domain, torch.cat(preds).cpu().split(sizes), labels):
+        miss = (pred != y).long()
         cls_wrong.index_add_(0, y, miss)
         cls_seen.index_add_(0, y, torch.ones_like(y))
         wrong[name] = wrong.get(name, 0) + int(miss.sum())
         seen[name] = seen.get(name, 0) + len(y)
         batch_error.append(float(miss.float().mean()))
-        batch_domain.append(name)
     domains = [name for name, _ in stream]
     error = {d: wrong[d] / seen[d] for d in domains}
     class_error = [float(w) / float(s) if s else None for w, s in zip(cls_wrong.tolist(), cls_seen.tolist())]

@@ -220,6 +220,10 @@ class Config:
             check_unique("grid.seeds", self.grid.seeds)
         _at_least("runtime.threads", r.threads, 1)
         _at_least("runtime.workers", r.workers, 1)
+        for name, budget in (("source", self.adapt.source), ("shot", self.adapt.shot)):
+            if budget is not None:
+                _at_least(f"adapt.{name}.steps", budget.steps, 1)
+                _at_least(f"adapt.{name}.min_steps", budget.min_steps, 0)
         _check("runtime.device", lambda: _device(r.device))
 
 

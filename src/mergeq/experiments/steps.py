@@ -69,13 +69,18 @@ def _domain(bench: Benchmark, name: str):
 def export_calibration(meta: dict, size: int) -> torch.Tensor:
     """Calibration images for integer-kernel export: the calibration splits of the checkpoint's
     domains (``domains`` of a merge, else its ``domain``), the same number from each."""
+    from ..data.folder import FolderNotFoundError
     from ..deploy import ExportError
 
     domains = meta.get("domains") or ([meta["domain"]] if meta.get("domain") else [])
     if not domains or not ("data" in meta or "benchmark" in meta):
         raise ExportError("--kernels int8 calibrates on the checkpoint's domains, but its metadata names "
                           "no domains or no data")
-    bench, _ = checkpoint_data(meta, Config(), domains)
+    try:
+        bench, _ = checkpoint_data(meta, Config(), domains)
+    except FolderNotFoundError as e:
+        raise ExportError(f"--kernels int8 calibrates on the images of domains {domains} of the checkpoint's data "
+                          f"folder {meta.get('data', {}).get('root')}, which cannot be read: {e}") from None
     known = [bench.source.name, *bench.targets]
     unknown = [d for d in domains if d not in known]
     if unknown:

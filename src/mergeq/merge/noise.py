@@ -26,6 +26,9 @@ integer mid-point merge; noise is added only where Σ α_k I_k is ambiguous (for
 where I_1 + I_2 is odd), in code units, so each tie goes to either neighbour of the mid-point
 with probability 1/2; run ``samples`` (default 100) trials per layer and accept a trial only
 when it raises |cos(w - w_k, w̄ - w_k)| for every expert k at once.
+
+Random draws come from a generator on the codes' device (``seed``): no host-device copy per
+draw on a GPU; a CPU and a GPU draw different (each reproducible) noise for the same seed.
 """
 from __future__ import annotations
 
@@ -41,9 +44,14 @@ def noise_sample(layer: LayerStack, alphas: Sequence[float], g: torch.Generator)
     """One draw of Eq. 12, clamped to the grid."""
     num = 0.0
     for a, i, s in zip(alphas, layer.codes, layer.steps):
-        eps = (torch.rand(i.shape, generator=g, dtype=i.dtype) - 0.5) * s
+        eps = (torch.rand(i.shape, generator=g, dtype=i.dtype, device=i.device) - 0.5) * s
         num = num + a * (i * s + eps)
     return layer.clamp(torch.round(num / layer.merged_step(alphas)))
+
+
+def generator(layers: list[LayerStack], seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` on the device of the experts' codes."""
+    return torch.Generator(device=layers[0].codes[0].device if layers else "cpu").manual_seed(seed)
 
 
 def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,7 @@ def noise_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: i
         raise ValueError(f"samples must be at least 1, got {samples}")
     if select not in ("model", "layer") or anchor not in ("first", "all"):
         raise ValueError(f"select must be model|layer and anchor first|all, got {select!r}, {anchor!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(layers, seed)
     draws = [[noise_sample(layer, alphas, g) for layer in layers] for _ in range(samples if filter else 1)]
     if select == "model":
         scores = torch.stack([cosine_score(d, layers, alphas, anchor) for d in draws])
@@ -85,7 +93,7 @@ def noise_ties_rounding(layers: list[LayerStack], alphas: Sequence[float], sampl
                         seed: int = 0) -> list[torch.Tensor]:
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(layers, seed)
     out = []
     for layer, current in zip(layers, nearest_rounding(layers, alphas)):
         mid = sum(a * i for a, i in zip(alphas, layer.codes))
@@ -102,10 +110,10 @@ def noise_ties_rounding(layers: list[LayerStack], alphas: Sequence[float], sampl
 
         best = scores(current)
         for _ in range(samples):
-            up = torch.rand(mid.shape, generator=g) < 0.5
+            up = torch.rand(mid.shape, generator=g, device=mid.device) < 0.5
             cand = torch.where(ambiguous, torch.floor(mid) + up.to(mid.dtype), current)
             s = scores(cand)
-            if bool((s > best).all()):
-                current, best = cand, s
+            accept = (s > best).all()  # a tensor: no device-to-host sync per trial
+            current, best = torch.where(accept, cand, current), torch.where(accept, s, best)
         out.append(current)
     return out

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..nn.output import LogitsAdapter, describe_output
+from ..nn.output import LogitsAdapter, describe_output, logits_like
 from ..typed import from_mapping
 
 
@@ -179,14 +179,19 @@ def check_logits(model: nn.Module, example_input: torch.Tensor, num_classes: int
     was_training = model.training
     try:
         out = model.eval()(example_input)
+        raw = model.model(example_input) if isinstance(model, LogitsAdapter) else None
     finally:
         model.train(was_training)
     if not torch.is_tensor(out):
         raise ModelError(f"{what} returns {describe_output(out)}, not a logits tensor: set model.output to pick "
                          "the logits ('auto', a key or attribute name, or an index)")
-    if out.dim() != 2 or out.shape != (len(example_input), num_classes):
-        raise ModelError(f"{what} returns logits of shape {tuple(out.shape)} for {len(example_input)} inputs; "
-                         f"expected ({len(example_input)}, {num_classes}) for {num_classes} classes")
+    n = len(example_input)
+    if out.dim() != 2 or out.shape != (n, num_classes):
+        fits = logits_like(raw, n, num_classes)
+        hint = f"; item {fits[0]!r} of its {describe_output(raw)} has that shape: set model.output: {fits[0]!r}" \
+            if fits else ""
+        raise ModelError(f"{what} returns logits of shape {tuple(out.shape)} for {n} inputs; "
+                         f"expected ({n}, {num_classes}) for {num_classes} classes{hint}")
 
 
 def resolve_model(spec: ModelSpec | Mapping[str, Any] | str, num_classes: int,

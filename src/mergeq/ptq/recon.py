@@ -282,10 +282,10 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
 def hardened_error(unit: nn.Module, x_q: torch.Tensor, y_fp: torch.Tensor, bs: int, device) -> float:
     """rec_loss of the finished (hardened, deterministic) unit over all cached calibration inputs."""
     unit.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync, at the end
     for i in range(0, len(x_q), bs):
-        total += float(rec_loss(unit(x_q[i : i + bs].to(device)), y_fp[i : i + bs].to(device))) * len(x_q[i : i + bs])
-    return total / len(x_q)
+        total += rec_loss(unit(x_q[i : i + bs].to(device)), y_fp[i : i + bs].to(device)).double() * len(x_q[i : i + bs])
+    return float(total) / len(x_q)
 
 
 def reconstruct(qmodel: nn.Module, ctx: PTQContext, hooks: ReconHooks, opts: ReconOptions,
