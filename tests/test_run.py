@@ -29,7 +29,8 @@ def tiny_run(tmp_path_factory, model_cache):
 
 def test_results_schema_and_files(tiny_run):
     out, _, res = tiny_run
-    assert {"results.json", "results.md", "config.yaml", "hmean_vs_bits.png"} <= {p.name for p in out.iterdir()}
+    assert {"results.json", "results.md", "config.yaml", "hmean_vs_bits.png", "merged_vs_experts.png"} <= {
+        p.name for p in out.iterdir()}
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps({"experiment": "run", **res}))
     assert on_disk["benchmark"] == "digits" and on_disk["targets"] == ["uci", "noisy"] and on_disk["seed"] == 0
@@ -39,7 +40,9 @@ def test_results_schema_and_files(tiny_run):
         assert all(0.0 <= v <= 1.0 for v in [*r["experts"].values(), *r["merged"].values()])
         assert r["ptq"]["uci"]["changed_codes"] == 0.0 and "recon_loss" not in r["ptq"]["uci"]  # RTN: nothing moved
     assert "](hmean_vs_bits.png)" in (out / "results.md").read_text()
-    assert (out / "hmean_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](merged_vs_experts.png)" in (out / "results.md").read_text()
+    assert all((out / png).read_bytes()[:4] == b"\x89PNG" for png in ("hmean_vs_bits.png", "merged_vs_experts.png"))
+    assert on_disk["steps"] == {"source": 62, "shot": {"uci": 28, "noisy": 15}}  # one pass each (tiny config)
 
 
 def test_written_config_is_resolved_and_reruns_to_the_same_numbers(tiny_run, tmp_path):
@@ -100,7 +103,7 @@ def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys):
     assert "ptq.methods[0]: unknown PTQ method 'nope'" in capsys.readouterr().err
 
 
-def test_step_commands_round_trip_and_write_their_config(tiny_run, model_cache, tmp_path):
+def test_step_commands_round_trip_and_write_their_config(tiny_run, model_cache, tmp_path, capsys):
     from mergeq.checkpoint import model_from_checkpoint
     from mergeq.nn import quant_modules
 
@@ -128,6 +131,9 @@ def test_step_commands_round_trip_and_write_their_config(tiny_run, model_cache, 
     assert main(["merge", *map(str, qpaths), "--rounding", "noise", "--samples", "3", "--out", str(merged_path)]) == 0
     report = json.loads(merged_path.with_suffix(".report.json").read_text())
     assert set(report["accuracy"]) == {"uci", "noisy", "hmean"} and report["options"]["samples"] == 3
+    printed = capsys.readouterr().out.splitlines()[-1]  # percentages, like run's
+    assert printed == (f"merged 2 models -> {merged_path}; accuracy: " + ", ".join(
+        f"{d} {100 * report['accuracy'][d]:.1f}%" for d in ("uci", "noisy", "hmean")))
     merged, _ = model_from_checkpoint(merged_path)
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(merged(x), model_from_checkpoint(merged_path)[0](x))
@@ -166,3 +172,15 @@ def test_rows_in_worker_processes_equal_rows_computed_in_process(model_cache, tm
     assert yaml.safe_load((tmp_path / "par" / "config.yaml").read_text())["runtime"]["workers"] == 2
     with pytest.raises(MergeqError, match="runtime.workers: must be at least 1"):
         tiny_config(model_cache, {"runtime.workers": 0})
+
+
+def test_a_quick_run_on_a_non_default_device_string(tmp_path):
+    """``runtime.device: cpu:0`` (not the default ``cpu``) through source training, SHOT, RTN, the
+    noise rounding and evaluation, models trained afresh: a tensor made on the default device, or a
+    device compared by its string, fails here."""
+    changes = {"runtime.device": "cpu:0", "ptq.bits": ["W8A8"], "merge.rounding": "noise",
+               "merge.rounding_options": {"samples": 2}}
+    res = run(tiny_config(tmp_path / "cache", changes), tmp_path / "out")
+    assert [(r["method"], r["w_bits"]) for r in res["rows"]] == [("rtn", 8)]
+    assert all(0.0 <= v <= 1.0 for v in res["rows"][0]["merged"].values())
+    assert load_config(tmp_path / "out" / "config.yaml").runtime.device == "cpu:0"

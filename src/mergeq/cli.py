@@ -213,7 +213,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {args.method}")
     report = steps.merge_checkpoints(load_cli_config(args), args.experts, args.method, args.out, args.report,
                                      args.base)
-    print(report.get("accuracy", "merged (no data metadata to evaluate on)"))
+    acc = report.get("accuracy")
+    print(f"merged {len(args.experts)} models -> {args.out}; accuracy: "
+          + (", ".join(f"{d} {100 * a:.1f}%" for d, a in acc.items()) if acc else "not evaluated (the "
+             "checkpoints name no data and domains)"))
     return 0
 
 

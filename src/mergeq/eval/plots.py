@@ -131,3 +131,38 @@ def plot_hmean_vs_bits(panels: Mapping[str, Mapping], path: str | os.PathLike, t
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_merged_vs_experts(panels: Mapping[str, Mapping[str, tuple[Mapping, Mapping]]], domains: list[str],
+                           path: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy (%) per target domain: one panel per bit width (``panels``: ``{bits: {method:
+    (experts, merged)}}``, each a ``{domain: accuracy}`` fraction mapping), one bar per method for
+    the merged model on that domain and a black diamond on it for the method's expert on its own
+    domain, so the gap between them is what merging cost."""
+    import numpy as np
+
+    plt = _pyplot()
+    per_panel = 1.0 + 0.45 * len(domains) * max(2, max(map(len, panels.values())))
+    fig, axes = plt.subplots(1, len(panels), figsize=(per_panel * len(panels), 4.2), squeeze=False, sharey=True)
+    methods = list(dict.fromkeys(m for p in panels.values() for m in p))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    x = np.arange(len(domains))
+    for ax, (bits, panel) in zip(axes[0], panels.items()):
+        width = 0.8 / len(panel)
+        for i, (method, (experts, merged)) in enumerate(panel.items()):
+            pos = x - 0.4 + width * (i + 0.5)
+            ax.bar(pos, [100 * merged[d] for d in domains], width * 0.9, color=colours[method], label=method)
+            ax.plot(pos, [100 * experts[d] for d in domains], "D", color="black", ms=4,
+                    label="expert on its own domain" if i == 0 else None)
+        ax.set_xticks(x)
+        ax.set_xticklabels(domains, rotation=30 if len(domains) > 4 else 0, fontsize=8)
+        ax.set(xlabel="target domain", title=bits, ylim=(0, 105))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               title="bars: the merged model on each domain, per method", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))  # room for the legend below the panels
+    return _save(fig, path)

@@ -3,8 +3,10 @@
 :func:`markdown` renders ``results.md`` from a results dict (``results["experiment"]``: run,
 pmq, tta or bench); :func:`pictures` writes the PNGs beside it: ``hmean_vs_bits.png`` for run,
 pmq and bench (merged hmean per method against bit width, the full-precision merge as a line;
-pmq: one panel per merge method; bench: one per target set, mean ± std over seeds) and
-``stream_error.png`` for tta (error along the stream). ``bench`` also gets ``bench.csv``.
+pmq: one panel per merge method; bench: one per target set, mean ± std over seeds),
+``merged_vs_experts.png`` for run (per bit width and target domain, the merged model's accuracy
+against each expert's on its own domain) and ``stream_error.png`` for tta (error along the
+stream). ``bench`` also gets ``bench.csv``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..eval.metrics import harmonic_mean
 from ..io import atomic_write_text
 
 HMEAN_PNG = "hmean_vs_bits.png"
+EXPERTS_PNG = "merged_vs_experts.png"
 
 
 def _pct(x: float) -> str:
@@ -78,7 +81,8 @@ def run_markdown(results: dict[str, Any]) -> str:
         )
     src_name = next(k for k in src if k not in targets and k != "hmean")
     lines += ["", f"Source model on its own test split ({src_name}): {_pct(src[src_name])}%.", "",
-              f"![merged hmean against bit width]({HMEAN_PNG})", ""]
+              f"![merged hmean against bit width]({HMEAN_PNG})", "",
+              f"![merged model against the experts per domain and bit width]({EXPERTS_PNG})", ""]
     return "\n".join(lines)
 
 
@@ -211,9 +215,18 @@ def hmean_panels(results: dict[str, Any]) -> dict[str, dict]:
     return panels
 
 
+def expert_panels(results: dict[str, Any]) -> dict[str, dict[str, tuple[dict, dict]]]:
+    """What ``merged_vs_experts.png`` shows: per bit width (full precision first), per method, the
+    experts' own-domain accuracies and the merged model's."""
+    panels: dict = {"FP32": {"full precision": (results["fp"]["experts"], results["fp"]["merged"])}}
+    for r in results["rows"]:
+        panels.setdefault(_bits(r), {})[r["method"]] = (r["experts"], r["merged"])
+    return panels
+
+
 def pictures(results: dict[str, Any], out: Path) -> None:
     """The experiment's PNGs in ``out`` (none before its first row)."""
-    from ..eval.plots import plot_hmean_vs_bits, plot_stream_errors
+    from ..eval.plots import plot_hmean_vs_bits, plot_merged_vs_experts, plot_stream_errors
 
     if not results["rows"]:
         return
@@ -224,6 +237,10 @@ def pictures(results: dict[str, Any], out: Path) -> None:
         return
     if results["experiment"] == "bench":
         atomic_write_text(out / "bench.csv", bench_csv(results["rows"]))
+    if results["experiment"] == "run":
+        plot_merged_vs_experts(expert_panels(results), results["targets"], out / EXPERTS_PNG,
+                               f"{results.get('benchmark', '')}: merged model (bars) against each expert on its own "
+                               f"domain (◆), seed {seed}")
     title = {"run": "quantize, then merge", "pmq": "merge, then quantize", "bench": "quantize, then merge"}
     bench = results.get("benchmark")
     plot_hmean_vs_bits(hmean_panels(results), out / HMEAN_PNG,

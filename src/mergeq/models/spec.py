@@ -188,8 +188,8 @@ def check_logits(model: nn.Module, example_input: torch.Tensor, num_classes: int
     n = len(example_input)
     if out.dim() != 2 or out.shape != (n, num_classes):
         fits = logits_like(raw, n, num_classes)
-        hint = f"; item {fits[0]!r} of its {describe_output(raw)} has that shape: set model.output: {fits[0]!r}" \
-            if fits else ""
+        hint = (f"; item {fits[0]!r} of its output ({describe_output(raw)}) has that shape: set model.output: "
+                f"{fits[0]!r}") if fits else ""
         raise ModelError(f"{what} returns logits of shape {tuple(out.shape)} for {n} inputs; "
                          f"expected ({n}, {num_classes}) for {num_classes} classes{hint}")
 
