@@ -286,6 +286,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_above_bars():
+    """Route the console log handler through tqdm (``logging_redirect_tqdm``): each log line is
+    printed on its own line above the progress bars, never glued onto one. Without a console
+    handler (logging set up by the caller, e.g. a test runner) nothing changes."""
+    import contextlib
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console = any(type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
+                  for h in logging.getLogger().handlers)
+    return logging_redirect_tqdm() if console else contextlib.nullcontext()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mergeq", description=__doc__)
     ap.add_argument("--debug", action="store_true",
@@ -383,12 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with logging_redirect_tqdm():  # a log line above the progress bars, never glued onto one
+        with _log_above_bars():
             return args.func(args)
     except (MergeqError, ValueError, KeyError, OSError, TypeError) as e:
         # bad input, a missing or unwritable file: one line; --debug shows where a real bug is
