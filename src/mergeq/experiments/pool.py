@@ -89,6 +89,9 @@ class Pool:
         self._source: nn.Module | None = None
         self._experts: dict[str, nn.Module] = {}
         self._accuracy: dict[str, Any] = {}
+        steps = self.steps()
+        log.info("optimizer steps: source %d, SHOT %s", steps["source"],
+                 ", ".join(f"{d} {n}" for d, n in steps["shot"].items()))
 
     def steps(self) -> dict[str, Any]:
         """Optimizer steps of source training and of each target's SHOT (``train_steps`` on the splits)."""
@@ -171,8 +174,6 @@ class Pool:
         checked (:func:`health.check_source`)."""
         if "source" not in self._accuracy:
             name = self.bench.source.name
-            log.info("optimizer steps: source %d, SHOT %s", self.steps()["source"],
-                     ", ".join(f"{d} {n}" for d, n in self.steps()["shot"].items()))
             acc = evaluate(self.source, {name: self.bench.source.test, **self.tests}, self.device)
             health.check_source(acc[name], name, self.bench.num_classes)
             self._accuracy["source"] = acc
