@@ -241,24 +241,68 @@ def cmd_surface(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import model_from_checkpoint
-    from .deploy import export_onnx, save_packed
+    from .deploy import export_onnx, plan_integer, save_packed
     from .experiments.steps import export_calibration
     from .io import check_out_file
 
-    if args.format != "onnx" and args.kernels != "qdq":
-        raise ValueError("--kernels chooses the ONNX graph: it needs --format onnx")
+    if args.format != "onnx" and (args.kernels != "qdq" or args.target_cpu is not None):
+        raise ValueError("--kernels and --target-cpu choose the ONNX graph: they need --format onnx")
+    if args.target_cpu is not None and args.kernels != "int8":
+        raise ValueError("--target-cpu chooses the int8 graph's weight types: it needs --kernels int8")
     if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
         raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
+    if args.format == "onnx":
+        require_deploy_extra()
     check_out_file(args.out)
     model, meta = model_from_checkpoint(args.model)
+    calib = plan = None
+    if args.kernels == "int8":
+        calib = export_calibration(meta, args.calib_size or 512)
+        plan = plan_integer(model, calib)
     if args.format == "onnx":
-        calib = export_calibration(meta, args.calib_size or 512) if args.kernels == "int8" else None
         path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta,
-                           kernels=args.kernels, calib=calib)
+                           kernels=args.kernels, plan=plan, target_cpu=args.target_cpu or "any")
     else:
         path = save_packed(model, args.out, meta)
     kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
     print(f"wrote {path} ({args.format}, {kib[0]:.1f} KiB; input checkpoint {kib[1]:.1f} KiB)")
+    if plan is not None:
+        from .deploy.check import check_int8_export
+
+        lines, warnings = check_int8_export(model, path, plan, calib).report()
+        print("\n".join(lines))
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def require_deploy_extra() -> None:
+    """One clear line instead of a ModuleNotFoundError when the ``deploy`` extra is missing."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MergeqError(f"ONNX export needs {' and '.join(missing)}: pip install 'mergeq[deploy]'")
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from .sysinfo import FLAGS, environment
+
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=1))
+        return 0
+    c = env["cpu"]
+    print("\n".join([
+        *(f"{k}: {v or 'not installed'}" for k, v in env["versions"].items()),
+        f"cpu: {c['model']} ({c['arch']}); flags: {', '.join(c['flags']) or 'none of ' + ', '.join(FLAGS)}",
+        f"torch cpu capability: {env['torch_cpu_capability']}; torch threads: {env['torch_threads']}",
+        f"cuda devices: {', '.join(env['cuda_devices']) or 'none'}",
+        f"int8 export here: --target-cpu native means {env['int8_export_target_cpu']} ("
+        + ("VNNI: uint8 x int8 kernels are exact" if c["vnni"] else
+           "no VNNI: uint8 x int8 kernels saturate, 8-bit layers get uint8 weights") + ")"]))
     return 0
 
 
@@ -364,7 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "
                         "requantization calibrated on the checkpoint's domains) or fp32 (unquantized model)")
     p.add_argument("--calib-size", type=int, default=None,
-                   help="ONNX int8: calibration images for the requantization steps (default 512)")
+                   help="ONNX int8: calibration images for the requantization steps and the check (default 512)")
+    p.add_argument("--target-cpu", choices=("any", "vnni", "native"), default=None,
+                   help="ONNX int8: CPUs the integer graph must be exact on. any (default): every x86 kind "
+                        "(8-bit weights against 8-bit inputs as uint8, U8U8 kernels); vnni: int8 weights "
+                        "everywhere, exact and faster with VNNI (AVX512-VNNI, AVX-VNNI) or on ARM, wrong "
+                        "without it; native: vnni if this CPU has VNNI, else any")
+
+    p = command("env", cmd_env, "versions, CPU model and flags (AVX2, AVX-512, VNNI), threads, CUDA devices",
+                config=False)
+    p.add_argument("--json", action="store_true", help="print as JSON")
 
     p = command("data", cmd_data, "save a PNG grid of samples per domain and print split sizes",
                 {"--seed": "runtime.seed"}, TARGETS)

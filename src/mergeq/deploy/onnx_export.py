@@ -57,7 +57,7 @@ from torch import fx, nn
 from ..io import atomic_write_bytes
 from ..nn.qmodule import QuantModule, quant_modules
 from .groups import contiguous_block, is_grouped, weight_groups
-from .integer import IntegerPlan, is_integer_layer, plan_integer, weight_codes
+from .integer import IntegerPlan, is_integer_layer, plan_integer, resolve_target_cpu, weight_codes
 from .onnx_graph import Graph, f32
 from .onnx_integer import dequantize, integer_layer, matmul_nbits, qlinear_add
 from .onnx_ops import Static, translate_call, translate_module
@@ -93,13 +93,15 @@ def infer_input_shape(gm: fx.GraphModule) -> list[int | str]:
 class _Exporter:
     """State of one export: the graph, the traced facts and, per node, its ONNX value."""
 
-    def __init__(self, gm: fx.GraphModule, g: Graph, facts: dict, kernels: str, plan: IntegerPlan | None) -> None:
-        self.gm, self.g, self.facts, self.kernels = gm, g, facts, kernels
+    def __init__(self, gm: fx.GraphModule, g: Graph, facts: dict, kernels: str, plan: IntegerPlan | None,
+                 target_cpu: str = "any") -> None:
+        self.gm, self.g, self.facts, self.kernels, self.target_cpu = gm, g, facts, kernels, target_cpu
         self.grids = dict(plan.grids) if plan is not None else {}
         self.env: dict[str, Any] = {}
         self.codes_memo: dict = {}
         self._float: dict[str, str] = {}
         self.layer_ops: dict[str, str] = {}  # quantized layer -> the op that multiplies
+        self.weight_types: dict[str, str] = {}  # integer layer -> int8 | uint8 weight codes
 
     def float_arg(self, a: Any) -> Any:
         """An argument as the translators take it: float tensor names (uint8 ones dequantized)."""
@@ -247,12 +249,15 @@ def _check_opset(opset: Any) -> None:
 
 def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
             input_shape: Sequence[int | str] | None = None, meta: dict | None = None, kernels: str = "qdq",
-            calib: torch.Tensor | None = None, plan: IntegerPlan | None = None):
+            calib: torch.Tensor | None = None, plan: IntegerPlan | None = None, target_cpu: str = "any"):
     """The ``onnx.ModelProto`` of ``model`` (checked with ``onnx.checker``).
 
     ``kernels``: ``"qdq"``, ``"int8"`` (needs ``plan`` or calibration images ``calib``) or
-    ``"fp32"`` (models without QuantModules). The model's mergeq metadata (as in packed
-    checkpoints, plus ``meta``, the integer plan and which op runs each quantized layer) goes
+    ``"fp32"`` (models without QuantModules). ``target_cpu`` (int8): ``"any"`` stores weights so
+    that every x86 kind computes them exactly, ``"vnni"`` int8 everywhere (exact with VNNI, and
+    faster), ``"native"`` the choice for this CPU (:func:`~.integer.weight_zero_point`).
+    The model's mergeq metadata (as in packed checkpoints, plus ``meta``, the integer plan, the
+    target CPU, each integer layer's weight type and which op runs each quantized layer) goes
     into the ``mergeq`` metadata property as JSON.
     """
     import onnx
@@ -261,6 +266,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     if kernels not in KERNELS:
         raise ExportError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     _check_opset(opset)
+    target_cpu = resolve_target_cpu(target_cpu)
     quantized = bool(quant_modules(model))
     if kernels != "int8" and (calib is not None or plan is not None):
         raise ExportError(f"calib and plan set up integer kernels; kernels={kernels!r} does not use them")
@@ -280,7 +286,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     g = Graph(opset, int4)
     g.reserve([n.name for n in gm.graph.nodes])
     g.input_name = g.name("input")
-    ex = _Exporter(gm, g, facts, kernels, plan if kernels == "int8" else None)
+    ex = _Exporter(gm, g, facts, kernels, plan if kernels == "int8" else None, target_cpu)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ExportError("only models with a single tensor input can be exported")
@@ -321,6 +327,8 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
         info.update(meta or {})
     if plan is not None and kernels == "int8":
         info["integer_plan"] = plan.to_json()
+        info["target_cpu"] = target_cpu
+        info["integer_weights"] = ex.weight_types
     helper.set_model_props(proto, {"mergeq": json.dumps(info, default=str)})
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -328,13 +336,13 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, int4: bool = True,
                 input_shape: Sequence[int | str] | None = None, meta: dict | None = None, kernels: str = "qdq",
-                calib: torch.Tensor | None = None, plan: IntegerPlan | None = None) -> Path:
+                calib: torch.Tensor | None = None, plan: IntegerPlan | None = None, target_cpu: str = "any") -> Path:
     """Write ``model`` as an ONNX file at ``path`` (atomically); arguments as :func:`to_onnx`.
 
     ``int4=False`` stores 2..4-bit weight codes as INT8 even at opset >= 21 (QDQ form).
     ``input_shape`` defaults to ``[N, C, H, W]`` with C read from the first layer.
     """
-    proto = to_onnx(model, opset, int4, input_shape, meta, kernels, calib, plan)
+    proto = to_onnx(model, opset, int4, input_shape, meta, kernels, calib, plan, target_cpu)
     return atomic_write_bytes(path, proto.SerializeToString())
 
 

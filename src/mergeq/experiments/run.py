@@ -26,6 +26,7 @@ import torch
 
 from ..eval import accuracy
 from ..quant.config import parse_bits
+from ..sysinfo import environment
 from .config import Config
 from .pool import Pool, exit_with_parent, ptq_report
 from .store import RunDir
@@ -51,7 +52,9 @@ def row(pool: Pool, method: str, bits: tuple[int, int | None], **overrides: Any)
 
 
 def header(pool: Pool) -> dict[str, Any]:
-    return {"benchmark": pool.bench.name, "targets": pool.targets, "seed": pool.seed, "preset": pool.cfg.preset}
+    """What every results file starts with, the machine included (its CPU kind changes float rounding)."""
+    return {"benchmark": pool.bench.name, "targets": pool.targets, "seed": pool.seed, "preset": pool.cfg.preset,
+            "machine": environment()}
 
 
 def _row_in_worker(config: dict[str, Any], key: tuple, threads: int, row_threads: int) -> dict[str, Any]:

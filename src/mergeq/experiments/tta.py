@@ -43,6 +43,7 @@ from ..data.spec import DigitsData, load_data
 from ..data_utils import take
 from ..ptq import quantize
 from ..quant.config import parse_bits
+from ..sysinfo import environment
 from .config import Config, parse_tta_method
 from .pool import Pool
 from .store import RunDir
@@ -138,6 +139,6 @@ def run_tta(config: Config, out: str | Path, progress: bool = False,
     results: dict[str, Any] = {
         "benchmark": pool.bench.name, "seed": pool.seed, "severity": t.severity, "preset": cfg.preset,
         "corruptions": check_corruptions(t.corruptions), "streams": {s: imbalance(cfg, s) for s in t.streams},
-        "rows": [],
+        "machine": environment(), "rows": [],
     }
     return store.fill(results, plan(cfg), done, set(plan(pool.cfg)), lambda key: rows.row(*key), on_row)
