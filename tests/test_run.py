@@ -152,6 +152,7 @@ def test_threads_are_validated_and_applied(model_cache):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # spawns worker processes that import torch (CI runs it)
 def test_rows_in_worker_processes_equal_rows_computed_in_process(model_cache, tmp_path):
     """runtime.workers: rows run side by side in spawned processes, with threads // workers torch
     threads each (1 here, as in-process), give the same numbers, recorded in plan order."""

@@ -6,7 +6,7 @@
     data: {kind: digits, source: mnist, targets: null}          # or a folder, see mergeq.data.spec
     model: null                       # null: the preset's (resnet8, width 16); see mergeq.models.spec
     adapt: {source: null, shot: null}                           # SourceConfig / ShotConfig; null: the preset's
-    ptq: {methods: [rtn, qdrop, hdrq], bits: [W8A8, W4A4, W3A3], calib_size: null,
+    ptq: {methods: [rtn, qdrop, hdrq], bits: [W4A4, W3A3], calib_size: null,
           first_last_bits: 8, step_method: mse, options: {hdrq: {iters: 300}}}
     merge: {rounding: float, rounding_options: {}, repeats: 1, options: {ties: {density: 0.2}}}
     pmq: {merges: [task_arithmetic, ties], methods: [rtn, gptq, epmq], bits: [W4, W3]}
@@ -70,8 +70,9 @@ class Adapt:
 @dataclass
 class PTQ:
     methods: list[str] = opt(factory=lambda: ["rtn", "qdrop", "hdrq"], help="PTQ methods, e.g. rtn,qdrop,hdrq")
-    bits: list[str] = opt(factory=lambda: ["W8A8", "W4A4", "W3A3"],
-                          help="bit pairs, e.g. W8A8,W4A4,W3A3 (W4 = weight-only)")
+    bits: list[str] = opt(factory=lambda: ["W4A4", "W3A3"],
+                          help="bit pairs, e.g. W8A8,W4A4,W3A3 (W4 = weight-only); W8A8 is left out by "
+                               "default: every method there equals the full-precision merge (RESULTS §1)")
     calib_size: int | None = opt(None, help="calibration inputs per quantization (None: the preset's)")
     first_last_bits: int | None = opt(8, help="bits of the first and last layer (none: like the rest)")
     step_method: Literal["mse", "lp", "absmax"] = opt("mse", help="weight step search")
