@@ -242,11 +242,14 @@ def cmd_surface(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import model_from_checkpoint
     from .deploy import export_onnx, save_packed
+    from .deploy.onnx_export import check_opset
     from .experiments.steps import export_calibration
     from .io import check_out_file
 
     if args.format != "onnx" and args.kernels != "qdq":
         raise ValueError("--kernels chooses the ONNX graph: it needs --format onnx")
+    if args.format == "onnx":
+        check_opset(args.opset)
     if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
         raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
     check_out_file(args.out)
@@ -358,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                    help="safetensors: bit-packed integer weights; onnx: QDQ graph for onnxruntime")
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
-    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21; at most "
+                   "the newest opset the installed onnx and onnxruntime both run)")
     p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
     p.add_argument("--kernels", choices=("qdq", "int8", "fp32"), default="qdq",
                    help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "

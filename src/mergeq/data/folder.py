@@ -189,15 +189,33 @@ class FolderImages(Dataset):
 
 
 def read_image(path: str | Path):
-    """Decode ``path`` with Pillow (fully loaded); raise :class:`FolderDataError` naming the file."""
+    """Decode ``path`` with Pillow (fully loaded) into 8-bit RGB (:func:`rgb8`); a file that does not
+    decode, or has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb), raises
+    :class:`FolderDataError` naming the file."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return rgb8(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise FolderDataError(f"cannot read image {path}: {e}") from None
+
+
+def rgb8(im):
+    """A Pillow image as 8-bit RGB: 16- and 32-bit grey (modes ``I;16*`` and ``I``, 16-bit PNGs)
+    scaled from 0..65535 (Pillow's own conversion clips them at 255); palette, grey, alpha and
+    other modes by Pillow's conversion (alpha dropped, as torchvision's loader does)."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0
+        im = Image.fromarray(np.rint(grey).astype(np.uint8))
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _verify_image(path: Path) -> None:
