@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -229,9 +230,9 @@ def check_device(name: str) -> str:
     this torch sees), ``mps`` (where available); else a ValueError saying what is."""
     import torch
 
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()) or (kind == "mps" and index):
+    if not re.fullmatch(r"(cpu|cuda)(:[0-9]+)?|mps", name):
         raise ValueError(f"expected cpu, cpu:N, cuda, cuda:N or mps, got {name!r}")
+    kind, _, index = name.partition(":")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name!r} needs a GPU, and this torch ({torch.__version__}) sees none; use cpu")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
