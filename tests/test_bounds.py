@@ -192,6 +192,20 @@ def test_run_flags_past_a_bound_fail_in_one_line(tmp_path, capsys, flags, needle
     assert not cache.exists()
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["barrier", "--points", "1000"], "argument --points: must be at most 101"),
+    (["surface", "--points", "1"], "argument --points: must be at least 2, got 1"),
+    (["surface", "--radius", "nan"], "argument --radius: must be a finite number, got nan"),
+    (["surface", "--radius", "0"], "argument --radius: must be greater than 0, got 0.0"),
+    (["data", "--per-domain", "0"], "argument --per-domain: must be at least 1, got 0"),
+    (["data", "--per-domain", "1000000"], "argument --per-domain: must be at most 100"),
+])
+def test_command_number_flags_are_bounded_by_the_same_table(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
 def test_device_strings(monkeypatch):
     def device(name: str) -> str:
         return _config({}, "runtime.device", name).runtime.device

@@ -1,7 +1,8 @@
 """The one table of numeric bounds, checked wherever :mod:`mergeq.typed` checks a value's type.
 
 Every ``int`` and ``float`` option (the config's sections, each PTQ method's options dataclass,
-the merge methods' and rounding policies' keyword options) has its range in :data:`BOUNDS`,
+the merge methods' and rounding policies' keyword options, a command's own number flags) has its
+range in :data:`BOUNDS`,
 keyed by the option's name, or by ``parent.name`` where a name means something else there
 (``source.scale``, the zoom of source training, may be 0; a merge's ``scale`` may not). A float
 must also be finite. ``tests/test_bounds.py`` checks that every numeric option has an entry and
@@ -88,6 +89,10 @@ BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(["weight_decay", "beta", "ent_weight", "round_weight", "dist_lambda", "pem_lambda",
                      "pcr_weight", "anchor", "percdamp", "color", "noise", "tau", "freq_power", "grad_power",
                      "weights"], NON_NEGATIVE),
+    # a command's own flags: mergeq barrier / surface --points, --radius; mergeq data --per-domain
+    "points": Bound(2, 101, why="a grid of at most 101 x 101 models"),
+    "radius": POSITIVE,
+    "per_domain": Bound(1, 100, why="images in a row of the sample grid"),
     # machine
     **dict.fromkeys(["seed", "seeds"], SEED),
     **dict.fromkeys(["threads", "workers"], CPUS),

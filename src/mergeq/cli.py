@@ -82,11 +82,15 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="set any config entry, e.g. --set ptq.options.hdrq.iters=100 (repeatable)")
 
 
-def _at_least(n: int):
-    def parse(s: str) -> int:
-        v = int(s)
-        if v < n:
-            raise argparse.ArgumentTypeError(f"must be at least {n}, got {v}")
+def _bounded(kind: type, key: str):
+    """A parser of a command's own number flag, checked against ``mergeq.bounds.BOUNDS[key]``."""
+    from .bounds import BOUNDS
+
+    def parse(s: str) -> int | float:
+        v = kind(s)
+        problem = BOUNDS[key].problem(v)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {v!r}")
         return v
 
     return parse
@@ -350,9 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = command(name, fn, helptext, COMMON, TARGETS, {"--methods": "ptq.methods"}, PTQ_SETTINGS,
                     one={"--bits": "ptq.bits"})
-        p.add_argument("--points", type=_at_least(2), default=11, help="grid points along each axis (at least 2)")
+        p.add_argument("--points", type=_bounded(int, "points"), default=11,
+                       help="grid points along each axis (2 to 101)")
         if name == "surface":
-            p.add_argument("--radius", type=float, default=1.0, help="grid half-width in direction norms")
+            p.add_argument("--radius", type=_bounded(float, "radius"), default=1.0,
+                           help="grid half-width in direction norms (positive)")
         p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
 
     p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or ONNX",
@@ -373,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("data", cmd_data, "save a PNG grid of samples per domain and print split sizes",
                 {"--seed": "runtime.seed"}, TARGETS)
     p.add_argument("--out", default="docs/digits_samples.png")
-    p.add_argument("--per-domain", type=int, default=16)
+    p.add_argument("--per-domain", type=_bounded(int, "per_domain"), default=16,
+                   help="images per domain in the grid (1 to 100)")
     return ap
 
 

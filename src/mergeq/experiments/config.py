@@ -18,9 +18,10 @@ Every command reads the same sections: ``run`` (data, model, adapt, ptq, merge, 
 ``pmq`` (ptq's calib_size/first_last_bits/step_method/options, merge.options, pmq), ``tta``
 (tta and ptq's settings for its PTQ methods), ``bench`` (run's, over grid's axes: ptq.methods x
 ptq.bits x grid.target_sets x grid.seeds), the step commands (data, model, adapt, ptq, merge,
-runtime). :meth:`Config.from_dict` checks every key and type when the file is loaded (one-line
-:class:`ConfigError` naming the key path), then :meth:`Config.validate` checks ranges, registered
-names and each method's options against its options dataclass, before any model is trained.
+runtime). :meth:`Config.from_dict` checks every key, type and numeric range (:mod:`mergeq.bounds`)
+when the file is loaded (one-line :class:`ConfigError` naming the key path), then
+:meth:`Config.validate` checks the rest (registered names, each method's options against its
+options dataclass, the device), before any model is trained.
 
 :func:`resolve` fills in what the preset decides (model, adapt, calib_size, per-method PTQ
 options of every method the config names) and makes paths absolute; the experiment pool then
@@ -110,7 +111,8 @@ class TTA:
     dirichlet_alpha: float = opt(0.1, help="concentration of the dirichlet label order")
     severity: int = opt(5, help="corruption severity 1..5")
     corruptions: list[str] | None = opt(None, help="corruptions in stream order (None: the 15 of ImageNet-C)")
-    n_images: int | None = opt(None, help="images per domain (None: all of the clean test split)")
+    n_images: int | None = opt(None, help="images per domain (None: all of the clean test split); more than "
+                                          "there are: all, recorded as the number used")
     cifar10c: str | None = opt(None, help="folder of CIFAR-10-C .npy arrays: the stream's domains (None: "
                                           "corrupt the data's source test split)")
     batch_size: int = opt(64, help="test batch size")
@@ -126,10 +128,10 @@ class Grid:
 
 @dataclass
 class Runtime:
-    seed: int = opt(0, help="seed for data splits, training, PTQ and sampling merges")
-    device: str = opt("cpu", help="torch device, e.g. cpu or cuda")
-    threads: int | None = opt(None, help="torch CPU threads (None: torch's); a seeded CPU run repeats bit "
-                                         "for bit per thread count")
+    seed: int = opt(0, help="seed for data splits, training, PTQ and sampling merges (0 to 2**32 - 1)")
+    device: str = opt("cpu", help="torch device: cpu, cpu:N, cuda, cuda:N (a GPU torch sees) or mps")
+    threads: int | None = opt(None, help="torch CPU threads, at most the CPUs there are (None: torch's); a "
+                                         "seeded CPU run repeats bit for bit per thread count")
     workers: int | None = opt(None, help="processes computing rows (run: each with threads // workers torch "
                                          "threads; None: one per torch thread, up to the rows to compute) or cells "
                                          "(bench; None: 1) side by side")
@@ -182,7 +184,8 @@ class Config:
         return list(dict.fromkeys([*self.ptq.methods, *self.pmq.methods, *(m for m in tta if m != "fp")]))
 
     def validate(self) -> None:
-        """Ranges, registered names and options; every error names the key path."""
+        """Registered names, options, cross-field rules and the device (types and numeric ranges
+        were checked when the config was built); every error names the key path."""
         from ..merge import MERGE_METHODS, check_rounding_options
         from ..merge.rounding import ROUNDINGS
         from ..ptq import PTQ_METHODS, check_options
