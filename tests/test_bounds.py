@@ -157,6 +157,20 @@ def test_every_registered_option_can_be_set_from_yaml(tmp_path, section, name, o
     assert got == options
 
 
+def test_average_weights_number_the_experts(tmp_path, capsys):
+    from mergeq.experiments.config import check_average_weights
+
+    cfg = _config({}, "merge.options.average.weights", [0.7, 0.3])
+    check_average_weights(cfg, 2)
+    for bad, experts in (([0.7, 0.3], 3), ([0.0, 0.0], 2)):
+        with pytest.raises(ConfigError, match=r"^merge\.options\.average\.weights: expected \d weights \(one per "
+                                              r"expert\) with a positive sum, got"):
+            check_average_weights(_config({}, "merge.options.average.weights", bad), experts)
+    experts = [str(tmp_path / f"{d}.safetensors") for d in "abc"]  # refused before they are read
+    _fails(capsys, ["merge", *experts, "--set", "merge.options.average.weights=[0.7, 0.3]", "--out",
+                    str(tmp_path / "m.safetensors")], "merge.options.average.weights: expected 3 weights")
+
+
 # --- the machine: threads, workers, device, seed -------------------------------------------------
 
 def test_threads_and_workers_are_at_most_the_cpus(monkeypatch):

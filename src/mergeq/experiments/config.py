@@ -475,6 +475,14 @@ def _check_builds(spec: ModelSpec) -> None:
         raise ConfigError(f"model.kwargs: {spec.kwargs} do not fit model {spec.name!r}: {e}") from None
 
 
+def check_average_weights(cfg: Config, experts: int) -> None:
+    """``merge.options.average.weights``, if given, holds one weight per expert, not all zero."""
+    weights = cfg.merge.options.get("average", {}).get("weights")
+    if weights is not None and (len(weights) != experts or not sum(weights) > 0):
+        raise ConfigError(f"merge.options.average.weights: expected {experts} weights (one per expert) with a "
+                          f"positive sum, got {weights}")
+
+
 def with_data(cfg: Config, spec: Mapping[str, Any]) -> Config:
     """``cfg`` recording the loaded data's resolved spec (``Benchmark.spec``)."""
     return dataclasses.replace(cfg, data=check_value(hints_of(Config)["data"], dict(spec), "data"))
