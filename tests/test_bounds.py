@@ -157,6 +157,17 @@ def test_every_registered_option_can_be_set_from_yaml(tmp_path, section, name, o
     assert got == options
 
 
+def test_a_registered_model_of_gigabytes_is_refused_before_it_is_built(tmp_path, capsys):
+    from mergeq.experiments import resolve
+
+    assert resolve(_config({}, "model", {"name": "resnet8", "kwargs": {"width": 64}})).model.kwargs == {"width": 64}
+    with pytest.raises(ConfigError, match=r"^model\.kwargs: \{'width': 4096\} give resnet8 4,999,925,762 "
+                                          r"parameters \(19 GiB as float32\); at most 1,000,000,000$"):
+        resolve(_config({}, "model", {"name": "resnet8", "kwargs": {"width": 4096}}))
+    _fails(capsys, ["run", "--set", "model={name: resnet8, kwargs: {width: 100000}}", "--out", str(tmp_path / "o"),
+                    "--cache-dir", str(tmp_path / "c"), "--quiet"], "model.kwargs: {'width': 100000} give resnet8")
+
+
 def test_average_weights_number_the_experts(tmp_path, capsys):
     from mergeq.experiments.config import check_average_weights
 

@@ -21,6 +21,7 @@ from .quant.uniform import MAX_BITS, MIN_BITS
 
 MAX_IMAGE_SIDE = 4096  # data.image_size: a 4096 x 4096 crop is 200 MB as floats
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes [0, 2**32 - 1]; torch and default_rng take more
+MAX_PARAMETERS = 10**9  # a registered architecture's size from model.kwargs: 4 GB as float32
 
 
 def available_cpus() -> int:

@@ -458,9 +458,11 @@ def resolve(cfg: Config) -> Config:
 
 
 def _check_builds(spec: ModelSpec) -> None:
-    """A registered architecture is built on the ``meta`` device, so bad ``kwargs`` fail at load time."""
+    """A registered architecture is built on the ``meta`` device, so bad ``kwargs`` (or ``kwargs``
+    asking for more than ``MAX_PARAMETERS`` weights) fail at load time, allocating nothing."""
     import torch
 
+    from ..bounds import MAX_PARAMETERS
     from ..models import ARCHITECTURES, build_model
 
     if spec.builder is not None or ":" in spec.name:
@@ -470,9 +472,12 @@ def _check_builds(spec: ModelSpec) -> None:
                           f"torchvision:NAME or timm:NAME, or give model.builder; got {spec.name!r}")
     try:
         with torch.device("meta"):
-            build_model(spec.name, 2, **spec.kwargs)
+            size = sum(p.numel() for p in build_model(spec.name, 2, **spec.kwargs).parameters())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.kwargs: {spec.kwargs} do not fit model {spec.name!r}: {e}") from None
+    if size > MAX_PARAMETERS:
+        raise ConfigError(f"model.kwargs: {spec.kwargs} give {spec.name} {size:,} parameters "
+                          f"({size * 4 / 2**30:,.0f} GiB as float32); at most {MAX_PARAMETERS:,}")
 
 
 def check_average_weights(cfg: Config, experts: int) -> None:
