@@ -293,6 +293,16 @@ def test_tta_n_images_is_recorded_as_used(tmp_path):
     assert images_used(pool({"n_images": 1000, "cifar10c": str(folder), "corruptions": ["fog"]})).tta.n_images == 7
 
 
+def test_calib_size_past_the_data_is_recorded_as_used(one_thread):
+    from mergeq.experiments.pool import ptq_report
+    from mergeq.models import build_model
+    from mergeq.ptq import quantize
+
+    model = build_model("resnet8", 10, width=4).eval()
+    q = quantize(model, "rtn", calib=torch.randn(10, 3, 16, 16), calib_size=1000, w_bits=4, a_bits=4)
+    assert ptq_report(q)["calib_size"] == 10
+
+
 def test_docs_list_every_bound():
     text = (ROOT / "docs/CONFIG.md").read_text().partition("## Bounds")[2]
     assert text, "docs/CONFIG.md has no Bounds section"
