@@ -2,11 +2,10 @@
 
 Every ``int`` and ``float`` option (the config's sections, each PTQ method's options dataclass,
 the merge methods' and rounding policies' keyword options, a command's own number flags) has its
-range in :data:`BOUNDS`,
-keyed by the option's name, or by ``parent.name`` where a name means something else there
-(``source.scale``, the zoom of source training, may be 0; a merge's ``scale`` may not). A float
-must also be finite. ``tests/test_bounds.py`` checks that every numeric option has an entry and
-that a value past each bound is refused, naming the option's path.
+range in :data:`BOUNDS`, keyed by the option's name, or by ``parent.name`` where a name means
+something else there (``source.scale``, the zoom of source training, may be 0; a merge's
+``scale`` may not). A float must also be finite. ``tests/test_bounds.py`` checks that every
+numeric option has an entry and that a value past each bound is refused, naming the option's path.
 """
 from __future__ import annotations
 

@@ -266,6 +266,7 @@ def max_opset() -> int:
 
 
 def check_opset(opset: Any) -> None:
+    """Refuse an opset below ``MIN_OPSET`` or above :func:`max_opset` (an ExportError naming it)."""
     top = max_opset()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise ExportError(f"opset: ONNX opset must be an integer from {MIN_OPSET} (per-channel DequantizeLinear) "
