@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mergeq.data import FolderDataError, FolderImages, ImageTransform
+from mergeq.data import FolderDataError, FolderImages, ImageTransform, load_folder_benchmark
 from mergeq.data.folder import read_image
 
 GREYS = [0, 128, 255]  # one row of three pixels
@@ -65,3 +65,16 @@ def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         with pytest.raises(FolderDataError, match=rf"^cannot read image {tmp_path}/bomb\.png: .*decompression bomb"):
             read_image(path)
+
+
+def test_data_verify_refuses_a_bomb_at_load_time(tmp_path, monkeypatch):
+    for domain in ("A", "B"):
+        for cls in ("c0", "c1"):
+            (tmp_path / domain / cls).mkdir(parents=True)
+            for i in range(2):
+                _png(tmp_path / domain / cls / f"{i}.png", np.full((8, 8), 40 * i, dtype=np.uint8))
+    bomb = _png(tmp_path / "B" / "c1" / "1.png", np.zeros((12, 12), dtype=np.uint8))
+    load_folder_benchmark(tmp_path, source="A", resize=8, crop=8, verify=True)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 8 x 8 images pass, the 12 x 12 one warns
+    with pytest.raises(FolderDataError, match=rf"^cannot read image {bomb}: .*decompression bomb"):
+        load_folder_benchmark(tmp_path, source="A", resize=8, crop=8, verify=True)

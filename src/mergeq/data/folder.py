@@ -219,11 +219,15 @@ def rgb8(im):
 
 
 def _verify_image(path: Path) -> None:
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused as read_image refuses it
+            with Image.open(path) as im:
+                im.verify()
     except Exception as e:  # Pillow raises many types for broken files
         raise FolderDataError(f"cannot read image {path}: {e}") from None
 
