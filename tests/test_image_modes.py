@@ -67,6 +67,14 @@ def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
             read_image(path)
 
 
+def test_a_long_thin_image_is_refused_before_it_is_resized(tmp_path, monkeypatch):
+    path = _png(tmp_path / "thin.png", np.zeros((1, 300), dtype=np.uint8))  # 300 pixels, 2,400 x 8 resized
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(FolderDataError, match=rf"^image {path}: a 300 x 1 image resized to a shorter side of 8 "
+                                              r"would hold 19,200 pixels, over Pillow's limit of 10,000$"):
+        FolderImages([path], [0], ["c"], ImageTransform(resize=8, crop=8))[0]
+
+
 def test_data_verify_refuses_a_bomb_at_load_time(tmp_path, monkeypatch):
     for domain in ("A", "B"):
         for cls in ("c0", "c1"):

@@ -131,6 +131,10 @@ class ImageTransform:
             w, h = img.size
             short, long = (w, h) if w <= h else (h, w)
             new_long = int(self.resize * long / short)
+            if Image.MAX_IMAGE_PIXELS and self.resize * new_long > Image.MAX_IMAGE_PIXELS:  # a long thin image
+                raise FolderDataError(f"a {w} x {h} image resized to a shorter side of {self.resize} would hold "
+                                      f"{self.resize * new_long:,} pixels, over Pillow's limit of "
+                                      f"{Image.MAX_IMAGE_PIXELS:,}")
             img = img.resize((self.resize, new_long) if w <= h else (new_long, self.resize), bilinear)
             top = int(round((img.height - self.crop) / 2.0))
             left = int(round((img.width - self.crop) / 2.0))
@@ -181,7 +185,11 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_image(self.paths[i])), int(self.labels[i])
+        img = read_image(self.paths[i])
+        try:
+            return self.transform(img), int(self.labels[i])
+        except FolderDataError as e:
+            raise FolderDataError(f"image {self.paths[i]}: {e}") from None
 
     def with_transform(self, transform: ImageTransform) -> "FolderImages":
         """The same images and labels under another transform (e.g. ``augment=True`` for training)."""
