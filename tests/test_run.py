@@ -38,6 +38,7 @@ def test_results_schema_and_files(tiny_run):
     for r in on_disk["rows"]:
         assert all(0.0 <= v <= 1.0 for v in [*r["experts"].values(), *r["merged"].values()])
         assert r["ptq"]["uci"]["changed_codes"] == 0.0 and "recon_loss" not in r["ptq"]["uci"]  # RTN: nothing moved
+        assert r["ptq"]["uci"]["calib_size"] == 64  # the calibration inputs used: ptq.calib_size (uci has more)
     assert "](hmean_vs_bits.png)" in (out / "results.md").read_text()
     assert (out / "hmean_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
 

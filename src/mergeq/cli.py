@@ -82,11 +82,15 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="set any config entry, e.g. --set ptq.options.hdrq.iters=100 (repeatable)")
 
 
-def _at_least(n: int):
-    def parse(s: str) -> int:
-        v = int(s)
-        if v < n:
-            raise argparse.ArgumentTypeError(f"must be at least {n}, got {v}")
+def _bounded(kind: type, key: str):
+    """A parser of a command's own number flag, checked against ``mergeq.bounds.BOUNDS[key]``."""
+    from .bounds import BOUNDS
+
+    def parse(s: str) -> int | float:
+        v = kind(s)
+        problem = BOUNDS[key].problem(v)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {v!r}")
         return v
 
     return parse
@@ -242,6 +246,7 @@ def cmd_surface(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import model_from_checkpoint
     from .deploy import export_onnx, plan_integer, save_packed
+    from .deploy.onnx_export import check_opset
     from .experiments.steps import export_calibration
     from .io import check_out_file
 
@@ -249,10 +254,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError("--kernels and --target-cpu choose the ONNX graph: they need --format onnx")
     if args.target_cpu is not None and args.kernels != "int8":
         raise ValueError("--target-cpu chooses the int8 graph's weight types: it needs --kernels int8")
-    if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
-        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
     if args.format == "onnx":
         require_deploy_extra()
+        check_opset(args.opset)
+    if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
+        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
     check_out_file(args.out)
     model, meta = model_from_checkpoint(args.model)
     calib = plan = None
@@ -391,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = command(name, fn, helptext, COMMON, TARGETS, {"--methods": "ptq.methods"}, PTQ_SETTINGS,
                     one={"--bits": "ptq.bits"})
-        p.add_argument("--points", type=_at_least(2), default=11, help="grid points along each axis (at least 2)")
+        p.add_argument("--points", type=_bounded(int, "points"), default=11,
+                       help="grid points along each axis (2 to 101)")
         if name == "surface":
-            p.add_argument("--radius", type=float, default=1.0, help="grid half-width in direction norms")
+            p.add_argument("--radius", type=_bounded(float, "radius"), default=1.0,
+                           help="grid half-width in direction norms (positive)")
         p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
 
     p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or ONNX",
@@ -402,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                    help="safetensors: bit-packed integer weights; onnx: QDQ graph for onnxruntime")
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
-    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21; at most "
+                   "the newest opset the installed onnx and onnxruntime both run)")
     p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
     p.add_argument("--kernels", choices=("qdq", "int8", "fp32"), default="qdq",
                    help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "
@@ -422,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("data", cmd_data, "save a PNG grid of samples per domain and print split sizes",
                 {"--seed": "runtime.seed"}, TARGETS)
     p.add_argument("--out", default="docs/digits_samples.png")
-    p.add_argument("--per-domain", type=int, default=16)
+    p.add_argument("--per-domain", type=_bounded(int, "per_domain"), default=16,
+                   help="images per domain in the grid (1 to 100)")
     return ap
 
 

@@ -131,6 +131,10 @@ class ImageTransform:
             w, h = img.size
             short, long = (w, h) if w <= h else (h, w)
             new_long = int(self.resize * long / short)
+            if Image.MAX_IMAGE_PIXELS and self.resize * new_long > Image.MAX_IMAGE_PIXELS:  # a long thin image
+                raise FolderDataError(f"a {w} x {h} image resized to a shorter side of {self.resize} would hold "
+                                      f"{self.resize * new_long:,} pixels, over Pillow's limit of "
+                                      f"{Image.MAX_IMAGE_PIXELS:,}")
             img = img.resize((self.resize, new_long) if w <= h else (new_long, self.resize), bilinear)
             top = int(round((img.height - self.crop) / 2.0))
             left = int(round((img.width - self.crop) / 2.0))
@@ -181,7 +185,11 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_image(self.paths[i])), int(self.labels[i])
+        img = read_image(self.paths[i])
+        try:
+            return self.transform(img), int(self.labels[i])
+        except FolderDataError as e:
+            raise FolderDataError(f"image {self.paths[i]}: {e}") from None
 
     def with_transform(self, transform: ImageTransform) -> "FolderImages":
         """The same images and labels under another transform (e.g. ``augment=True`` for training)."""
@@ -189,23 +197,45 @@ class FolderImages(Dataset):
 
 
 def read_image(path: str | Path):
-    """Decode ``path`` with Pillow (fully loaded); raise :class:`FolderDataError` naming the file."""
+    """Decode ``path`` with Pillow (fully loaded) into 8-bit RGB (:func:`rgb8`); a file that does not
+    decode, or has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb), raises
+    :class:`FolderDataError` naming the file."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return rgb8(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise FolderDataError(f"cannot read image {path}: {e}") from None
 
 
+def rgb8(im):
+    """A Pillow image as 8-bit RGB: 16- and 32-bit grey (modes ``I;16*`` and ``I``, 16-bit PNGs)
+    scaled from 0..65535 (Pillow's own conversion clips them at 255); palette, grey, alpha and
+    other modes by Pillow's conversion (alpha dropped, as torchvision's loader does)."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0
+        im = Image.fromarray(np.rint(grey).astype(np.uint8))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def _verify_image(path: Path) -> None:
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused as read_image refuses it
+            with Image.open(path) as im:
+                im.verify()
     except Exception as e:  # Pillow raises many types for broken files
         raise FolderDataError(f"cannot read image {path}: {e}") from None
 

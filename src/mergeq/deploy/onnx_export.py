@@ -45,6 +45,7 @@ what ``kernels="int8"`` adds.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -238,13 +239,40 @@ def _stored_as(op: str, m: QuantModule, opset: int, int4: bool) -> str:
     return weight_storage(m.w_bits, opset, int4) if op in ("Conv", "Gemm") else "int8"
 
 
-def _check_opset(opset: Any) -> None:
+@functools.lru_cache(maxsize=None)
+def max_opset() -> int:
+    """The newest opset that onnx defines and the installed onnxruntime (if any) runs a
+    QuantizeLinear -> DequantizeLinear graph at (onnx may define opsets before onnxruntime
+    implements their quantization ops)."""
     import onnx
+    from onnx import TensorProto, helper
 
-    max_opset = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
-        raise ExportError(f"ONNX opset must be an integer from {MIN_OPSET} (per-channel DequantizeLinear) "
-                          f"to {max_opset}, got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return newest
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y"))
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "probe", [x], [y], inits)
+    for opset in range(newest, MIN_OPSET, -1):
+        ops = [helper.make_opsetid("", opset)]
+        model = helper.make_model(graph, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops))
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:  # noqa: BLE001 (onnxruntime raises one type per reason; any means "not this opset")
+            continue
+    return MIN_OPSET
+
+
+def check_opset(opset: Any) -> None:
+    """Refuse an opset below ``MIN_OPSET`` or above :func:`max_opset` (an ExportError naming it)."""
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset: ONNX opset must be an integer from {MIN_OPSET} (per-channel DequantizeLinear) "
+                          f"to {top} (the newest the installed onnx and onnxruntime both run), got {opset!r}")
 
 
 def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
@@ -265,7 +293,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
 
     if kernels not in KERNELS:
         raise ExportError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    _check_opset(opset)
+    check_opset(opset)
     target_cpu = resolve_target_cpu(target_cpu)
     quantized = bool(quant_modules(model))
     if kernels != "int8" and (calib is not None or plan is not None):

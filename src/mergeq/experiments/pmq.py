@@ -24,7 +24,7 @@ from ..eval import accuracy, evaluate
 from ..merge import merge
 from ..ptq import quantize
 from ..quant.config import parse_bits
-from .config import Config
+from .config import Config, check_average_weights
 from .pool import Pool
 from .run import header
 from .store import RunDir
@@ -41,6 +41,7 @@ def run_pmq(config: Config, out: str | Path, progress: bool = False,
     """Every row of ``config.pmq`` into ``out`` (resuming what is there); the results dict."""
     store = RunDir(out, "pmq")
     pool = Pool(config, progress)
+    check_average_weights(pool.cfg, len(pool.targets))
     cfg, done = store.begin(pool.cfg)
     targets, tests, device = pool.targets, pool.tests, pool.device
     experts = [pool.fold(pool.expert(d)) for d in targets]

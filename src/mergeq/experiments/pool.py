@@ -226,9 +226,10 @@ def qconfig(cfg: Config, bits: tuple[int, int | None], fold_bn: bool = True) -> 
 
 
 def ptq_report(qmodel: nn.Module) -> dict[str, Any]:
-    """What quantization measured (``changed_codes``, ``recon_loss`` per unit), when it did."""
+    """What quantization used and measured (``calib_size``: the calibration inputs, at most
+    ``ptq.calib_size``; ``changed_codes``, ``recon_loss`` per unit), when it did."""
     meta = getattr(qmodel, "mergeq_meta", {}) or {}
-    return {k: meta[k] for k in ("changed_codes", "recon_loss") if k in meta}
+    return {k: meta[k] for k in ("calib_size", "changed_codes", "recon_loss") if k in meta}
 
 
 def _check_entry(path: Path, stored: dict, meta: dict, key: str) -> None:

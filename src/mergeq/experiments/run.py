@@ -27,7 +27,7 @@ import torch
 from ..eval import accuracy
 from ..quant.config import parse_bits
 from ..sysinfo import environment
-from .config import Config
+from .config import Config, check_average_weights
 from .pool import Pool, exit_with_parent, ptq_report
 from .store import RunDir
 
@@ -77,6 +77,7 @@ def run(config: Config, out: str | Path, progress: bool = False,
     and written, in plan order; ``results["compute"]`` records the thread count and workers."""
     store = RunDir(out, "run")
     pool = Pool(config, progress)
+    check_average_weights(pool.cfg, len(pool.targets))
     cfg, done = store.begin(pool.cfg)
     results: dict[str, Any] = {**header(pool), **pool.fp_results(), "rows": []}
     keys, todo = plan(cfg), set(plan(pool.cfg))

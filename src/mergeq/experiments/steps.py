@@ -23,7 +23,7 @@ from ..io import atomic_write_text, check_out_dir, check_out_file, write_json
 from ..merge import MERGE_METHODS, check_rounding_options, merge
 from ..ptq import quantize
 from ..quant.config import parse_bits
-from .config import Config, resolve, translate_legacy, with_data
+from .config import Config, check_average_weights, resolve, translate_legacy, with_data
 from .pool import Pool, qconfig
 
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
@@ -153,6 +153,7 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
         if rounding.startswith("noise"):
             options.setdefault("seed", cfg.runtime.seed)
         check_rounding_options(rounding, {k: v for k, v in options.items() if k not in ("rounding", "weights")})
+        check_average_weights(cfg, len(paths))
     report_path = Path(report) if report else Path(out).with_suffix(".report.json")
     if report_path.resolve() == Path(out).resolve():
         raise MergeqError(f"the report path {report_path} is the checkpoint path: pass another --report")

@@ -128,11 +128,27 @@ class TTARows:
                 "seconds": time.perf_counter() - t0, "seconds_stream": time.perf_counter() - t1}
 
 
+def images_used(pool: Pool) -> Config:
+    """``pool.cfg`` with ``tta.n_images`` no larger than the images each domain of the stream has
+    (the source test split, or the CIFAR-10-C arrays' images per severity): the number the run
+    uses, so that config.yaml records it. Null (all of them) stays null."""
+    t = pool.cfg.tta
+    if t.n_images is None:
+        return pool.cfg
+    if t.cifar10c is None:
+        have = len(pool.bench.source.test)
+    else:
+        have = len(load_cifar10c(t.cifar10c, check_corruptions(t.corruptions)[:1], t.severity, t.n_images,
+                                 normalize="none")[0][1])
+    return dataclasses.replace(pool.cfg, tta=dataclasses.replace(t, n_images=min(t.n_images, have)))
+
+
 def run_tta(config: Config, out: str | Path, progress: bool = False,
             on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Every (stream, method, bits) row of ``config.tta`` into ``out`` (resuming what is there)."""
     store = RunDir(out, "tta")
     pool = Pool(config, progress)
+    pool.cfg = images_used(pool)
     cfg, done = store.begin(pool.cfg)
     rows = TTARows(pool, progress)
     t = cfg.tta
