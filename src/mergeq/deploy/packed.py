@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CheckpointError, MergeqError
-from ..checkpoint import architecture
+from ..checkpoint import architecture, check_trusted
 from ..io import atomic_write_bytes
 from ..nn.fold import set_module
 from ..nn.qmodule import QuantModule, quant_modules
@@ -203,13 +203,14 @@ def _layer_state(name: str, spec: dict, tensors: dict[str, torch.Tensor], path: 
     return out
 
 
-def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Module:
+def load_packed(path: str | Path, template: nn.Module | None = None, trust_builder: bool = False) -> nn.Module:
     """Rebuild the quantized model saved by :func:`save_packed` (eval mode, on CPU).
 
     The architecture comes from the metadata (``arch``, ``num_classes``, ``arch_kwargs``, or a
     ``model`` spec: :func:`mergeq.checkpoint.architecture`) or from ``template``: an unquantized instance of the
-    same architecture (it is copied, not modified). Raises :class:`CheckpointError` for a
-    missing, truncated or tampered file.
+    same architecture (it is copied, not modified). A ``builder`` the metadata names is never
+    called unless ``trust_builder=True`` (:class:`~mergeq.errors.UntrustedCodeError`). Raises
+    :class:`CheckpointError` for a missing, truncated or tampered file.
     """
     path = Path(path)
     tensors, meta = _read(path)
@@ -221,6 +222,8 @@ def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Modul
                                                        else ["arch (or model)"])
     if missing:
         raise CheckpointError(f"header metadata of {path} lacks {missing}")
+    if template is None:
+        check_trusted(meta, path, trust_builder)
     layers = meta["quant_layers"]
     if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
         raise CheckpointError(f"quant_layers in {path} must map layer names to their settings")
@@ -229,7 +232,7 @@ def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Modul
         if missing:
             raise CheckpointError(f"metadata of layer {name} in {path} lacks {missing}")
     try:
-        model = architecture(meta, template)
+        model = architecture(meta, template, trust_builder)
         for name in meta["identity_modules"]:
             model.get_submodule(name)
             set_module(model, name, nn.Identity())

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..adapt.shot import shot
 from ..adapt.source import train_source
-from ..checkpoint import model_from_checkpoint, save_model
+from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import load_data
 from ..data.spec import DigitsData
 from ..data_utils import as_tensor, take
@@ -104,7 +104,9 @@ class Pool:
         with file_lock(self.cache_dir / ".locks" / f"{path.stem}.lock"):
             if path.exists():
                 try:
-                    model, stored = model_from_checkpoint(path, self.device)
+                    # a builder model loads onto the config's own spec, never the file's
+                    template = builder_template(path, self.cfg.model)
+                    model, stored = model_from_checkpoint(path, self.device, template)
                     _check_entry(path, stored, meta, key)
                     log.info("reusing cached %s", path)
                     return model

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..adapt.shot import shot
-from ..checkpoint import model_from_checkpoint, save_model
+from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import Benchmark, load_data
 from ..data_utils import take
 from ..errors import MergeqError
@@ -44,6 +44,17 @@ def _one(cfg: Config, what: str) -> tuple[str, tuple[int, int | None]]:
         raise MergeqError(f"{what} takes one PTQ method and one bit pair; the config lists ptq.methods "
                           f"{cfg.ptq.methods} and ptq.bits {cfg.ptq.bits}: pass --method and --bits")
     return cfg.ptq.methods[0], parse_bits(cfg.ptq.bits[0])
+
+
+def load_checkpoint_model(path: str | Path, config: Config, device: str = "cpu",
+                          trust_builder: bool = False) -> tuple[torch.nn.Module, dict, torch.nn.Module | None]:
+    """A checkpoint's model, its metadata and the template it was loaded onto (None: rebuilt from
+    the allow-list). A ``builder`` the file names is never run from the file: the config's own
+    ``model:`` (set by the user, not the preset's) is the template, else the file is refused
+    unless ``trust_builder`` (:mod:`mergeq.checkpoint`)."""
+    template = builder_template(path, config.model, trust_builder)
+    model, meta = model_from_checkpoint(path, device, template, trust_builder)
+    return model, meta, template
 
 
 def checkpoint_data(meta: dict, cfg: Config, domains: list[str]) -> tuple[Benchmark, int]:
@@ -95,33 +106,34 @@ def train_source(config: Config, out: str | Path, progress: bool = False) -> dic
     return accs
 
 
-def adapt(config: Config, source: str | Path, domain: str, out: str | Path,
-          progress: bool = False) -> tuple[float, float]:
+def adapt(config: Config, source: str | Path, domain: str, out: str | Path, progress: bool = False,
+          trust_builder: bool = False) -> tuple[float, float]:
     """SHOT-adapt the source checkpoint to ``domain``, save the expert; (source, expert) accuracy there."""
     check_out_file(out)
     cfg = _apply(config)
-    model, meta = model_from_checkpoint(source, cfg.runtime.device)
+    model, meta, template = load_checkpoint_model(source, config, cfg.runtime.device, trust_builder)
     bench, seed = checkpoint_data(meta, cfg, [domain])
     dom = bench.targets[domain]
     expert = shot(model, dom.train, cfg.adapt.shot, seed=seed, device=cfg.runtime.device, progress=progress)
     before, after = (accuracy(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                              "domain": domain, "role": "expert", "config": dataclasses.asdict(cfg.adapt.shot),
-                             "accuracy": {"source": before, "expert": after}})
+                             "accuracy": {"source": before, "expert": after}}, template)
     _record(with_data(cfg, bench.spec), out)
     return before, after
 
 
 def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path, source: str | Path | None = None,
-                        domain: str | None = None, progress: bool = False) -> tuple[str, float]:
+                        domain: str | None = None, progress: bool = False,
+                        trust_builder: bool = False) -> tuple[str, float]:
     """Quantize a checkpoint (the config's one method and bit pair) on ``domain``'s calibration
     split (default: the checkpoint's own), save it; (domain, accuracy there)."""
     cfg = _apply(config)
     method, bits = _one(cfg, "quantize")
     check_out_file(out)
     device = cfg.runtime.device
-    model, meta = model_from_checkpoint(model_path, device)
-    src = model_from_checkpoint(source, device)[0] if source else None
+    model, meta, template = load_checkpoint_model(model_path, config, device, trust_builder)
+    src = load_checkpoint_model(source, config, device, trust_builder)[0] if source else None
     domain = domain or meta.get("domain")
     if not domain:
         raise MergeqError(f"{model_path} names no domain to calibrate on: pass --domain")
@@ -133,13 +145,13 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
     acc = accuracy(q, dom.test, device=device)
     save_model(q, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                         "domain": domain, "role": "quantized expert", "method": method, "bits": qcfg.tag,
-                        "accuracy": acc})
+                        "accuracy": acc}, template)
     _record(with_data(cfg, bench.spec), out)
     return domain, acc
 
 
 def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | Path, report: str | Path | None,
-                      base: str | None = None) -> dict[str, Any]:
+                      base: str | None = None, trust_builder: bool = False) -> dict[str, Any]:
     """Merge checkpoints (``average``: quantized experts stay quantized, merged with
     ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), save, evaluate when the
     checkpoints name their data and domains; the JSON report (also written to ``report``)."""
@@ -159,10 +171,10 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     check_out_file(out)
     check_out_file(report_path)
     device = cfg.runtime.device
-    loaded = [model_from_checkpoint(p, device) for p in paths]
-    models, metas = [mdl for mdl, _ in loaded], [meta for _, meta in loaded]
+    loaded = [load_checkpoint_model(p, config, device, trust_builder) for p in paths]
+    models, metas = [mdl for mdl, _, _ in loaded], [meta for _, meta, _ in loaded]
     if base:
-        options["base"] = model_from_checkpoint(base, device)[0]
+        options["base"] = load_checkpoint_model(base, config, device, trust_builder)[0]
     merged = merge(models, method=method, **options)
     domains = [meta.get("domain") for meta in metas]
     meta = {k: metas[0][k] for k in (*ARCH_KEYS, "benchmark", "data", "seed") if k in metas[0]}
@@ -171,7 +183,7 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     if ("data" in meta or "benchmark" in meta) and all(domains):
         bench, _ = checkpoint_data(meta, cfg, domains)
         result["accuracy"] = evaluate(merged, {d: _domain(bench, d).test for d in domains}, device)
-    save_model(merged, out, {**meta, "role": "merged", "domains": domains, "merge": result})
+    save_model(merged, out, {**meta, "role": "merged", "domains": domains, "merge": result}, loaded[0][2])
     write_json(report_path, result)
     _record(cfg, out)
     return result
