@@ -36,7 +36,7 @@ from torch import nn
 from .. import __version__
 from ..errors import CheckpointError, MergeqError
 from ..checkpoint import architecture, check_trusted
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, parse_json
 from ..nn.fold import set_module
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant import check_bits, quantize_int
@@ -140,10 +140,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     if header.get("format") != FORMAT or "mergeq" not in header:
         raise CheckpointError(f"{path} is not a mergeq packed checkpoint (no {FORMAT!r} header metadata)")
-    try:
-        meta = json.loads(header["mergeq"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"header metadata of {path} is not valid JSON: {e}") from None
+    meta = parse_json(header["mergeq"], f"header metadata of {path}", CheckpointError)
     if not isinstance(meta, dict):
         raise CheckpointError(f"header metadata of {path} must be a JSON object")
     return tensors, meta

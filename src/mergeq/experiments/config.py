@@ -373,10 +373,10 @@ def parse_set(text: str) -> tuple[str, Any]:
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a config file, in the sectioned form (a flat one translated)."""
+    from ..io import parse_yaml, read_text
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        data = parse_yaml(read_text(path, ConfigError), f"config file {path}", ConfigError)
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Hashable
 import yaml
 
 from ..errors import MergeqError
-from ..io import atomic_write_text, check_out_dir, config_diff, earlier_results, write_json
+from ..io import atomic_write_text, check_out_dir, config_diff, earlier_results, parse_yaml, read_text, write_json
 from .config import Config, resolve, set_path
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def _earlier_cells(out: Path) -> tuple[dict, dict] | None:
     for name in ("config.yaml", "grid.yaml"):
         if (out / name).is_file():
             try:
-                return yaml.safe_load((out / name).read_text()), {"experiment": "bench", "rows": []}
-            except yaml.YAMLError as e:
-                raise MergeqError(f"{out / name} is not valid YAML ({e}): use another --out") from None
+                return parse_yaml(read_text(out / name), str(out / name)), {"experiment": "bench", "rows": []}
+            except MergeqError as e:
+                raise MergeqError(f"{e}: use another --out") from None
     raise MergeqError(f"{out} holds bench cells but no config.yaml to resume from: use another --out")
 
 
