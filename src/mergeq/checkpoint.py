@@ -107,12 +107,14 @@ def _skeleton(meta: dict, path: str | Path, template: nn.Module | None, trust_bu
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
         raise CheckpointError(f"checkpoint {path}: architecture {describe(meta)} cannot be built: {e}") from None
     modules = dict(model.named_modules())
-    for key in ("folded_bn", "quant_layers"):
+    kinds = {"folded_bn": (nn.modules.batchnorm._BatchNorm, "BatchNorm"), "quant_layers": ((nn.Conv2d, nn.Linear),
+                                                                                          "Conv2d/Linear")}
+    for key, (kind, kind_name) in kinds.items():
         for name in meta.get(key, []):
-            if not isinstance(modules.get(name), (nn.Conv2d, nn.Linear) if key == "quant_layers" else nn.Module):
+            if not isinstance(modules.get(name), kind):
                 raise CheckpointError(f"checkpoint metadata of {path}: {key} names {name!r}, but "
                                       f"{describe(meta) if template is None else 'the template'} has no such "
-                                      f"{'Conv2d/Linear ' if key == 'quant_layers' else ''}layer")
+                                      f"{kind_name} layer")
     for name in meta.get("folded_bn", []):
         set_module(model, name, nn.Identity())
     return model
@@ -151,6 +153,12 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", 
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit architecture {describe(meta)}: {e}") from None
     for name, m in quant_modules(model):
+        steps = {"weight step": m.w_step, **({"activation step": m.act_quant.step} if m.act_quant else {})}
+        for what, step in steps.items():
+            if not (torch.isfinite(step).all() and (step > 0).all()):
+                bad = step.detach().flatten()[~(torch.isfinite(step) & (step > 0)).flatten()][0]
+                raise CheckpointError(f"checkpoint {path}: the {what} of layer {name!r} is {float(bad)}; "
+                                      "a step must be positive and finite")
         if not m.on_grid():
             raise CheckpointError(f"checkpoint {path}: the weights of layer {name!r} are not on the grid of its "
                                   f"declared {m.w_bits} bits (quant_layers does not match the stored weights)")

@@ -1,9 +1,12 @@
 """Checkpoints and outputs written atomically (temp file, then rename), readable per the umask.
 
-A checkpoint is ONE safetensors file: the metadata (JSON) and a SHA-256 digest of the tensors
-live in its header, so a crash leaves the old file or the new one, never a half-written pair,
-and a corrupt or truncated file is detected on read. Checkpoints of the earlier two-file form
-(tensors + a ``.json`` sidecar next to them) are still read. Nothing is ever unpickled.
+A checkpoint is ONE safetensors file: the metadata (JSON), a SHA-256 digest of the tensors and
+one of the metadata text live in its header, so a crash leaves the old file or the new one,
+never a half-written pair, and a corrupt, truncated or edited file is detected on read.
+Checkpoints written before the metadata digest (mergeq before issue 24) are still read, their
+tensors verified (their metadata is checked as any file's: types, layers, bit widths against
+the codes); as are those of the earlier two-file form (tensors + a ``.json`` sidecar). Nothing
+is ever unpickled. (A digest catches damage and careless edits, not a forger: it is no signature.)
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from .errors import CheckpointError, MergeqError
 
-META_KEY, DIGEST_KEY = "mergeq_meta", "mergeq_sha256"
+META_KEY, DIGEST_KEY, META_DIGEST_KEY = "mergeq_meta", "mergeq_sha256", "mergeq_meta_sha256"
 
 
 def _umask() -> int:
@@ -162,7 +165,9 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write one safetensors file holding the tensors, ``meta`` (JSON) and the tensors' digest."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    header = {"format": "pt", META_KEY: json.dumps(meta), DIGEST_KEY: tensor_digest(tensors)}
+    text = json.dumps(meta)
+    header = {"format": "pt", META_KEY: text, DIGEST_KEY: tensor_digest(tensors),
+              META_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
     return atomic_write_bytes(path, st_save(tensors, metadata=header))
 
 
@@ -190,6 +195,8 @@ def _meta(path: Path, header: dict[str, str]) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a packed export (mergeq export); load it with mergeq.deploy.load_packed")
     if META_KEY in header:
         text, where = header[META_KEY], f"header metadata of {path}"
+        if META_DIGEST_KEY in header and hashlib.sha256(text.encode()).hexdigest() != header[META_DIGEST_KEY]:
+            raise CheckpointError(f"checkpoint {path} fails its SHA-256 check: its metadata was edited or damaged")
     else:  # the earlier two-file form
         side = sidecar_path(path)
         if not side.is_file():

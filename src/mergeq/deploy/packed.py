@@ -192,8 +192,8 @@ def _layer_state(name: str, spec: dict, tensors: dict[str, torch.Tensor], path: 
     out = {f"{name}.weight": codes.to(torch.float32) * step, f"{name}.w_step": step}
     if a_bits is not None:
         a_step = _need(tensors, f"{name}.act_quant.step", path)
-        if a_step.dtype != torch.float32 or a_step.numel() != 1 or not torch.isfinite(a_step).all():
-            raise CheckpointError(f"activation step of {name} in {path} must be one finite float32")
+        if a_step.dtype != torch.float32 or a_step.numel() != 1 or not (torch.isfinite(a_step) & (a_step > 0)).all():
+            raise CheckpointError(f"activation step of {name} in {path} must be one positive, finite float32")
         out[f"{name}.act_quant.step"] = a_step.reshape(())
         out[f"{name}.act_quant.signed"] = torch.tensor(bool(spec["a_signed"]))
         out[f"{name}.act_quant.initialized"] = torch.tensor(True)

@@ -8,9 +8,10 @@ model with :func:`mergeq.models.resolve_model`, checking on two source test imag
 yields ``N x num_classes`` logits. Models are trained on first use and cached under
 ``runtime.cache_dir`` as single-file checkpoints (:mod:`mergeq.checkpoint`), keyed by a hash of
 everything that determines them: the data (the digits benchmark's name; a folder's resolved
-spec and the file fingerprint of the domain's split), the model (registered name and kwargs, or
-its resolved spec, weights' sha256 included), the seed, the training config, the device kind and
-the number of torch threads (CPU training repeats bit for bit only per thread count). An entry
+spec and the fingerprint of the domain's files, contents included), the model (registered name
+and kwargs, or its resolved spec, weights' sha256 included, and a builder's source digest or
+torchvision's / timm's version: :func:`~mergeq.models.spec.code_digest`), the seed, the
+training config, the device kind and the number of torch threads (CPU training repeats bit for bit only per thread count). An entry
 is verified on read: one that is truncated, fails its digest or holds another model than its key
 names (a swapped file) is rebuilt, with a warning in the log. A lock file per entry lets
 concurrent runs (``mergeq bench`` workers) train each model once.
@@ -41,7 +42,7 @@ from ..errors import CheckpointError
 from ..eval import accuracy, evaluate
 from ..io import file_lock
 from ..merge import merge
-from ..models.spec import resolve_model
+from ..models.spec import code_digest, resolve_model
 from ..nn import fold_bn
 from ..ptq import quantize
 from ..quant.config import QuantConfig
@@ -83,8 +84,10 @@ class Pool:
                       "seed": self.seed}
         # training repeats bit for bit only on the same device kind and (CPU) number of torch threads
         compute = {"device": torch.device(self.device).type, "threads": torch.get_num_threads()}
-        self._source_key = _key({**self._meta, **self._split(self.bench.source.name),
-                                 "source": dataclasses.asdict(self.cfg.adapt.source), "compute": compute})
+        code = code_digest(self.cfg.model)  # None for registered models: their keys stay as they were
+        self._source_key = _key({**self._meta, **({"code": code} if code else {}), "compute": compute,
+                                 **self._split(self.bench.source.name),
+                                 "source": dataclasses.asdict(self.cfg.adapt.source)})
         self._source: nn.Module | None = None
         self._experts: dict[str, nn.Module] = {}
 
