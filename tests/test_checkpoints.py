@@ -61,7 +61,7 @@ def test_out_ending_in_json_keeps_the_weights(tmp_path):
     assert meta["role"] == "merged"
     expected = (_model(0).conv1.weight + _model(1).conv1.weight) / 2
     assert torch.allclose(merged.conv1.weight, expected)
-    assert json.loads((tmp_path / "merged.report.json").read_text())["method"] == "average"
+    assert json.loads((tmp_path / "merged.json.report.json").read_text())["method"] == "average"  # issue 24: m.json.*
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3])

@@ -243,13 +243,14 @@ def cmd_surface(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_onnx, save_packed
-    from .experiments.steps import export_calibration, load_checkpoint_model
+    from .experiments.steps import check_outputs, export_calibration, load_checkpoint_model
     from .io import check_out_file
 
     if args.format != "onnx" and args.kernels != "qdq":
         raise ValueError("--kernels chooses the ONNX graph: it needs --format onnx")
     if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
         raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
+    check_outputs(args.out, [args.model], config=False)
     check_out_file(args.out)
     model, meta, _ = load_checkpoint_model(args.model, load_cli_config(args), trust_builder=args.trust_builder)
     if args.format == "onnx":
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="average", help="average, task_arithmetic or ties (options: merge.options)")
     p.add_argument("--base", help="shared source checkpoint (task_arithmetic, ties)")
     p.add_argument("--out", required=True, help="merged checkpoint path (.safetensors)")
-    p.add_argument("--report", help="JSON report path (default: OUT with .report.json)")
+    p.add_argument("--report", help="JSON report path (default: OUT with .safetensors replaced by .report.json)")
     _add_trust(p)
 
     for name, fn, helptext in [

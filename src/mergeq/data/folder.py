@@ -78,6 +78,15 @@ class FolderNotFoundError(FolderDataError, FileNotFoundError):
     """A missing data root or domain folder."""
 
 
+def check_name(name: str, what: str = "domain") -> str:
+    """``name`` if it is one folder name that stays inside its root: not empty, not ``.`` or
+    ``..``, no ``/``, ``\\`` or NUL (so no absolute path); else a FolderDataError naming it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise FolderDataError(f"{what} name {name!r} must be one folder name inside the data root "
+                              "(no '/', '\\', '..' or absolute path)")
+    return name
+
+
 def normalizer(normalize: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The normalisation ``normalize`` names (module docstring), for N x 3 x H x W images in [0, 1]."""
     if normalize not in NORMALIZATIONS:
@@ -367,6 +376,7 @@ def _domain_dirs(root: Path, names: Sequence[str],
         raise ValueError(f"source and target domains must be distinct, got {list(names)}")
     out = {}
     for d in names:
+        check_name(d)
         candidates = (folders or {}).get(d, (d,))
         found = [root / c for c in candidates if (root / c).is_dir()]
         if not found:

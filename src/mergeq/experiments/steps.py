@@ -2,8 +2,13 @@
 
 Each step takes the same config as ``mergeq run`` (its ``adapt``, ``ptq``, ``merge`` and
 ``runtime`` sections; the data and model of a checkpoint come from the checkpoint's metadata,
-and the recorded config's ``data`` says which) and writes, beside the checkpoint ``OUT``,
-``OUT``'s name with ``.config.yaml``: the resolved config, which reran gives the same checkpoint. Checkpoints: :mod:`mergeq.checkpoint`.
+and the recorded config's ``data`` says which) and writes, beside the checkpoint ``OUT``, its
+side file :func:`config_path` (``m.safetensors`` -> ``m.config.yaml``, ``m.json`` ->
+``m.json.config.yaml``): the resolved config, which reran gives the same checkpoint; ``merge``
+also its report (``m.report.json``). No output may overwrite an input or another checkpoint's
+side file (:func:`check_outputs`). A checkpoint naming a ``builder`` is loaded onto the config's
+own ``model:`` or, with ``trust_builder``, built from the file (:func:`load_checkpoint_model`).
+Checkpoints: :mod:`mergeq.checkpoint`.
 """
 from __future__ import annotations
 
@@ -29,9 +34,62 @@ from .pool import Pool, qconfig
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
 
 
+SIDE_SUFFIXES = (".config.yaml", ".report.json")
+
+
+def side_file(out: str | Path, suffix: str) -> Path:
+    """The side file (``suffix``: one of :data:`SIDE_SUFFIXES`) of checkpoint ``out``: its name
+    with ``.safetensors`` replaced by ``suffix`` (``m.safetensors`` -> ``m.config.yaml``), any
+    other name kept whole (``m.json`` -> ``m.json.config.yaml``), so two checkpoints of one
+    folder share a side file only as ``P`` and ``P.safetensors`` (:func:`check_outputs` refuses that)."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix == ".safetensors" else out
+    return base.with_name(base.name + suffix)
+
+
 def config_path(out: str | Path) -> Path:
-    """Where a step writes the config of checkpoint ``out``: ``out`` with suffix ``.config.yaml``."""
-    return Path(out).with_suffix(".config.yaml")
+    """Where a step writes the config of checkpoint ``out``."""
+    return side_file(out, ".config.yaml")
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()
+
+
+def _owners(side: Path) -> list[Path]:
+    """The checkpoints whose side file ``side`` would be."""
+    suffix = next((x for x in SIDE_SUFFIXES if side.name.endswith(x)), None)
+    if suffix is None:
+        return []
+    stem = side.with_name(side.name[:-len(suffix)])
+    return [stem.with_name(stem.name + ".safetensors"), stem]
+
+
+def check_outputs(out: str | Path, inputs: list[str | Path | None] = (), report: str | Path | None = None,
+                  config: bool = True) -> None:
+    """Refuse, before any work, a step whose outputs (``out``, the config it writes beside it if
+    ``config``, the merge ``report``) would overwrite one of its ``inputs`` or a side file of
+    another checkpoint (an input's, or one that exists), or whose ``out`` is named like a side file."""
+    out = Path(out)
+    outputs = {"--out": out, **({"the config written beside --out": config_path(out)} if config else {}),
+               **({"--report": Path(report)} if report is not None else {})}
+    ins = [Path(p) for p in inputs if p is not None]
+    for what, path in outputs.items():
+        for src in ins:
+            if _same(path, src):
+                raise MergeqError(f"{what} {path} is the input {src}; writing it would overwrite the input: "
+                                  "choose another path")
+        for owner in _owners(path) if path != out else []:
+            if not _same(owner, out) and (owner.is_file() or any(_same(owner, src) for src in ins)):
+                raise MergeqError(f"{what} {path} is the side file of the checkpoint {owner}; writing it would "
+                                  "overwrite that checkpoint's record: choose another --out or --report")
+    if out.name.endswith(SIDE_SUFFIXES):
+        raise MergeqError(f"--out {out} is named like a checkpoint's side file ({', '.join(SIDE_SUFFIXES)}): "
+                          "choose another name")
+    if report is not None and Path(report).suffix != ".json":
+        raise MergeqError(f"--report {report}: the merge report is JSON; give a path ending in .json")
 
 
 def _record(cfg: Config, out: str | Path) -> None:
@@ -96,6 +154,7 @@ def export_calibration(meta: dict, size: int) -> torch.Tensor:
 
 def train_source(config: Config, out: str | Path, progress: bool = False) -> dict[str, float]:
     """Train (or reuse the cached) source model, save it to ``out``; its accuracy on every domain."""
+    check_outputs(out)
     check_out_file(out)
     pool = Pool(config, progress)
     model = pool.source
@@ -109,6 +168,7 @@ def train_source(config: Config, out: str | Path, progress: bool = False) -> dic
 def adapt(config: Config, source: str | Path, domain: str, out: str | Path, progress: bool = False,
           trust_builder: bool = False) -> tuple[float, float]:
     """SHOT-adapt the source checkpoint to ``domain``, save the expert; (source, expert) accuracy there."""
+    check_outputs(out, [source])
     check_out_file(out)
     cfg = _apply(config)
     model, meta, template = load_checkpoint_model(source, config, cfg.runtime.device, trust_builder)
@@ -130,6 +190,7 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
     split (default: the checkpoint's own), save it; (domain, accuracy there)."""
     cfg = _apply(config)
     method, bits = _one(cfg, "quantize")
+    check_outputs(out, [model_path, source])
     check_out_file(out)
     device = cfg.runtime.device
     model, meta, template = load_checkpoint_model(model_path, config, device, trust_builder)
@@ -165,9 +226,10 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
         if rounding.startswith("noise"):
             options.setdefault("seed", cfg.runtime.seed)
         check_rounding_options(rounding, {k: v for k, v in options.items() if k not in ("rounding", "weights")})
-    report_path = Path(report) if report else Path(out).with_suffix(".report.json")
+    report_path = Path(report) if report else side_file(out, ".report.json")
     if report_path.resolve() == Path(out).resolve():
         raise MergeqError(f"the report path {report_path} is the checkpoint path: pass another --report")
+    check_outputs(out, [*paths, base], report_path)
     check_out_file(out)
     check_out_file(report_path)
     device = cfg.runtime.device
