@@ -114,7 +114,10 @@ def build(spec: ModelSpec, num_classes: int) -> nn.Module:
         model = torchvision.models.get_model(spec.name.partition(":")[2], weights=None, **kw)
     elif spec.name.startswith("timm:"):
         timm = _import_extra("timm")
-        model = timm.create_model(spec.name.partition(":")[2], pretrained=False, **{"num_classes": num_classes, **kw})
+        name = spec.name.partition(":")[2]
+        if not timm.is_model(name):  # hf-hub:, local-dir: and unknown names: nothing is fetched or read
+            raise ModelError(f"model {spec.name!r}: timm has no registered model {name!r}")
+        model = timm.create_model(name, pretrained=False, **{"num_classes": num_classes, **kw})
     else:
         from . import build_model
 
