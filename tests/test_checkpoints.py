@@ -46,7 +46,9 @@ def _rewrite_meta(path, digest: bool = True, **changes) -> None:
     with safe_open(str(path), "pt") as f:
         header = f.metadata()
     text = json.dumps({**json.loads(header[META_KEY]), **changes})
-    header = {**header, META_KEY: text, **({META_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()} if digest else {})}
+    header = {**header, META_KEY: text}
+    if digest:
+        header[META_DIGEST_KEY] = hashlib.sha256(text.encode()).hexdigest()
     path.write_bytes(st_save(tensors, metadata=header))
 
 

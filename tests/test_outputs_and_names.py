@@ -80,7 +80,7 @@ def test_no_output_overwrites_an_input_or_another_checkpoints_side_file(tmp_path
     _refused(capsys, ["merge", a, b, "--out", m, "--report", str(tmp_path / "e0.report.json")],
              "is the side file of the checkpoint")
     _refused(capsys, ["merge", a, b, "--out", m, "--report", str(tmp_path / "r.txt")], "give a path ending in .json")
-    _refused(capsys, ["merge", a, b, "--out", str(tmp_path / "x.config.yaml")], "is named like a checkpoint's side file")
+    _refused(capsys, ["merge", a, b, "--out", str(tmp_path / "x.config.yaml")], "named like a checkpoint's side file")
     _refused(capsys, ["export", "--model", a, "--out", a], "is the input")
     _refused(capsys, ["quantize", "--model", a, "--domain", "uci", "--out", a], "is the input")
     _refused(capsys, ["adapt", "--source", a, "--domain", "uci", "--out", a], "is the input")

@@ -11,10 +11,12 @@ everything that determines them: the data (the digits benchmark's name; a folder
 spec and the fingerprint of the domain's files, contents included), the model (registered name
 and kwargs, or its resolved spec, weights' sha256 included, and a builder's source digest or
 torchvision's / timm's version: :func:`~mergeq.models.spec.code_digest`), the seed, the
-training config, the device kind and the number of torch threads (CPU training repeats bit for bit only per thread count). An entry
-is verified on read: one that is truncated, fails its digest or holds another model than its key
-names (a swapped file) is rebuilt, with a warning in the log. A lock file per entry lets
-concurrent runs (``mergeq bench`` workers) train each model once.
+training config, the device kind and the number of torch threads (CPU training repeats bit for
+bit only per thread count). An entry is verified on read: one that is truncated, fails its
+digest or holds another model than its key names (a swapped file) is rebuilt, with a warning in
+the log; an entry of a builder model loads onto the config's own model, never the builder its
+file names. A lock file per entry lets concurrent runs (``mergeq bench`` workers) train each
+model once.
 """
 from __future__ import annotations
 
