@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # options of a command that are not config entries: what to run on, where to write, how to run it
 COMMAND_ARGS = {"help", "config", "set", "quiet", "out", "source", "domain", "model", "experts", "method", "base",
                 "report", "points", "radius", "format", "opset", "no_int4", "grid", "executor",
-                "address", "per_domain", "kernels", "calib_size", "target_cpu", "json"}  # export and env: flags of their own
+                "address", "per_domain", "kernels", "calib_size", "target_cpu", "json",  # export's and env's own flags
+                "trust_builder"}  # a choice per command, never recorded in a config (docs/RELIABILITY.md, Security)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -80,6 +80,61 @@ def test_resume_keeps_every_row_and_refuses_other_settings(tiny_run, tmp_path):
     assert (out / "results.json").read_text() == before
 
 
+def test_an_edited_config_yaml_cannot_relabel_the_rows(tiny_run, tmp_path):
+    """Issue 24: a rerun of an edited config.yaml into the same --out kept the old rows and
+    labelled every row with the new settings. results.json records the config its rows were
+    computed with, and a settings hash per row."""
+    import shutil
+
+    out0, cfg, res = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["config"] == yaml.safe_load((out / "config.yaml").read_text())
+    assert all(len(r["settings_sha256"]) == 64 for r in on_disk["rows"])
+    before = (out / "results.json").read_text()
+    for key, value in (("calib_size", 32), ("step_method", "absmax"), ("first_last_bits", 4)):
+        edited = yaml.safe_load((out0 / "config.yaml").read_text())
+        edited["ptq"][key] = value
+        (out / "config.yaml").write_text(yaml.safe_dump(edited))
+        with pytest.raises(MergeqError, match=f"other settings \\(ptq.{key} differ\\).*use another --out"):
+            run(load_config(out / "config.yaml"), out)
+    assert main(["run", "--config", str(out / "config.yaml"), "--out", str(out), "--quiet"]) == 2
+    assert (out / "results.json").read_text() == before
+    results = json.loads(before)  # results.json's config edited too: the rows' hashes refuse it
+    results["config"]["ptq"]["calib_size"] = 32
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "config.yaml").write_text(yaml.safe_dump(results["config"]))
+    with pytest.raises(MergeqError, match=r"row \('rtn', 8, 8\) was computed with other settings"):
+        run(load_config(out / "config.yaml"), out)
+
+
+def test_a_second_run_into_the_same_out_waits_and_keeps_both_rows(tiny_run, tmp_path, caplog):
+    """Issue 24: two `mergeq run --out R` at once (other bits) both exited 0 and results.json
+    kept only the last writer's rows. run (and pmq, tta) hold a lock on --out, as bench does."""
+    import logging
+    import shutil
+    import threading
+
+    from mergeq.io import file_lock
+
+    out0, cfg, res = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    second = {}
+    with file_lock(out / ".locks" / "out.lock"):  # the first run, still writing
+        worker = threading.Thread(target=lambda: second.update(run(cfg.updated({"ptq.bits": ["W4A4"]}), out)))
+        with caplog.at_level(logging.WARNING, logger="mergeq.experiments.store"):
+            worker.start()
+            worker.join(1.0)
+        assert worker.is_alive() and "being written by another mergeq process" in caplog.text
+        assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    worker.join()
+    keys = [(r["method"], r["w_bits"], r["a_bits"]) for r in second["rows"]]
+    assert keys == [("rtn", 8, 8), ("rtn", 3, 3), ("rtn", 4, 4)]
+    assert json.loads((out / "results.json").read_text())["rows"] == second["rows"]
+
+
 def test_repeated_sampling_merges_are_averaged(model_cache):
     pool = Pool(tiny_config(model_cache, {"merge.rounding": "noise", "merge.rounding_options": {"samples": 2},
                                           "merge.repeats": 3}))

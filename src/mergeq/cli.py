@@ -193,7 +193,8 @@ def cmd_train_source(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from .experiments import steps
 
-    before, after = steps.adapt(load_cli_config(args), args.source, args.domain, args.out, _progress(args))
+    before, after = steps.adapt(load_cli_config(args), args.source, args.domain, args.out, _progress(args),
+                                args.trust_builder)
     print(f"{args.domain}: source {100 * before:.1f}% -> SHOT expert {100 * after:.1f}%")
     return 0
 
@@ -202,7 +203,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .experiments import steps
 
     cfg = load_cli_config(args, {"ptq.methods": ["rtn"], "ptq.bits": ["W4A4"]})
-    domain, acc = steps.quantize_checkpoint(cfg, args.model, args.out, args.source, args.domain, _progress(args))
+    domain, acc = steps.quantize_checkpoint(cfg, args.model, args.out, args.source, args.domain, _progress(args),
+                                            args.trust_builder)
     print(f"{domain}: {cfg.ptq.methods[0]} {cfg.ptq.bits[0]} accuracy {100 * acc:.1f}% -> {args.out}")
     return 0
 
@@ -214,7 +216,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                         for p in ("merge.rounding", "merge.rounding_options.samples")):
         raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {args.method}")
     report = steps.merge_checkpoints(load_cli_config(args), args.experts, args.method, args.out, args.report,
-                                     args.base)
+                                     args.base, args.trust_builder)
     print(report.get("accuracy", "merged (no data metadata to evaluate on)"))
     return 0
 
@@ -244,10 +246,9 @@ def cmd_surface(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import model_from_checkpoint
     from .deploy import export_onnx, plan_integer, save_packed
     from .deploy.onnx_export import check_opset
-    from .experiments.steps import export_calibration
+    from .experiments.steps import check_outputs, export_calibration, load_checkpoint_model
     from .io import check_out_file
 
     if args.format != "onnx" and (args.kernels != "qdq" or args.target_cpu is not None):
@@ -259,8 +260,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_opset(args.opset)
     if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
         raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
+    check_outputs(args.out, [args.model], config=False)
     check_out_file(args.out)
-    model, meta = model_from_checkpoint(args.model)
+    model, meta, _ = load_checkpoint_model(args.model, load_cli_config(args), trust_builder=args.trust_builder)
     calib = plan = None
     if args.kernels == "int8":
         calib = export_calibration(meta, args.calib_size or 512)
@@ -328,6 +330,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-builder", action="store_true",
+                   help="run the model builder a checkpoint's metadata names (code from the file: only for files "
+                        "you trust; without it, mergeq runs no code named in a file: pass model: in --config instead)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mergeq", description=__doc__)
     ap.add_argument("--debug", action="store_true",
@@ -374,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="source checkpoint from train-source")
     p.add_argument("--domain", required=True, help="target domain name")
     p.add_argument("--out", required=True, help="expert checkpoint path (.safetensors)")
+    _add_trust(p)
 
     p = command("quantize", cmd_quantize, "quantize one expert checkpoint on its domain's calibration split",
                 COMMON, PTQ_SETTINGS, one=ONE)
@@ -381,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="source checkpoint (needed by hdrq's distance term)")
     p.add_argument("--domain", help="calibration domain (default: the checkpoint's own)")
     p.add_argument("--out", required=True, help="quantized checkpoint path (.safetensors)")
+    _add_trust(p)
 
     p = command("merge", cmd_merge, "merge expert checkpoints into one; writes the checkpoint and a JSON report",
                 {"--seed": "runtime.seed", "--device": "runtime.device", "--rounding": "merge.rounding",
@@ -389,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="average", help="average, task_arithmetic or ties (options: merge.options)")
     p.add_argument("--base", help="shared source checkpoint (task_arithmetic, ties)")
     p.add_argument("--out", required=True, help="merged checkpoint path (.safetensors)")
-    p.add_argument("--report", help="JSON report path (default: OUT with .report.json)")
+    p.add_argument("--report", help="JSON report path (default: OUT with .safetensors replaced by .report.json)")
+    _add_trust(p)
 
     for name, fn, helptext in [
         ("barrier", cmd_barrier, "loss/accuracy along the linear path between two experts, error barrier (Eq. 1-3)"),
@@ -404,8 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="grid half-width in direction norms (positive)")
         p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
 
-    p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or ONNX",
-                config=False)
+    p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or ONNX")
     p.add_argument("--model", required=True, help="quantized (or merged) checkpoint from quantize/merge (.safetensors)")
     p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                    help="safetensors: bit-packed integer weights; onnx: QDQ graph for onnxruntime")
@@ -423,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(8-bit weights against 8-bit inputs as uint8, U8U8 kernels); vnni: int8 weights "
                         "everywhere, exact and faster with VNNI (AVX512-VNNI, AVX-VNNI) or on ARM, wrong "
                         "without it; native: vnni if this CPU has VNNI, else any")
+
+    _add_trust(p)
 
     p = command("env", cmd_env, "versions, CPU model and flags (AVX2, AVX-512, VNNI), threads, CUDA devices",
                 config=False)

@@ -32,7 +32,8 @@ each side). Both are in a seeded shuffled order, so the first N images of ``trai
 protocol of SHOT and the HDRQ paper: adapt on all of a target's images and test on the same
 images (the source is still split). ``Benchmark.spec`` reports the class list and, per domain,
 the split sizes and a fingerprint of its files (a hash of the sorted image paths relative to
-the domain folder, whatever the seed): the split itself is a function of the files, ``seed``,
+the domain folder, their sizes and the SHA-256 of their contents, whatever the seed; read once
+per process while a file's size, mtime and ctime stay put): the split itself is a function of the files, ``seed``,
 ``test_fraction`` and ``transductive``, so the same files and settings give the same split.
 
 Every mergeq function takes the lazy datasets as they are (a ``DataLoader`` over them works
@@ -75,6 +76,15 @@ class FolderDataError(MergeqError):
 
 class FolderNotFoundError(FolderDataError, FileNotFoundError):
     """A missing data root or domain folder."""
+
+
+def check_name(name: str, what: str = "domain") -> str:
+    """``name`` if it is one folder name that stays inside its root: not empty, not ``.`` or
+    ``..``, no ``/``, ``\\`` or NUL (so no absolute path); else a FolderDataError naming it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise FolderDataError(f"{what} name {name!r} must be one folder name inside the data root "
+                              "(no '/', '\\', '..' or absolute path)")
+    return name
 
 
 def normalizer(normalize: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -302,10 +312,28 @@ def _check_same_classes(found: Mapping[str, Sequence[str]], dirs: Mapping[str, P
                 f"missing {missing}, extra {extra}; every domain needs the same class folders")
 
 
+_DIGESTS: dict[tuple, bytes] = {}  # (path, size, mtime_ns, ctime_ns, inode) -> SHA-256 of the file's bytes
+
+
+def file_digest(path: Path) -> bytes:
+    """SHA-256 of ``path``'s bytes, remembered in this process while its size, mtime, ctime and
+    inode stay the same (a write changes ctime, which no user call can set back)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").digest()
+    return _DIGESTS[key]
+
+
 def _fingerprint(paths: Sequence[Path], folder: Path) -> str:
-    """Hash of the sorted paths relative to ``folder`` (one per line)."""
-    text = "\n".join(sorted(p.relative_to(folder).as_posix() for p in paths))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of the domain's files: each path relative to ``folder`` (sorted), its size and the
+    SHA-256 of its bytes, so changed pixels under the same names give another fingerprint."""
+    h = hashlib.sha256()
+    for rel, p in sorted((p.relative_to(folder).as_posix(), p) for p in paths):
+        h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+        h.update(file_digest(p))
+    return h.hexdigest()[:16]
 
 
 def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[str], seed: int,
@@ -378,6 +406,7 @@ def _domain_dirs(root: Path, names: Sequence[str],
         raise ValueError(f"source and target domains must be distinct, got {list(names)}")
     out = {}
     for d in names:
+        check_name(d)
         candidates = (folders or {}).get(d, (d,))
         found = [root / c for c in candidates if (root / c).is_dir()]
         if not found:

@@ -187,6 +187,7 @@ class Config:
     def validate(self) -> None:
         """Registered names, options, cross-field rules and the device (types and numeric ranges
         were checked when the config was built); every error names the key path."""
+        from ..data.folder import check_name
         from ..merge import MERGE_METHODS, check_rounding_options
         from ..merge.rounding import ROUNDINGS
         from ..ptq import PTQ_METHODS, check_options
@@ -215,6 +216,8 @@ class Config:
             check_unique("grid.target_sets", [tuple(s) for s in self.grid.target_sets], self.grid.target_sets)
             for i, s in enumerate(self.grid.target_sets):
                 check_unique(f"grid.target_sets[{i}]", s)
+                for name in s:  # cell file names hold them
+                    _check(f"grid.target_sets[{i}]", lambda: check_name(name))
         if self.grid.seeds is not None:
             check_unique("grid.seeds", self.grid.seeds)
         _check("runtime.device", lambda: check_device(r.device))
@@ -273,6 +276,12 @@ def _validate_data(data: DigitsData | FolderData) -> None:
             raise ConfigError(f"data.targets: {bad} are not digits domains other than the source {data.source!r}; "
                               f"known: {', '.join(d for d in DOMAINS if d != data.source)}")
         return
+    from ..data.folder import check_name
+
+    for key, names in (("data.source", [data.source] if data.source else []), ("data.targets", data.targets or []),
+                       ("data.classes", data.classes or []), ("data.splits", list(data.splits or {}))):
+        for name in names:
+            _check(key, lambda: check_name(name, "class" if key == "data.classes" else "domain"))
     if data.kind == "folder" and data.source is None:
         raise ConfigError("data.source: a folder benchmark needs the source domain's folder name")
     if data.resize is not None and data.resize < data.image_size:
@@ -367,10 +376,10 @@ def parse_set(text: str) -> tuple[str, Any]:
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a config file, in the sectioned form (a flat one translated)."""
+    from ..io import parse_yaml, read_text
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        data = parse_yaml(read_text(path, ConfigError), f"config file {path}", ConfigError)
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):

@@ -40,6 +40,12 @@ def run_pmq(config: Config, out: str | Path, progress: bool = False,
             on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Every row of ``config.pmq`` into ``out`` (resuming what is there); the results dict."""
     store = RunDir(out, "pmq")
+    with store.locked():
+        return _fill(store, config, progress, on_row)
+
+
+def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict], None] | None) -> dict[str, Any]:
+    """The rows of ``config`` into ``store``, under its lock on ``--out``."""
     pool = Pool(config, progress)
     check_average_weights(pool.cfg, len(pool.targets))
     cfg, done = store.begin(pool.cfg)

@@ -76,6 +76,12 @@ def run(config: Config, out: str | Path, progress: bool = False,
     with ``threads // workers`` torch threads and exiting if this process dies. Rows are recorded,
     and written, in plan order; ``results["compute"]`` records the thread count and workers."""
     store = RunDir(out, "run")
+    with store.locked():
+        return _fill(store, config, progress, on_row)
+
+
+def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict], None] | None) -> dict[str, Any]:
+    """The rows of ``config`` into ``store``, under its lock on ``--out``."""
     pool = Pool(config, progress)
     check_average_weights(pool.cfg, len(pool.targets))
     cfg, done = store.begin(pool.cfg)

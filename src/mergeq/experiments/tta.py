@@ -147,6 +147,12 @@ def run_tta(config: Config, out: str | Path, progress: bool = False,
             on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Every (stream, method, bits) row of ``config.tta`` into ``out`` (resuming what is there)."""
     store = RunDir(out, "tta")
+    with store.locked():
+        return _fill(store, config, progress, on_row)
+
+
+def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict], None] | None) -> dict[str, Any]:
+    """The rows of ``config`` into ``store``, under its lock on ``--out``."""
     pool = Pool(config, progress)
     pool.cfg = images_used(pool)
     cfg, done = store.begin(pool.cfg)
