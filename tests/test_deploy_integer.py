@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -223,6 +224,19 @@ def test_int8_exports_are_exact_on_an_emulated_avx2_cpu_without_vnni(fp_resnet, 
     assert np.abs(outs[3] - sims[3]).max() > 1e-3  # int8 8-bit weights saturate there
 
 
+def test_export_check_chooses_the_faster_exact_form():
+    from mergeq.deploy.check import ExportCheck
+
+    check = lambda agree, int8, qdq: ExportCheck(64, agree, 0.0, 1.0, int8, 10.0, qdq, "cpu")  # noqa: E731
+    assert check(1.0, 5.0, 8.0).choice()[0] == "int8" and "1.60x as fast" in check(1.0, 5.0, 8.0).choice()[1]
+    assert check(1.0, 9.0, 6.0).choice() == ("qdq", "the QDQ form is 1.50x as fast as the integer kernels on this CPU")
+    assert check(0.98, 1.0, 6.0).choice() == ("qdq", "the integer kernels are not exact on this CPU")
+    lines, warnings = check(0.98, 20.0, 6.0).report()
+    assert "agrees with its simulation on 98.00%" in lines[0] and "2.00x" not in lines[1]
+    assert any("not compute the simulated model exactly" in w for w in warnings)
+    assert any("slower than onnxruntime's FP32" in w for w in warnings)
+
+
 # -- the ViT and weight-only Linear layers ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vit(one_thread) -> nn.Module:
@@ -308,6 +322,11 @@ def test_cli_exports_every_architecture(arch, tmp_path, capsys):
         ref = q if kernels == "qdq" else IntegerSimulation(q, IntegerPlan.from_json(info["integer_plan"]))
         out = _run(out_path, x)
         assert (out.argmax(1) == _predict(ref, x).argmax(1)).mean() >= (1.0 if arch != "vit_tiny" else 0.95)
+    if arch == "resnet8":  # auto: the faster of the two forms that compute the evaluated model here
+        assert main(["export", "--model", str(ckpt), "--format", "onnx", "--kernels", "auto", "--calib-size", "64",
+                     "--out", str(tmp_path / "auto.onnx")]) == 0
+        chosen = re.search(r"--kernels auto: (int8|qdq), ", capsys.readouterr().out).group(1)
+        assert _metadata(tmp_path / "auto.onnx")["kernels"] == chosen
     if arch == "resnet8":  # options that would be ignored are refused
         for extra in (["--format", "safetensors", "--kernels", "int8"], ["--format", "onnx", "--calib-size", "64"],
                       ["--format", "onnx", "--target-cpu", "any"]):

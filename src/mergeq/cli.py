@@ -253,34 +253,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format != "onnx" and (args.kernels != "qdq" or args.target_cpu is not None):
         raise ValueError("--kernels and --target-cpu choose the ONNX graph: they need --format onnx")
-    if args.target_cpu is not None and args.kernels != "int8":
-        raise ValueError("--target-cpu chooses the int8 graph's weight types: it needs --kernels int8")
+    if args.target_cpu is not None and args.kernels not in ("int8", "auto"):
+        raise ValueError("--target-cpu chooses the int8 graph's weight types: it needs --kernels int8 or auto")
     if args.format == "onnx":
         require_deploy_extra()
         check_opset(args.opset)
-    if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
-        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
+    integer = args.kernels in ("int8", "auto")
+    if args.calib_size is not None and (not integer or args.calib_size < 1):
+        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 (or auto) calibrates")
     check_outputs(args.out, [args.model], config=False)
     check_out_file(args.out)
     model, meta, _ = load_checkpoint_model(args.model, load_cli_config(args), trust_builder=args.trust_builder)
     calib = plan = None
-    if args.kernels == "int8":
+    if integer:
         calib = export_calibration(meta, args.calib_size or 512)
         plan = plan_integer(model, calib)
+    onnx_kw = dict(opset=args.opset, int4=not args.no_int4, meta=meta)
     if args.format == "onnx":
-        path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta,
-                           kernels=args.kernels, plan=plan, target_cpu=args.target_cpu or "any")
+        path = export_onnx(model, args.out, kernels="int8" if integer else args.kernels, plan=plan,
+                           target_cpu=args.target_cpu or "any", **onnx_kw)
     else:
         path = save_packed(model, args.out, meta)
-    kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
-    print(f"wrote {path} ({args.format}, {kib[0]:.1f} KiB; input checkpoint {kib[1]:.1f} KiB)")
     if plan is not None:
         from .deploy.check import check_int8_export
 
-        lines, warnings = check_int8_export(model, path, plan, calib).report()
+        check = check_int8_export(model, path, plan, calib, opset=args.opset)
+        lines, warnings = check.report()
         print("\n".join(lines))
+        kernels, why = check.choice()
+        if args.kernels == "auto":
+            print(f"--kernels auto: {kernels}, {why}")
+            if kernels == "qdq":  # the warnings were about the integer file, which is not kept
+                warnings, path = [], export_onnx(model, args.out, **onnx_kw)
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
+    kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
+    print(f"wrote {path} ({args.format}, {kib[0]:.1f} KiB; input checkpoint {kib[1]:.1f} KiB)")
     return 0
 
 
@@ -423,9 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21; at most "
                    "the newest opset the installed onnx and onnxruntime both run)")
     p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
-    p.add_argument("--kernels", choices=("qdq", "int8", "fp32"), default="qdq",
+    p.add_argument("--kernels", choices=("qdq", "int8", "auto", "fp32"), default="qdq",
                    help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "
-                        "requantization calibrated on the checkpoint's domains) or fp32 (unquantized model)")
+                        "requantization calibrated on the checkpoint's domains), auto (int8 where it is exact "
+                        "on this CPU and faster than qdq, else qdq; measured at export) or fp32 (unquantized model)")
     p.add_argument("--calib-size", type=int, default=None,
                    help="ONNX int8: calibration images for the requantization steps and the check (default 512)")
     p.add_argument("--target-cpu", choices=("any", "vnni", "native"), default=None,

@@ -5,7 +5,10 @@ is it faster than onnxruntime's FP32 model of the same weights?
 top-1 agreement with its PyTorch simulation (100% wherever the kernels are exact) and with the
 fake-quant model that mergeq evaluated (below :data:`MIN_AGREEMENT` a warning), and the median
 latency at batch 64 on one thread of the integer file against the FP32 twin (the quantized
-weights as float layers, ``kernels="fp32"``), measured side by side on this CPU.
+weights as float layers, ``kernels="fp32"``) and the QDQ form of the same model (run in float,
+the evaluated model to float rounding), measured side by side on this CPU. ``--kernels auto``
+keeps the integer file where it is exact here and faster than the QDQ form, else the QDQ form
+(:meth:`ExportCheck.choice`).
 """
 from __future__ import annotations
 
@@ -36,11 +39,20 @@ class ExportCheck:
     agree_model: float  # ... with the fake-quant model mergeq evaluated
     ms_int8: float  # median latency, batch 64, one thread
     ms_fp32: float
+    ms_qdq: float
     cpu: str
 
     @property
     def speedup(self) -> float:
         return self.ms_fp32 / self.ms_int8
+
+    def choice(self) -> tuple[str, str]:
+        """``("int8" | "qdq", why)``: the faster of the two forms that compute the evaluated model here."""
+        if self.agree_simulation < 1.0:
+            return "qdq", "the integer kernels are not exact on this CPU"
+        if self.ms_int8 <= self.ms_qdq:
+            return "int8", f"exact here and {self.ms_qdq / self.ms_int8:.2f}x as fast as the QDQ form"
+        return "qdq", f"the QDQ form is {self.ms_int8 / self.ms_qdq:.2f}x as fast as the integer kernels on this CPU"
 
     def report(self) -> tuple[list[str], list[str]]:
         """``(lines, warnings)`` in plain words."""
@@ -49,7 +61,7 @@ class ExportCheck:
                  f"(max output difference {self.max_diff_simulation:.2g}), with the evaluated fake-quant model "
                  f"on {100 * self.agree_model:.2f}%",
                  f"latency at batch 64, 1 thread: integer {self.ms_int8:.2f} ms, onnxruntime FP32 of the same "
-                 f"weights {self.ms_fp32:.2f} ms ({self.speedup:.2f}x)"]
+                 f"weights {self.ms_fp32:.2f} ms ({self.speedup:.2f}x), QDQ form {self.ms_qdq:.2f} ms"]
         warnings = []
         if self.agree_simulation < 1.0:
             warnings.append("onnxruntime's integer kernels on this CPU do not compute the simulated model "
@@ -97,8 +109,9 @@ def _median_ms(sessions: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
 
 @torch.no_grad()
 def check_int8_export(model: nn.Module, path: str | Path, plan: IntegerPlan, images: torch.Tensor,
-                      rounds: int = 20) -> ExportCheck:
-    """Run the int8 file at ``path`` on ``images`` with onnxruntime here and compare (see module doc)."""
+                      rounds: int = 20, opset: int | None = None) -> ExportCheck:
+    """Run the int8 file at ``path`` on ``images`` with onnxruntime here and compare (see module doc);
+    ``opset``: the QDQ form's (default: :func:`~.onnx_export.to_onnx`'s)."""
     from .onnx_export import export_onnx, ort_session
 
     model = model.eval()
@@ -111,7 +124,10 @@ def check_int8_export(model: nn.Module, path: str | Path, plan: IntegerPlan, ima
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = ort_session(export_onnx(float_twin(model), Path(tmp) / "fp32.onnx", kernels="fp32",
                                        input_shape=plan.input_shape))
+        qdq = ort_session(export_onnx(model, Path(tmp) / "qdq.onnx", input_shape=plan.input_shape,
+                                      **({} if opset is None else {"opset": opset})))
         x = images[:64].repeat(-(-64 // len(images)), *[1] * (images.dim() - 1))[:64].numpy()
-        ms = _median_ms({"int8": sess, "fp32": fp32}, x, rounds)
+        ms = _median_ms({"int8": sess, "fp32": fp32, "qdq": qdq}, x, rounds)
     return ExportCheck(len(images), float((out.argmax(1) == sim.argmax(1)).mean()), float(np.abs(out - sim).max()),
-                       float((out.argmax(1) == ref.argmax(1)).mean()), ms["int8"], ms["fp32"], cpu()["model"])
+                       float((out.argmax(1) == ref.argmax(1)).mean()), ms["int8"], ms["fp32"], ms["qdq"],
+                       cpu()["model"])
