@@ -11,6 +11,7 @@ from mergeq.cli import main
 from mergeq.errors import MergeqError
 from mergeq.experiments import Pool, load_config, resolve, run
 from mergeq.experiments.store import RunDir
+from mergeq.sysinfo import cpu
 
 from .conftest import tiny_config
 
@@ -33,6 +34,7 @@ def test_results_schema_and_files(tiny_run):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps({"experiment": "run", **res}))
     assert on_disk["benchmark"] == "digits" and on_disk["targets"] == ["uci", "noisy"] and on_disk["seed"] == 0
+    assert on_disk["machine"]["cpu"] == cpu() and on_disk["machine"]["versions"]["torch"] == torch.__version__
     assert set(on_disk["fp"]["merged"]) == {"uci", "noisy", "hmean"}
     assert [(r["method"], r["w_bits"], r["a_bits"]) for r in on_disk["rows"]] == [("rtn", 8, 8), ("rtn", 3, 3)]
     for r in on_disk["rows"]:
