@@ -14,7 +14,8 @@ Models (digits benchmark, the `--preset` adaptation and PTQ settings, `--seed`):
 Variants: PyTorch FP32 (the merged float model), PyTorch fake-quant (the merged quantized
 model), and on onnxruntime's CPU provider: FP32 (``kernels="fp32"`` of the float model), QDQ
 (``kernels="qdq"``, run in float), integer (``kernels="int8"``, requantization steps calibrated
-on the union of the targets' calibration splits) and the reference
+on the union of the targets' calibration splits; ``target_cpu="any"``, the default, and
+``"vnni"``) and the reference
 ``onnxruntime.quantization.quantize_static`` of the FP32 file (its default QDQ format, per-channel
 int8 weights, uint8 activations, MinMax calibration on the same images; not for the ViT, whose
 graph it fails on). For W4A8 rows also its W4A8 (int4 weights, the first and last layer int8 as
@@ -23,7 +24,9 @@ ours), accuracy only (onnxruntime has no int4 kernel; uint4 activations it refus
 Reported: file sizes; top-1 agreement of each onnxruntime model with the PyTorch model it came
 from (QDQ with fake-quant, integer with its PyTorch simulation ``IntegerSimulation``, and
 integer with fake-quant, which shows what the calibrated requantization changes) over every
-target's full test set; the harmonic mean of the targets' accuracies; the median latency of
+target's full test set; where QEMU's user-mode emulator is installed, the agreement of both
+integer files with the simulation on an emulated AVX2 CPU without VNNI (``Haswell-v4``; exact
+arithmetic is checked there, speed is not); the harmonic mean of the targets' accuracies; the median latency of
 ``--runs`` interleaved rounds at batch 1 and 64 with one thread and all cores, and the speed
 ratios. Writes Markdown to --out and the raw numbers next to it (.json).
 """
@@ -44,6 +47,8 @@ import torch
 from torch import nn
 
 from mergeq.deploy import IntegerSimulation, export_onnx, ort_session, plan_integer, save_packed
+from mergeq.deploy.emulate import qemu, run_emulated
+from mergeq.sysinfo import cpu
 from mergeq.eval import harmonic_mean
 from mergeq.io import atomic_write_text, write_json
 from mergeq.merge import merge
@@ -53,7 +58,9 @@ from mergeq.experiments import Config, Pool, load_config
 from mergeq.ptq import quantize
 from mergeq.quant import parse_bits
 
-VARIANTS = ("PyTorch FP32", "PyTorch fake-quant", "ORT FP32", "ORT QDQ", "ORT integer", "ORT quantize_static")
+VARIANTS = ("PyTorch FP32", "PyTorch fake-quant", "ORT FP32", "ORT QDQ", "ORT integer", "ORT integer vnni",
+            "ORT quantize_static")
+EMULATED = 480  # test images (the first of each target's split) run on the emulated AVX2 CPU
 
 
 @dataclass
@@ -176,7 +183,9 @@ def export_all(case: Case, tmp: Path, fp_files: dict) -> None:
     stem = tmp / f"{case.name}-{case.bits}".replace(" ", "_")
     plan = plan_integer(case.q, case.calib, calib_size=len(case.calib)) if case.bits != "W4" else None
     case.files = {"ORT FP32": fp_files[key][0], "ORT QDQ": export_onnx(case.q, f"{stem}.qdq.onnx", meta=case.meta),
-                  "ORT integer": export_onnx(case.q, f"{stem}.int8.onnx", meta=case.meta, kernels="int8", plan=plan)}
+                  "ORT integer": export_onnx(case.q, f"{stem}.int8.onnx", meta=case.meta, kernels="int8", plan=plan),
+                  "ORT integer vnni": export_onnx(case.q, f"{stem}.int8-vnni.onnx", meta=case.meta, kernels="int8",
+                                                  plan=plan, target_cpu="vnni")}
     if fp_files[key][1] is not None:
         case.files["ORT quantize_static"] = fp_files[key][1]
     w_bits, a_bits = parse_bits(case.bits)
@@ -208,6 +217,16 @@ def evaluate(case: Case) -> None:
              "quantize_static vs FP32": ("ORT quantize_static", "PyTorch FP32")}
     case.agree = {k: float((everything(a) == everything(b)).mean()) for k, (a, b) in pairs.items() if preds[a]}
     case.agree["images"] = len(everything("sim"))
+    if qemu() is not None:  # the same files on an AVX2 CPU without VNNI: exact only where int8 cannot saturate
+        per = EMULATED // len(case.tests)
+        x = torch.cat([take(t, range(min(per, len(t))))[0] for t in case.tests.values()])
+        with torch.no_grad():
+            sim = case.sim(x).numpy()
+        outs = run_emulated([(case.files[k], x.numpy()) for k in ("ORT integer", "ORT integer vnni")])
+        for k, out in zip(("integer", "integer vnni"), outs):
+            case.agree[f"{k} vs simulation, AVX2"] = float((out.argmax(1) == sim.argmax(1)).mean())
+            case.agree[f"{k} max diff, AVX2"] = float(np.abs(out - sim).max())
+        case.agree["images AVX2"] = len(x)
 
 
 def time_all(case: Case, runs: int, threads: int, batch: int) -> dict[str, float]:
@@ -254,15 +273,19 @@ def main() -> None:
 def report(cases: list[Case], args, all_cores: int) -> str:
     kib = lambda b: "–" if b is None else f"{b / 1024:.0f}"  # noqa: E731
     pct = lambda v: "–" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    c0 = cpu()
     out = [
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, {platform.machine()}, {all_cores} cores "
-        f"(shared machine); preset `{args.preset}`, seed {args.seed}; accuracies are harmonic means over the "
-        f"targets' test sets ({cases[0].agree['images']} images for the agreements).",
+        f"(shared machine), CPU {c0['model']} ({', '.join(c0['flags'])}); preset `{args.preset}`, seed {args.seed}; "
+        f"accuracies are harmonic means over the targets' test sets ({cases[0].agree['images']} images for the "
+        f"agreements; {cases[0].agree.get('images AVX2', 0)} on the emulated AVX2 CPU without VNNI, QEMU "
+        "`Haswell-v4`). `integer`: `--target-cpu any` (the default), `integer vnni`: `--target-cpu vnni`.",
         "",
         "| model | bits | KiB FP32 / QDQ / integer / static / packed | acc PyTorch FP32 / fake-quant % | acc ORT QDQ / "
         "integer / quantize_static % | acc quantize_static W4A8 % | agree QDQ vs fake-quant % | agree integer vs "
-        "simulation % | agree integer vs fake-quant % |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
+        "simulation % | agree integer vs fake-quant % | AVX2 agree integer / integer vnni vs simulation % | "
+        "AVX2 max logit diff integer / integer vnni |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         s, a, g = c.sizes, c.acc, c.agree
@@ -272,18 +295,21 @@ def report(cases: list[Case], args, all_cores: int) -> str:
             f"{pct(a['PyTorch fake-quant'])} | {pct(a['ORT QDQ'])} / {pct(a['ORT integer'])} / "
             f"{pct(a.get('ORT quantize_static'))} | {pct(a.get('ORT quantize_static W4A8'))} | "
             f"{pct(g['QDQ vs fake-quant'])} | "
-            f"{pct(g['integer vs simulation'])} | {pct(g['integer vs fake-quant'])} |")
+            f"{pct(g['integer vs simulation'])} | {pct(g['integer vs fake-quant'])} | "
+            f"{pct(g.get('integer vs simulation, AVX2'))} / {pct(g.get('integer vnni vs simulation, AVX2'))} | "
+            f"{g.get('integer max diff, AVX2', float('nan')):.3g} / {g.get('integer vnni max diff, AVX2', float('nan')):.3g} |")
     out += ["", f"Latency, ms (median of {args.runs} interleaved rounds at batch 64, {10 * args.runs} at batch 1). "
             "Ratios: the other model's time over ORT integer's (> 1: ORT integer is faster).", "",
             "| model | bits | batch | threads | " + " | ".join(VARIANTS) + " | × PyTorch FP32 | × ORT FP32 | "
-            "× quantize_static |", "|---|---|---:|---:|" + "---:|" * (len(VARIANTS) + 3)]
+            "× quantize_static | × ORT integer vnni |", "|---|---|---:|---:|" + "---:|" * (len(VARIANTS) + 4)]
     for c in cases:
         for key, ms in c.ms.items():
             batch, threads = (int(t[1:]) for t in key.split())
             ratio = lambda k: "–" if k not in ms else f"{ms[k] / ms['ORT integer']:.2f}"  # noqa: E731
             out.append(f"| {c.name} | {c.bits} | {batch} | {threads} | " + " | ".join(
                 f"{ms[k]:.2f}" if k in ms else "–" for k in VARIANTS)
-                + f" | {ratio('PyTorch FP32')} | {ratio('ORT FP32')} | {ratio('ORT quantize_static')} |")
+                + f" | {ratio('PyTorch FP32')} | {ratio('ORT FP32')} | {ratio('ORT quantize_static')} | "
+                f"{ratio('ORT integer vnni')} |")
     return "\n".join(out) + "\n"
 
 

@@ -93,7 +93,21 @@ def test_grid_errors_and_the_earlier_flat_grid_files(tmp_path):
     assert cfg.ptq.options == {"hdrq": {"iters": 100}}
 
 
-@pytest.mark.skipif(not _ray_available(), reason="Ray is not installed (pip install 'mergeq[ray]')")
+needs_ray = pytest.mark.skipif(not _ray_available(), reason="Ray is not installed (pip install 'mergeq[ray]')")
+
+
+@needs_ray
+def test_ray_executor_runs_a_cell_like_the_local_one(tmp_path, model_cache):
+    """The fast Ray check of the default run: one cell on a local Ray instance = the same cell in-process."""
+    one = _grid_file(tmp_path / "one.yaml", {**GRID, "ptq": {**GRID["ptq"], "bits": ["W4A4"]}}, model_cache)
+    local = run_grid(load_config(one), tmp_path / "local")
+    remote = run_grid(load_config(one), tmp_path / "ray", executor="ray")
+    assert len(remote) == 1 and remote[0]["merged"] == local[0]["merged"]
+    assert remote[0]["experts"] == local[0]["experts"]
+
+
+@needs_ray
+@pytest.mark.slow  # Ray workers for every cell: 10-60 s on 2 cores, up to minutes on slower CPUs (CI runs it)
 def test_ray_executor_matches_local(grid, tmp_path):
     local = run_grid(load_config(grid), tmp_path / "local")
     remote = run_grid(load_config(grid), tmp_path / "ray", executor="ray")
@@ -190,6 +204,7 @@ def _python(code: str, env: dict, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # two bench processes, each importing torch and training: CI runs it
 def test_two_bench_processes_on_one_out_split_the_cells(tmp_path):
     grid, out, marks = _fake_grid(tmp_path), tmp_path / "out", tmp_path / "marks"
     code = FAKE_CELL + "\n".join(["", "mergeq.experiments.bench.compute_cell = fake_cell",

@@ -1,5 +1,6 @@
 """Checkpoints and the model cache lose nothing: one file per checkpoint, written atomically,
 verified on read; a bad cache entry is rebuilt, a swapped one detected (issue 15, data loss)."""
+import hashlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from mergeq.checkpoint import model_from_checkpoint, save_model
 from mergeq.cli import main
 from mergeq.errors import CheckpointError
 from mergeq.experiments import pool as pool_module
-from mergeq.io import META_KEY, load_checkpoint, save_checkpoint
+from mergeq.io import META_DIGEST_KEY, META_KEY, load_checkpoint, save_checkpoint
 from mergeq.models import build_model
 from mergeq.ptq import quantize
 from mergeq.quant import QuantConfig
@@ -36,15 +37,19 @@ def _legacy(path, state, meta) -> None:
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
-def _rewrite_meta(path, **changes) -> None:
-    """Edit a one-file checkpoint's header metadata as a user with a hex editor would (digest kept)."""
+def _rewrite_meta(path, digest: bool = True, **changes) -> None:
+    """Edit a one-file checkpoint's header metadata: as a forger would (``digest``: the metadata's
+    digest recomputed, so the checks of its content are what refuses it), or carelessly."""
     tensors = load_file(str(path))
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         header = f.metadata()
-    meta = {**json.loads(header[META_KEY]), **changes}
-    path.write_bytes(st_save(tensors, metadata={**header, META_KEY: json.dumps(meta)}))
+    text = json.dumps({**json.loads(header[META_KEY]), **changes})
+    header = {**header, META_KEY: text}
+    if digest:
+        header[META_DIGEST_KEY] = hashlib.sha256(text.encode()).hexdigest()
+    path.write_bytes(st_save(tensors, metadata=header))
 
 
 def test_out_ending_in_json_keeps_the_weights(tmp_path):
@@ -58,7 +63,7 @@ def test_out_ending_in_json_keeps_the_weights(tmp_path):
     assert meta["role"] == "merged"
     expected = (_model(0).conv1.weight + _model(1).conv1.weight) / 2
     assert torch.allclose(merged.conv1.weight, expected)
-    assert json.loads((tmp_path / "merged.report.json").read_text())["method"] == "average"
+    assert json.loads((tmp_path / "merged.json.report.json").read_text())["method"] == "average"  # issue 24: m.json.*
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3])
@@ -219,6 +224,7 @@ def test_bit_width_edited_below_the_stored_codes_is_refused(w4_checkpoint, tmp_p
     ({"num_classes": "ten"}, "num_classes must be a int"),
     ({"quant_layers": {"conv1": "W4"}}, r"quant_layers\['conv1'\]"),
     ({"folded_bn": ["nosuch.bn"]}, "folded_bn names 'nosuch.bn'"),
+    ({"folded_bn": ["conv1"]}, "folded_bn names 'conv1', but .* has no such BatchNorm layer"),  # was AttributeError
 ])
 def test_bad_metadata_is_named_before_any_work(w4_checkpoint, tmp_path, changes, match, capsys):
     edited = tmp_path / "e.safetensors"
@@ -229,6 +235,39 @@ def test_bad_metadata_is_named_before_any_work(w4_checkpoint, tmp_path, changes,
     assert main(["export", "--model", str(edited), "--out", str(tmp_path / "p.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_edited_metadata_fails_the_digest_and_older_files_still_load(w4_checkpoint, tmp_path, capsys):
+    """Issue 24: the header's SHA-256 covers the metadata too (an a_bits edit from 4 to 2 once
+    loaded and merged at 15%); files written before that digest still load."""
+    edited = tmp_path / "e.safetensors"
+    edited.write_bytes(w4_checkpoint.read_bytes())
+    _rewrite_meta(edited, digest=False, bits="W2A2")
+    with pytest.raises(CheckpointError, match="e.safetensors fails its SHA-256 check: its metadata was edited"):
+        model_from_checkpoint(edited)
+    assert main(["merge", str(edited), str(edited), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "metadata was edited" in capsys.readouterr().err
+    state, meta = load_checkpoint(w4_checkpoint)
+    older = tmp_path / "older.safetensors"
+    older.write_bytes(st_save(state, metadata={"format": "pt", META_KEY: json.dumps(meta),
+                                               "mergeq_sha256": mio.tensor_digest(state)}))
+    assert model_from_checkpoint(older)[1] == meta
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.5, 0.0, float("inf")])
+def test_bad_activation_or_weight_steps_are_refused_at_load(tmp_path, capsys, value):
+    """Issue 24: a NaN or negative activation step loaded, merged and exported."""
+    cfg = QuantConfig(4, 4, step_method="absmax")
+    q = quantize(_model(), "rtn", calib=torch.randn(2, 3, 32, 32), config=cfg)
+    state, meta = load_checkpoint(save_model(q, tmp_path / "q.safetensors", META))
+    name = next(n for n, (_, a) in meta["quant_layers"].items() if a is not None)
+    for key, what in ((f"{name}.act_quant.step", "activation step"), (f"{name}.w_step", "weight step")):
+        bad = {**state, key: torch.full_like(state[key], value)}
+        path = save_checkpoint(bad, tmp_path / "bad.safetensors", meta)  # a consistent digest: a forged file
+        with pytest.raises(CheckpointError, match=f"the {what} of layer '{name}' is .*positive and finite"):
+            model_from_checkpoint(path)
+    assert main(["export", "--model", str(path), "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "positive and finite" in capsys.readouterr().err
 
 
 def test_inflated_arch_kwargs_are_refused_from_the_header_before_allocating(tmp_path, monkeypatch):
@@ -279,8 +318,6 @@ def test_any_model_loads_onto_a_template_and_a_spec_model_from_its_metadata(tmp_
 
 def test_plain_checkpoint_format_as_documented(w4_checkpoint):
     """docs/FORMAT.md: the header's digest and the codes, read with numpy and hashlib only."""
-    import hashlib
-
     import numpy as np
     from safetensors import safe_open
 

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergeq.bounds import available_cpus
 from mergeq.cli import ONE, PREFIX, build_parser, load_cli_config
 from mergeq.errors import ConfigError
 from mergeq.experiments import Config, load_config, presets, resolve
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # options of a command that are not config entries: what to run on, where to write, how to run it
 COMMAND_ARGS = {"help", "config", "set", "quiet", "out", "source", "domain", "model", "experts", "method", "base",
                 "report", "points", "radius", "format", "opset", "no_int4", "grid", "executor",
-                "address", "per_domain", "kernels", "calib_size"}  # export takes no config: its flags are its own
+                "address", "per_domain", "kernels", "calib_size", "target_cpu", "json",  # export's and env's own flags
+                "trust_builder"}  # a choice per command, never recorded in a config (docs/RELIABILITY.md, Security)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -43,7 +45,8 @@ def _leaves(d: dict, prefix: str = "") -> list[str]:
 SAMPLES = {"runtime.device": "cpu", "runtime.cache_dir": "c", "data.targets": "uci,noisy", "ptq.methods": "rtn,hdrq",
            "ptq.bits": "W4A4", "pmq.merges": "ties", "pmq.methods": "gptq", "pmq.bits": "W4", "tta.methods": "fp,ttaq",
            "tta.bits": "W2A4", "tta.streams": "balanced", "tta.corruptions": "fog,snow", "tta.cifar10c": "c10c",
-           "merge.rounding": "noise", "ptq.first_last_bits": "none", "tta.tent.lr": "0.01", "ptq.options.epmq.anchor": "0.5"}
+           "merge.rounding": "noise", "ptq.first_last_bits": "none", "tta.tent.lr": "0.01", "ptq.options.epmq.anchor": "0.5",
+           "runtime.threads": "1", "runtime.workers": "1"}  # at most the CPUs there are
 NEEDS = {"merge.rounding_options.samples": {"merge.rounding": "noise"}, "merge.repeats": {"merge.rounding": "noise"}}
 
 
@@ -78,11 +81,11 @@ def test_every_config_leaf_can_be_set_by_path():
 
 def test_flags_override_set_which_overrides_the_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("preset: quick\nruntime: {seed: 3, threads: 2}\nptq: {methods: [rtn], options: {hdrq: {iters: 5}}}\n")
+    path.write_text("preset: quick\nruntime: {seed: 3, threads: 1}\nptq: {methods: [rtn], options: {hdrq: {iters: 5}}}\n")
     args = build_parser().parse_args(["run", "--config", str(path), "--set", "runtime.seed=4", "--set",
                                       "ptq.options.hdrq.iters=7", "--seed", "5", "--bits", "W4A4,W2A4"])
     cfg = load_cli_config(args)
-    assert (cfg.preset, cfg.runtime.seed, cfg.runtime.threads) == ("quick", 5, 2)
+    assert (cfg.preset, cfg.runtime.seed, cfg.runtime.threads) == ("quick", 5, 1)
     assert cfg.ptq.options["hdrq"] == {"iters": 7} and cfg.ptq.bits == ["W4A4", "W2A4"] and cfg.ptq.methods == ["rtn"]
     quant = load_cli_config(build_parser().parse_args(["quantize", "--model", "m", "--out", "o"]),
                             {"ptq.methods": ["rtn"], "ptq.bits": ["W4A4"]})
@@ -104,7 +107,7 @@ _sections = st.fixed_dictionaries({}, optional={
     "merge": st.fixed_dictionaries({}, optional={"rounding": st.sampled_from(["float", "nearest"])}),
     "tta": st.fixed_dictionaries({}, optional={"methods": st.sampled_from([["fp"], ["qdrop+tent", "ttaq"]]),
                                                "severity": st.integers(1, 5)}),
-    "runtime": st.fixed_dictionaries({}, optional={"seed": st.integers(0, 9), "threads": st.none() | st.integers(1, 4)}),
+    "runtime": st.fixed_dictionaries({}, optional={"seed": st.integers(0, 9), "threads": st.none() | st.integers(1, available_cpus())}),
 })
 
 
@@ -189,11 +192,15 @@ def test_docs_config_names_every_entry():
         assert f"`{key}`" in text or f"{key}`" in text, key
 
 
-def test_the_configs_in_the_docs_are_valid():
-    """Every ```yaml block of the README and docs/ is a config that loads (paths are not opened)."""
+def test_the_configs_in_the_docs_are_valid(monkeypatch):
+    """Every ```yaml block of the README and docs/ is a config that loads (paths are not opened) on
+    a machine with a GPU (``device: cuda`` is refused where torch sees none)."""
     import re
 
     import yaml
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
     blocks = [b for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
               for b in re.findall(r"```yaml\n(.*?)```", f.read_text(), re.S)]

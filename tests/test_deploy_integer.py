@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,11 +12,13 @@ from torch import nn
 
 from mergeq.cli import main
 from mergeq.deploy import ExportError, IntegerPlan, IntegerSimulation, export_onnx, ort_session, plan_integer, to_onnx
-from mergeq.deploy.integer import Grid, qadd_codes
+from mergeq.deploy.emulate import AVX2_CPU, qemu, run_emulated
+from mergeq.deploy.integer import Grid, qadd_codes, saturation_free
 from mergeq.models import ARCHITECTURES, build_model, resnet8, vit_tiny
 from mergeq.nn import quant_modules
 from mergeq.ptq import quantize
 from mergeq.checkpoint import save_model
+from mergeq.sysinfo import cpu as cpu_info
 
 from .conftest import randomize_bn
 
@@ -148,6 +151,92 @@ def test_plan_reuses_consumer_grids_and_calibrates_the_rest(fp_resnet):
     assert grids8["relu"] == Grid.of(q8.layer1[0].conv1.act_quant)
 
 
+# -- every x86 kind: weights that cannot saturate without VNNI --------------------------------------------
+def _dot_without_vnni(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """uint8 x int8 dot products ``a @ w`` as x86 computes them without VNNI (vpmaddubsw): two
+    adjacent products summed into an int16 with saturation, then the pairs summed in int32."""
+    p = a[:, :, None].astype(np.int64) * w[None].astype(np.int64)  # [M, K, N]
+    pairs = np.clip(p[:, 0::2] + p[:, 1::2], -32768, 32767)
+    return pairs.sum(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 255), st.integers(0, 2**31 - 1))
+def test_saturation_free_layers_are_exact_without_vnni(w_bits, hi, seed):
+    rng = np.random.default_rng(seed)
+    lo_w, hi_w = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1
+    w = rng.integers(lo_w, hi_w + 1, size=(16, 8))
+    w[:2, 0] = lo_w  # the extremes, against the largest input code
+    a = rng.integers(0, hi + 1, size=(4, 16))
+    a[0] = hi
+    grid = Grid(1.0, 0, 0, hi)
+    if saturation_free(torch.from_numpy(w), grid):
+        assert np.array_equal(_dot_without_vnni(a, w), a @ w)
+    else:
+        assert 2 * hi * np.abs(w).max() > 32767
+    if w_bits == 8 and hi == 255:  # 8-bit weights against 8-bit inputs: saturation is reachable
+        assert not saturation_free(torch.from_numpy(w), grid)
+        assert not np.array_equal(_dot_without_vnni(a, w), a @ w)
+
+
+def _weight_dtypes(path) -> dict[str, int]:
+    return {i.name[: -len("_w_codes")]: i.data_type for i in onnx.load(str(path)).graph.initializer
+            if i.name.endswith("_w_codes")}
+
+
+def test_int8_export_stores_8_bit_layers_as_uint8_unless_the_target_has_vnni(fp_resnet, tmp_path):
+    q = quantize(fp_resnet, "rtn", calib=_images(64), w_bits=4, a_bits=4)  # first and last layer 8 bits
+    plan = plan_integer(q, _images(64, seed=1))
+    x = _images(32, seed=2)
+    sim = _predict(IntegerSimulation(q, plan), x)
+    for target in ("any", "vnni"):
+        path = export_onnx(q, tmp_path / f"{target}.onnx", kernels="int8", plan=plan, target_cpu=target)
+        types, meta = _weight_dtypes(path), _metadata(path)
+        eight = {n.replace(".", "_") for n, m in quant_modules(q) if m.w_bits == 8}
+        assert eight == {"conv1", "fc"}
+        for name, dtype in types.items():
+            unsigned = target == "any" and name in eight
+            assert dtype == (onnx.TensorProto.UINT8 if unsigned else onnx.TensorProto.INT8), (target, name)
+        assert meta["target_cpu"] == target and set(meta["integer_weights"].values()) == (
+            {"int8", "uint8"} if target == "any" else {"int8"})
+        if target == "any" or cpu_info()["vnni"]:  # exact here; without VNNI only the safe form is
+            assert np.abs(_run(path, x) - sim).max() < 1e-4
+    with pytest.raises(ExportError, match="target_cpu must be one of"):
+        to_onnx(q, kernels="int8", plan=plan, target_cpu="avx2")
+
+
+@pytest.mark.skipif(qemu() is None, reason="needs QEMU's user-mode emulator (apt-get install qemu-user)")
+def test_int8_exports_are_exact_on_an_emulated_avx2_cpu_without_vnni(fp_resnet, vit, tmp_path):
+    """On an AVX2 CPU without VNNI (QEMU's Haswell) the default export equals its simulation; int8
+    weights in the 8-bit layers do not (the control: the emulated CPU really lacks VNNI)."""
+    jobs, sims = [], []
+    for name, model, w_bits, a_bits, target in [("r88", fp_resnet, 8, 8, "any"), ("r44", fp_resnet, 4, 4, "any"),
+                                                 ("vit", vit, 4, 8, "any"), ("r88vnni", fp_resnet, 8, 8, "vnni")]:
+        q = quantize(model, "rtn", calib=_images(64), w_bits=w_bits, a_bits=a_bits)
+        plan = plan_integer(q, _images(64, seed=1))
+        path = export_onnx(q, tmp_path / f"{name}.onnx", kernels="int8", plan=plan, target_cpu=target)
+        x = _images(64, seed=2)
+        jobs.append((path, x.numpy()))
+        sims.append(_predict(IntegerSimulation(q, plan), x))
+    outs = run_emulated(jobs, cpu=AVX2_CPU)
+    for out, sim in zip(outs[:3], sims):
+        assert np.array_equal(out.argmax(1), sim.argmax(1)) and np.abs(out - sim).max() < 1e-4
+    assert np.abs(outs[3] - sims[3]).max() > 1e-3  # int8 8-bit weights saturate there
+
+
+def test_export_check_chooses_the_faster_exact_form():
+    from mergeq.deploy.check import ExportCheck
+
+    check = lambda agree, int8, qdq: ExportCheck(64, agree, 0.0, 1.0, int8, 10.0, qdq, "cpu")  # noqa: E731
+    assert check(1.0, 5.0, 8.0).choice()[0] == "int8" and "1.60x as fast" in check(1.0, 5.0, 8.0).choice()[1]
+    assert check(1.0, 9.0, 6.0).choice() == ("qdq", "the QDQ form is 1.50x as fast as the integer kernels on this CPU")
+    assert check(0.98, 1.0, 6.0).choice() == ("qdq", "the integer kernels are not exact on this CPU")
+    lines, warnings = check(0.98, 20.0, 6.0).report()
+    assert "agrees with its simulation on 98.00%" in lines[0] and "2.00x" not in lines[1]
+    assert any("not compute the simulated model exactly" in w for w in warnings)
+    assert any("slower than onnxruntime's FP32" in w for w in warnings)
+
+
 # -- the ViT and weight-only Linear layers ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vit(one_thread) -> nn.Module:
@@ -210,7 +299,7 @@ def test_fp32_export_and_kernel_errors(fp_resnet, tmp_path):
 
 # -- the command line, for every registered architecture ------------------------------------------------
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_cli_exports_every_architecture(arch, tmp_path):
+def test_cli_exports_every_architecture(arch, tmp_path, capsys):
     kwargs = {"patch": 8, "depth": 1} if arch == "vit_tiny" else {}
     torch.manual_seed(0)
     q = quantize(build_model(arch, 10, **kwargs), "rtn", calib=_images(64), w_bits=4, a_bits=8)
@@ -221,13 +310,24 @@ def test_cli_exports_every_architecture(arch, tmp_path):
     for kernels in ("qdq", "int8"):
         out_path = tmp_path / f"{kernels}.onnx"
         calib = ["--calib-size", "128"] if kernels == "int8" else []
+        capsys.readouterr()
         assert main(["export", "--model", str(ckpt), "--format", "onnx", "--kernels", kernels, *calib,
                      "--out", str(out_path)]) == 0
+        printed = capsys.readouterr().out
+        if kernels == "int8":  # the check on this CPU: exact against the simulation, a latency ratio
+            assert "128 calibration images: agrees with its simulation on 100.00%" in printed, printed
+            assert "onnxruntime FP32 of the same weights" in printed
         info = _metadata(out_path)
         assert info["arch"] == arch and info["kernels"] == kernels
         ref = q if kernels == "qdq" else IntegerSimulation(q, IntegerPlan.from_json(info["integer_plan"]))
         out = _run(out_path, x)
         assert (out.argmax(1) == _predict(ref, x).argmax(1)).mean() >= (1.0 if arch != "vit_tiny" else 0.95)
+    if arch == "resnet8":  # auto: the faster of the two forms that compute the evaluated model here
+        assert main(["export", "--model", str(ckpt), "--format", "onnx", "--kernels", "auto", "--calib-size", "64",
+                     "--out", str(tmp_path / "auto.onnx")]) == 0
+        chosen = re.search(r"--kernels auto: (int8|qdq), ", capsys.readouterr().out).group(1)
+        assert _metadata(tmp_path / "auto.onnx")["kernels"] == chosen
     if arch == "resnet8":  # options that would be ignored are refused
-        for extra in (["--format", "safetensors", "--kernels", "int8"], ["--format", "onnx", "--calib-size", "64"]):
+        for extra in (["--format", "safetensors", "--kernels", "int8"], ["--format", "onnx", "--calib-size", "64"],
+                      ["--format", "onnx", "--target-cpu", "any"]):
             assert main(["export", "--model", str(ckpt), "--out", str(tmp_path / "x"), *extra]) == 2

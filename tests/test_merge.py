@@ -92,6 +92,24 @@ def test_merge_rejects_different_architectures(images):
         merge([tiny_resnet(), vgg_stack()])
 
 
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_task_vector_merges_name_quantized_experts_and_a_base_of_another_architecture(images, method):
+    """Issue 24: ties on quantized experts said "QuantModule where Conv2d expected"; a base of
+    another architecture was blamed on "model 1"."""
+    torch.manual_seed(0)
+    fp = [tiny_resnet(), tiny_resnet()]
+    q = [quantize(m, "rtn", calib=images[:4], w_bits=4, a_bits=None) for m in fp]
+    with pytest.raises(IncompatibleModelsError, match=f"{method} needs full-precision experts and base; "
+                                                      "quantized: model 0, model 1"):
+        merge(q, method, base=tiny_resnet())
+    with pytest.raises(IncompatibleModelsError, match="quantized: the base"):
+        merge(fp, method, base=q[0])
+    with pytest.raises(IncompatibleModelsError, match="the base has a different architecture from model 0"):
+        merge(fp, method, base=vgg_stack())
+    with pytest.raises(IncompatibleModelsError, match=r"the base tensor '7.weight' has shape \(5, 16\)"):
+        merge(fp, method, base=tiny_resnet(5))
+
+
 def test_merge_rejects_different_shapes():
     with pytest.raises(IncompatibleModelsError, match="shape"):
         merge([nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 5))])

@@ -56,7 +56,7 @@ def test_parse_bits(spec, expected):
     assert parse_bits(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["4A4", "W9A4", "W4A1", "WxA4", ""])
+@pytest.mark.parametrize("spec", ["4A4", "W9A4", "W4A1", "WxA4", "", "W4A", "W4A4x", "W+4", "W 4"])
 def test_parse_bits_rejects(spec):
     with pytest.raises(ValueError):
         parse_bits(spec)

@@ -11,6 +11,7 @@ from mergeq.cli import main
 from mergeq.errors import MergeqError
 from mergeq.experiments import Pool, load_config, resolve, run
 from mergeq.experiments.store import RunDir
+from mergeq.sysinfo import cpu
 
 from .conftest import tiny_config
 
@@ -34,11 +35,13 @@ def test_results_schema_and_files(tiny_run):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps({"experiment": "run", **res}))
     assert on_disk["benchmark"] == "digits" and on_disk["targets"] == ["uci", "noisy"] and on_disk["seed"] == 0
+    assert on_disk["machine"]["cpu"] == cpu() and on_disk["machine"]["versions"]["torch"] == torch.__version__
     assert set(on_disk["fp"]["merged"]) == {"uci", "noisy", "hmean"}
     assert [(r["method"], r["w_bits"], r["a_bits"]) for r in on_disk["rows"]] == [("rtn", 8, 8), ("rtn", 3, 3)]
     for r in on_disk["rows"]:
         assert all(0.0 <= v <= 1.0 for v in [*r["experts"].values(), *r["merged"].values()])
         assert r["ptq"]["uci"]["changed_codes"] == 0.0 and "recon_loss" not in r["ptq"]["uci"]  # RTN: nothing moved
+        assert r["ptq"]["uci"]["calib_size"] == 64  # the calibration inputs used: ptq.calib_size (uci has more)
     assert "](hmean_vs_bits.png)" in (out / "results.md").read_text()
     assert "](merged_vs_experts.png)" in (out / "results.md").read_text()
     assert all((out / png).read_bytes()[:4] == b"\x89PNG" for png in ("hmean_vs_bits.png", "merged_vs_experts.png"))
@@ -80,6 +83,61 @@ def test_resume_keeps_every_row_and_refuses_other_settings(tiny_run, tmp_path):
     with pytest.raises(MergeqError, match=r"experiment \(run there, pmq here\)"):
         RunDir(out, "pmq").begin(cfg)
     assert (out / "results.json").read_text() == before
+
+
+def test_an_edited_config_yaml_cannot_relabel_the_rows(tiny_run, tmp_path):
+    """Issue 24: a rerun of an edited config.yaml into the same --out kept the old rows and
+    labelled every row with the new settings. results.json records the config its rows were
+    computed with, and a settings hash per row."""
+    import shutil
+
+    out0, cfg, res = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["config"] == yaml.safe_load((out / "config.yaml").read_text())
+    assert all(len(r["settings_sha256"]) == 64 for r in on_disk["rows"])
+    before = (out / "results.json").read_text()
+    for key, value in (("calib_size", 32), ("step_method", "absmax"), ("first_last_bits", 4)):
+        edited = yaml.safe_load((out0 / "config.yaml").read_text())
+        edited["ptq"][key] = value
+        (out / "config.yaml").write_text(yaml.safe_dump(edited))
+        with pytest.raises(MergeqError, match=f"other settings \\(ptq.{key} differ\\).*use another --out"):
+            run(load_config(out / "config.yaml"), out)
+    assert main(["run", "--config", str(out / "config.yaml"), "--out", str(out), "--quiet"]) == 2
+    assert (out / "results.json").read_text() == before
+    results = json.loads(before)  # results.json's config edited too: the rows' hashes refuse it
+    results["config"]["ptq"]["calib_size"] = 32
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "config.yaml").write_text(yaml.safe_dump(results["config"]))
+    with pytest.raises(MergeqError, match=r"row \('rtn', 8, 8\) was computed with other settings"):
+        run(load_config(out / "config.yaml"), out)
+
+
+def test_a_second_run_into_the_same_out_waits_and_keeps_both_rows(tiny_run, tmp_path, caplog):
+    """Issue 24: two `mergeq run --out R` at once (other bits) both exited 0 and results.json
+    kept only the last writer's rows. run (and pmq, tta) hold a lock on --out, as bench does."""
+    import logging
+    import shutil
+    import threading
+
+    from mergeq.io import file_lock
+
+    out0, cfg, res = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    second = {}
+    with file_lock(out / ".locks" / "out.lock"):  # the first run, still writing
+        worker = threading.Thread(target=lambda: second.update(run(cfg.updated({"ptq.bits": ["W4A4"]}), out)))
+        with caplog.at_level(logging.WARNING, logger="mergeq.experiments.store"):
+            worker.start()
+            worker.join(1.0)
+        assert worker.is_alive() and "being written by another mergeq process" in caplog.text
+        assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    worker.join()
+    keys = [(r["method"], r["w_bits"], r["a_bits"]) for r in second["rows"]]
+    assert keys == [("rtn", 8, 8), ("rtn", 3, 3), ("rtn", 4, 4)]
+    assert json.loads((out / "results.json").read_text())["rows"] == second["rows"]
 
 
 def test_repeated_sampling_merges_are_averaged(model_cache):
@@ -158,6 +216,7 @@ def test_threads_are_validated_and_applied(model_cache):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # spawns worker processes that import torch (CI runs it)
 def test_rows_in_worker_processes_equal_rows_computed_in_process(model_cache, tmp_path):
     """runtime.workers: rows run side by side in spawned processes, with threads // workers torch
     threads each (1 here, as in-process), give the same numbers, recorded in plan order."""

@@ -96,3 +96,22 @@ def test_tagged_unions_pick_the_class_by_kind():
         check_keys({"select": "block"}, hints, "opts")
     with pytest.raises(ConfigError, match=r"^opts\.seed: unknown key; known: samples, select$"):
         check_keys({"seed": 1}, hints, "opts")
+
+
+def test_sequences_mappings_and_optionals_are_read_as_advertised():
+    """``Sequence[X]`` takes a YAML list (returned as a list), ``Mapping[str, X]`` a mapping, and
+    the bounds of mergeq.bounds apply to the items (issue 24: average weights were refused)."""
+    from typing import Mapping, Sequence
+
+    assert check_value(Sequence[float], [0.5, 1], "m.weights") == [0.5, 1.0]
+    assert check_value(Sequence[float] | None, None, "m.weights") is None
+    assert check_value(Mapping[str, int], {"a": 1}, "m") == {"a": 1}
+    assert check_value(tuple[int, ...], [1, 2], "m") == (1, 2)
+    for hint, value, where, msg in [
+        (Sequence[float], "0.5", "m.weights", r"^m\.weights: expected a list, got str '0\.5'$"),
+        (Sequence[float], [0.5, -1], "m.weights", r"^m\.weights\[1\]: must be at least 0, got -1\.0$"),
+        (Mapping[str, int], [1], "m", r"^m: expected a mapping, got list \[1\]$"),
+        (float | None, float("nan"), "m.lr", r"^m\.lr: must be a finite number, got nan$"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            check_value(hint, value, where)

@@ -82,11 +82,15 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="set any config entry, e.g. --set ptq.options.hdrq.iters=100 (repeatable)")
 
 
-def _at_least(n: int):
-    def parse(s: str) -> int:
-        v = int(s)
-        if v < n:
-            raise argparse.ArgumentTypeError(f"must be at least {n}, got {v}")
+def _bounded(kind: type, key: str):
+    """A parser of a command's own number flag, checked against ``mergeq.bounds.BOUNDS[key]``."""
+    from .bounds import BOUNDS
+
+    def parse(s: str) -> int | float:
+        v = kind(s)
+        problem = BOUNDS[key].problem(v)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {v!r}")
         return v
 
     return parse
@@ -191,7 +195,8 @@ def cmd_train_source(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from .experiments import steps
 
-    before, after = steps.adapt(load_cli_config(args), args.source, args.domain, args.out, _progress(args))
+    before, after = steps.adapt(load_cli_config(args), args.source, args.domain, args.out, _progress(args),
+                                args.trust_builder)
     print(f"{args.domain}: source {100 * before:.1f}% -> SHOT expert {100 * after:.1f}%")
     return 0
 
@@ -200,7 +205,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .experiments import steps
 
     cfg = load_cli_config(args, {"ptq.methods": ["rtn"], "ptq.bits": ["W4A4"]})
-    domain, acc = steps.quantize_checkpoint(cfg, args.model, args.out, args.source, args.domain, _progress(args))
+    domain, acc = steps.quantize_checkpoint(cfg, args.model, args.out, args.source, args.domain, _progress(args),
+                                            args.trust_builder)
     print(f"{domain}: {cfg.ptq.methods[0]} {cfg.ptq.bits[0]} accuracy {100 * acc:.1f}% -> {args.out}")
     return 0
 
@@ -212,7 +218,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                         for p in ("merge.rounding", "merge.rounding_options.samples")):
         raise MergeqError(f"--rounding and --samples apply to --method average (quantized experts), not {args.method}")
     report = steps.merge_checkpoints(load_cli_config(args), args.experts, args.method, args.out, args.report,
-                                     args.base)
+                                     args.base, args.trust_builder)
     acc = report.get("accuracy")
     print(f"merged {len(args.experts)} models -> {args.out}; accuracy: "
           + (", ".join(f"{d} {100 * a:.1f}%" for d, a in acc.items()) if acc else "not evaluated (the "
@@ -245,27 +251,82 @@ def cmd_surface(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import model_from_checkpoint
-    from .deploy import export_onnx, save_packed
+    from .deploy import export_onnx, plan_integer, save_packed
+    from .deploy.onnx_export import check_opset
     from .deploy.trace import trace
-    from .experiments.steps import export_calibration
+    from .experiments.steps import check_outputs, export_calibration, load_checkpoint_model
     from .io import check_out_file
 
-    if args.format != "onnx" and args.kernels != "qdq":
-        raise ValueError("--kernels chooses the ONNX graph: it needs --format onnx")
-    if args.calib_size is not None and (args.kernels != "int8" or args.calib_size < 1):
-        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 calibrates")
+    if args.format != "onnx" and (args.kernels != "qdq" or args.target_cpu is not None):
+        raise ValueError("--kernels and --target-cpu choose the ONNX graph: they need --format onnx")
+    if args.target_cpu is not None and args.kernels not in ("int8", "auto"):
+        raise ValueError("--target-cpu chooses the int8 graph's weight types: it needs --kernels int8 or auto")
+    if args.format == "onnx":
+        require_deploy_extra()
+        check_opset(args.opset)
+    integer = args.kernels in ("int8", "auto")
+    if args.calib_size is not None and (not integer or args.calib_size < 1):
+        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 (or auto) calibrates")
+    check_outputs(args.out, [args.model], config=False)
     check_out_file(args.out)
-    model, meta = model_from_checkpoint(args.model)
+    model, meta, _ = load_checkpoint_model(args.model, load_cli_config(args), trust_builder=args.trust_builder)
     if args.format == "onnx":
         trace(model)  # a model torch.fx cannot trace is refused with the reason before data is loaded
-        calib = export_calibration(meta, args.calib_size or 512) if args.kernels == "int8" else None
-        path = export_onnx(model, args.out, opset=args.opset, int4=not args.no_int4, meta=meta,
-                           kernels=args.kernels, calib=calib)
+    calib = plan = None
+    if integer:
+        calib = export_calibration(meta, args.calib_size or 512)
+        plan = plan_integer(model, calib)
+    onnx_kw = dict(opset=args.opset, int4=not args.no_int4, meta=meta)
+    if args.format == "onnx":
+        path = export_onnx(model, args.out, kernels="int8" if integer else args.kernels, plan=plan,
+                           target_cpu=args.target_cpu or "any", **onnx_kw)
     else:
         path = save_packed(model, args.out, meta)
+    if plan is not None:
+        from .deploy.check import check_int8_export
+
+        check = check_int8_export(model, path, plan, calib, opset=args.opset)
+        lines, warnings = check.report()
+        print("\n".join(lines))
+        kernels, why = check.choice()
+        if args.kernels == "auto":
+            print(f"--kernels auto: {kernels}, {why}")
+            if kernels == "qdq":  # the warnings were about the integer file, which is not kept
+                warnings, path = [], export_onnx(model, args.out, **onnx_kw)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
     print(f"wrote {path} ({args.format}, {kib[0]:.1f} KiB; input checkpoint {kib[1]:.1f} KiB)")
+    return 0
+
+
+def require_deploy_extra() -> None:
+    """One clear line instead of a ModuleNotFoundError when the ``deploy`` extra is missing."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MergeqError(f"ONNX export needs {' and '.join(missing)}: pip install 'mergeq[deploy]'")
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from .sysinfo import FLAGS, environment
+
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=1))
+        return 0
+    c = env["cpu"]
+    print("\n".join([
+        *(f"{k}: {v or 'not installed'}" for k, v in env["versions"].items()),
+        f"cpu: {c['model']} ({c['arch']}); flags: {', '.join(c['flags']) or 'none of ' + ', '.join(FLAGS)}",
+        f"torch cpu capability: {env['torch_cpu_capability']}; torch threads: {env['torch_threads']}",
+        f"cuda devices: {', '.join(env['cuda_devices']) or 'none'}",
+        f"int8 export here: --target-cpu native means {env['int8_export_target_cpu']} ("
+        + ("VNNI: uint8 x int8 kernels are exact" if c["vnni"] else
+           "no VNNI: uint8 x int8 kernels saturate, 8-bit layers get uint8 weights") + ")"]))
     return 0
 
 
@@ -297,6 +358,12 @@ def _log_above_bars():
     console = any(type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
                   for h in logging.getLogger().handlers)
     return logging_redirect_tqdm() if console else contextlib.nullcontext()
+
+
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-builder", action="store_true",
+                   help="run the model builder a checkpoint's metadata names (code from the file: only for files "
+                        "you trust; without it, mergeq runs no code named in a file: pass model: in --config instead)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="source checkpoint from train-source")
     p.add_argument("--domain", required=True, help="target domain name")
     p.add_argument("--out", required=True, help="expert checkpoint path (.safetensors)")
+    _add_trust(p)
 
     p = command("quantize", cmd_quantize, "quantize one expert checkpoint on its domain's calibration split",
                 COMMON, PTQ_SETTINGS, one=ONE)
@@ -352,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="source checkpoint (needed by hdrq's distance term)")
     p.add_argument("--domain", help="calibration domain (default: the checkpoint's own)")
     p.add_argument("--out", required=True, help="quantized checkpoint path (.safetensors)")
+    _add_trust(p)
 
     p = command("merge", cmd_merge, "merge expert checkpoints into one; writes the checkpoint and a JSON report",
                 {"--seed": "runtime.seed", "--device": "runtime.device", "--rounding": "merge.rounding",
@@ -360,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="average", help="average, task_arithmetic or ties (options: merge.options)")
     p.add_argument("--base", help="shared source checkpoint (task_arithmetic, ties)")
     p.add_argument("--out", required=True, help="merged checkpoint path (.safetensors)")
-    p.add_argument("--report", help="JSON report path (default: OUT with .report.json)")
+    p.add_argument("--report", help="JSON report path (default: OUT with .safetensors replaced by .report.json)")
+    _add_trust(p)
 
     for name, fn, helptext in [
         ("barrier", cmd_barrier, "loss/accuracy along the linear path between two experts, error barrier (Eq. 1-3)"),
@@ -368,29 +438,44 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = command(name, fn, helptext, COMMON, TARGETS, {"--methods": "ptq.methods"}, PTQ_SETTINGS,
                     one={"--bits": "ptq.bits"})
-        p.add_argument("--points", type=_at_least(2), default=11, help="grid points along each axis (at least 2)")
+        p.add_argument("--points", type=_bounded(int, "points"), default=11,
+                       help="grid points along each axis (2 to 101)")
         if name == "surface":
-            p.add_argument("--radius", type=float, default=1.0, help="grid half-width in direction norms")
+            p.add_argument("--radius", type=_bounded(float, "radius"), default=1.0,
+                           help="grid half-width in direction norms (positive)")
         p.add_argument("--out", required=True, help="output folder (JSON, PNG, config.yaml)")
 
-    p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or ONNX",
-                config=False)
+    p = command("export", cmd_export, "export a quantized checkpoint: packed integer safetensors or ONNX")
     p.add_argument("--model", required=True, help="quantized (or merged) checkpoint from quantize/merge (.safetensors)")
     p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
                    help="safetensors: bit-packed integer weights; onnx: QDQ graph for onnxruntime")
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
-    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21; INT4 weights need >= 21; at most "
+                   "the newest opset the installed onnx and onnxruntime both run)")
     p.add_argument("--no-int4", action="store_true", help="ONNX: store weights of <= 4 bits as INT8")
-    p.add_argument("--kernels", choices=("qdq", "int8", "fp32"), default="qdq",
+    p.add_argument("--kernels", choices=("qdq", "int8", "auto", "fp32"), default="qdq",
                    help="ONNX: qdq (QDQ graph, onnxruntime runs it in float), int8 (integer kernels, "
-                        "requantization calibrated on the checkpoint's domains) or fp32 (unquantized model)")
+                        "requantization calibrated on the checkpoint's domains), auto (int8 where it is exact "
+                        "on this CPU and faster than qdq, else qdq; measured at export) or fp32 (unquantized model)")
     p.add_argument("--calib-size", type=int, default=None,
-                   help="ONNX int8: calibration images for the requantization steps (default 512)")
+                   help="ONNX int8: calibration images for the requantization steps and the check (default 512)")
+    p.add_argument("--target-cpu", choices=("any", "vnni", "native"), default=None,
+                   help="ONNX int8: CPUs the integer graph must be exact on. any (default): every x86 kind "
+                        "(8-bit weights against 8-bit inputs as uint8, U8U8 kernels); vnni: int8 weights "
+                        "everywhere, exact and faster with VNNI (AVX512-VNNI, AVX-VNNI) or on ARM, wrong "
+                        "without it; native: vnni if this CPU has VNNI, else any")
+
+    _add_trust(p)
+
+    p = command("env", cmd_env, "versions, CPU model and flags (AVX2, AVX-512, VNNI), threads, CUDA devices",
+                config=False)
+    p.add_argument("--json", action="store_true", help="print as JSON")
 
     p = command("data", cmd_data, "save a PNG grid of samples per domain and print split sizes",
                 {"--seed": "runtime.seed"}, TARGETS)
     p.add_argument("--out", default="docs/digits_samples.png")
-    p.add_argument("--per-domain", type=int, default=16)
+    p.add_argument("--per-domain", type=_bounded(int, "per_domain"), default=16,
+                   help="images per domain in the grid (1 to 100)")
     return ap
 
 

@@ -29,3 +29,8 @@ class ConfigError(MergeqError):
 class ModelError(MergeqError):
     """A model mergeq cannot use as given: a spec that builds nothing, weights that do not fit,
     an output with no logits, a reconstruction unit that does not map one tensor to one tensor."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """A model file whose metadata names code to run (a ``builder``): mergeq never runs code named
+    in a file unless the user asks for it (``trust_builder=True`` / ``--trust-builder``)."""

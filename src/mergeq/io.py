@@ -1,9 +1,12 @@
 """Checkpoints and outputs written atomically (temp file, then rename), readable per the umask.
 
-A checkpoint is ONE safetensors file: the metadata (JSON) and a SHA-256 digest of the tensors
-live in its header, so a crash leaves the old file or the new one, never a half-written pair,
-and a corrupt or truncated file is detected on read. Checkpoints of the earlier two-file form
-(tensors + a ``.json`` sidecar next to them) are still read. Nothing is ever unpickled.
+A checkpoint is ONE safetensors file: the metadata (JSON), a SHA-256 digest of the tensors and
+one of the metadata text live in its header, so a crash leaves the old file or the new one,
+never a half-written pair, and a corrupt, truncated or edited file is detected on read.
+Checkpoints written before the metadata digest (mergeq before issue 24) are still read, their
+tensors verified (their metadata is checked as any file's: types, layers, bit widths against
+the codes); as are those of the earlier two-file form (tensors + a ``.json`` sidecar). Nothing
+is ever unpickled. (A digest catches damage and careless edits, not a forger: it is no signature.)
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from .errors import CheckpointError, MergeqError
 
-META_KEY, DIGEST_KEY = "mergeq_meta", "mergeq_sha256"
+META_KEY, DIGEST_KEY, META_DIGEST_KEY = "mergeq_meta", "mergeq_sha256", "mergeq_meta_sha256"
 
 
 def _umask() -> int:
@@ -60,12 +63,48 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def parse_json(text: str | bytes, where: str, error: type[MergeqError] = MergeqError) -> Any:
+    """``text`` parsed as JSON; invalid UTF-8, invalid JSON or nesting too deep to parse raise
+    ``error`` naming ``where`` (a file, or a file's header) and the line and column."""
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise error(f"{where} is not valid UTF-8 (byte {e.object[e.start]:#04x} at position {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except RecursionError:
+        raise error(f"{where} is not usable JSON: its values are nested too deeply") from None
+
+
+def read_text(path: str | os.PathLike, error: type[MergeqError] = MergeqError) -> str:
+    """The UTF-8 text of ``path``; invalid UTF-8 raises ``error`` naming the file and the byte."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise error(f"{path} is not valid UTF-8: byte {e.object[e.start]:#04x} at line {line} "
+                    f"(position {e.start})") from None
+
+
+def parse_yaml(text: str, where: str, error: type[MergeqError] = MergeqError) -> Any:
+    """``text`` parsed as YAML (safe: no Python objects); errors name ``where``, line and column."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise error(f"{where} is not valid YAML{place}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{where} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise error(f"{where} is not usable YAML: its values are nested too deeply") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file; a truncated or invalid one raises a MergeqError naming the file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MergeqError(f"{path} is not valid JSON: {e}") from None
+    return parse_json(read_text(path), str(path))
 
 
 @contextlib.contextmanager
@@ -126,7 +165,9 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write one safetensors file holding the tensors, ``meta`` (JSON) and the tensors' digest."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    header = {"format": "pt", META_KEY: json.dumps(meta), DIGEST_KEY: tensor_digest(tensors)}
+    text = json.dumps(meta)
+    header = {"format": "pt", META_KEY: text, DIGEST_KEY: tensor_digest(tensors),
+              META_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
     return atomic_write_bytes(path, st_save(tensors, metadata=header))
 
 
@@ -154,15 +195,14 @@ def _meta(path: Path, header: dict[str, str]) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a packed export (mergeq export); load it with mergeq.deploy.load_packed")
     if META_KEY in header:
         text, where = header[META_KEY], f"header metadata of {path}"
+        if META_DIGEST_KEY in header and hashlib.sha256(text.encode()).hexdigest() != header[META_DIGEST_KEY]:
+            raise CheckpointError(f"checkpoint {path} fails its SHA-256 check: its metadata was edited or damaged")
     else:  # the earlier two-file form
         side = sidecar_path(path)
         if not side.is_file():
             raise CheckpointError(f"checkpoint {path} holds no mergeq metadata and its sidecar {side} does not exist")
-        text, where = side.read_text(), f"checkpoint metadata {side}"
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where} is not valid JSON: {e}") from None
+        text, where = read_text(side, CheckpointError), f"checkpoint metadata {side}"
+    meta = parse_json(text, where, CheckpointError)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} must be a JSON object")
     return meta
@@ -198,17 +238,15 @@ def earlier_results(out: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     """The config (parsed ``config.yaml``) and results (``results.json``) of an earlier run in ``out``;
     None if ``out`` holds no results. A results file that cannot be read or matched to its config
     raises a MergeqError naming it: a rerun must never overwrite rows it cannot account for."""
-    import yaml
-
     res, cfg = Path(out) / "results.json", Path(out) / "config.yaml"
     if not res.exists():
         return None
     if not cfg.is_file():
         raise MergeqError(f"{out} holds {res.name} but no config.yaml to resume from: use another --out")
     try:
-        config = yaml.safe_load(cfg.read_text())
-    except yaml.YAMLError as e:
-        raise MergeqError(f"{cfg} is not valid YAML ({e}): use another --out") from None
+        config = parse_yaml(read_text(cfg), str(cfg))
+    except MergeqError as e:
+        raise MergeqError(f"{e}: use another --out") from None
     rows = read_json(res)
     if not isinstance(config, dict) or not isinstance(rows, dict) or not isinstance(rows.get("rows"), list):
         raise MergeqError(f"{out} holds a config.yaml / results.json that mergeq did not write: use another --out")

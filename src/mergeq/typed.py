@@ -6,7 +6,9 @@ expected int, got str '224'``). :func:`check_keys` does the same for a mapping o
 options against a dataclass's fields or a function's parameters (:func:`hints_of`), which is how
 the PTQ methods' and merge rules' options are checked. Supported hints: ``Any``, ``bool``,
 ``int``, ``float`` (ints accepted), ``str``, ``None``, ``Literal[...]``, unions (``X | None``),
-``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses (built from a mapping).
+``list[X]``, ``Sequence[X]`` (a list), ``tuple[X, ...]``, ``dict[str, X]``, ``Mapping[str, X]`` and
+nested dataclasses (built from a mapping). An ``int`` or ``float`` must also lie within its bound
+in :data:`mergeq.bounds.BOUNDS` (found by the key's name), a float be finite.
 A union of dataclasses that all have a ``kind: Literal[...]`` field is *tagged*: the mapping's
 ``kind`` picks the class (missing: the first), so errors speak of the chosen kind's keys.
 Lists come back as lists, tuples as tuples, so a dataclass dumped with ``dataclasses.asdict``
@@ -14,12 +16,14 @@ and loaded again compares equal.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import types
 import typing
 from typing import Any, Literal, Mapping, TypeVar, Union
 
+from .bounds import check_bound
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -75,7 +79,7 @@ def check_value(hint: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else from_mapping(hint, value, where)
-    if origin in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         item = args[0] if args else Any
@@ -85,17 +89,17 @@ def check_value(hint: Any, value: Any, where: str) -> Any:
             return tuple(check_value(h, v, f"{where}[{i}]") for i, (h, v) in enumerate(zip(args, value)))
         out = [check_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         kt, vt = args or (Any, Any)
         return {check_value(kt, k, f"{where} key"): check_value(vt, v, f"{where}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return check_bound(where, float(value))
     if hint is type(None) and value is None:
         return None
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
+        return check_bound(where, value) if hint in (int, float) else value
     raise ConfigError(f"{where}: expected {_name(hint)}, got {type(value).__name__} {value!r}")
 
 

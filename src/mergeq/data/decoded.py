@@ -6,9 +6,9 @@ read from ``<cache_dir>/images/<key>.safetensors`` when an earlier run or comman
 else decoded in parallel worker processes (``concurrent.futures``, numpy and Pillow only) and
 written there atomically (:func:`mergeq.io.save_checkpoint`: one file, its SHA-256 checked on
 read, rebuilt with a warning when damaged; a lock file per entry lets concurrent processes decode
-once). The key hashes the resize and crop, the domain's file ``fingerprint``, the resolved folder
-and every file's size and modification time, so an edited, added or removed image is decoded
-again. Normalisation is not in the key: pixels are stored before it (a quarter of the float
+once). The key hashes the resize, the crop and the domain's file ``fingerprint`` (names, sizes and
+contents: :func:`mergeq.data.folder._fingerprint`), so an edited, added or removed image is decoded
+again, and a copy of the same files elsewhere reuses the entry. Normalisation is not in the key: pixels are stored before it (a quarter of the float
 size), and :class:`DecodedImages` applies any normalisation on read, exactly as the lazy
 transform does (the same float operations on the same pixels).
 """
@@ -29,15 +29,22 @@ from torch.utils.data import Dataset
 
 from ..errors import CheckpointError
 from ..io import file_lock, load_checkpoint, save_checkpoint
-from .folder import ImageTransform, read_image, resize_crop
+from .folder import FolderDataError, ImageTransform, read_image, resize_crop
 
 log = logging.getLogger(__name__)
 CHUNK = 32  # images per task of a decode worker
 
 
+def _decode_one(path: str, resize: int, crop: int) -> np.ndarray:
+    try:
+        return resize_crop(read_image(path), resize, crop)
+    except FolderDataError as e:
+        raise FolderDataError(f"image {path}: {e}") from None
+
+
 def _decode_chunk(paths: Sequence[str], resize: int, crop: int) -> np.ndarray:
     """Worker task: the uint8 pixels of ``paths`` (no torch in here: safe in a forked process)."""
-    return np.stack([resize_crop(read_image(p), resize, crop) for p in paths])
+    return np.stack([_decode_one(p, resize, crop) for p in paths])
 
 
 def decode(paths: Sequence[Path], resize: int, crop: int, workers: int | None = None) -> torch.Tensor:
@@ -53,18 +60,16 @@ def decode(paths: Sequence[Path], resize: int, crop: int, workers: int | None = 
     return torch.from_numpy(np.concatenate(parts))
 
 
-def cache_key(paths: Sequence[Path], folder: Path, resize: int, crop: int, fingerprint: str) -> str:
+def cache_key(resize: int, crop: int, fingerprint: str) -> str:
     """Hash of what decides the pixels (module docstring)."""
-    stats = [(p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    text = json.dumps({"folder": str(Path(folder).resolve()), "fingerprint": fingerprint, "resize": resize,
-                       "crop": crop, "stats": stats})
+    text = json.dumps({"fingerprint": fingerprint, "resize": resize, "crop": crop})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def decoded_pixels(paths: Sequence[Path], folder: Path, resize: int, crop: int, cache_dir: str | Path,
                    fingerprint: str, name: str = "images") -> torch.Tensor:
     """The pixels of ``paths``, from the cache or decoded once and cached (module docstring)."""
-    key = cache_key(paths, folder, resize, crop, fingerprint)
+    key = cache_key(resize, crop, fingerprint)
     path = Path(cache_dir) / "images" / f"{name}-{key}.safetensors"
     with file_lock(Path(cache_dir) / ".locks" / f"images-{key}.lock"):
         if path.exists():

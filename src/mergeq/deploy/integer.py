@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 _ADDS = (operator.add, operator.iadd, torch.add, "add")
 _RELUS = (F.relu, torch.relu, "relu")
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool2d)  # act on uint8 codes as on values
+INT16_MAX = 32767
+TARGET_CPUS = ("any", "vnni", "native")  # what the int8 export's weight types must be exact on
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,37 @@ def is_integer_layer(m: nn.Module) -> bool:
 def weight_codes(m: QuantModule) -> torch.Tensor:
     """The layer's weight codes (int64) on its grid."""
     return quantize_int(m.weight.detach().cpu(), m.w_step.detach().cpu(), m.w_bits).to(torch.int64)
+
+
+def saturation_free(codes: torch.Tensor, grid: Grid) -> bool:
+    """Whether uint8 x int8 kernels without VNNI compute this layer exactly.
+
+    On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) onnxruntime's MLAS multiplies uint8
+    activation codes by int8 weight codes with ``vpmaddubsw``, which adds two adjacent products
+    into an int16 with saturation. Activation codes lie in ``[0, grid.hi]``, so every pair sum
+    is exact when ``2 · grid.hi · max|w| <= 32767``: 7-bit weights against 8-bit inputs
+    (onnxruntime's ``reduce_range``), any weights against a 4-bit unsigned input. 8-bit weights
+    against 8-bit inputs are not.
+    """
+    return 2 * grid.hi * int(codes.abs().max()) <= INT16_MAX
+
+
+def resolve_target_cpu(target_cpu: str) -> str:
+    """``"any"`` or ``"vnni"``: ``"native"`` is ``"vnni"`` on a CPU with VNNI, else ``"any"``."""
+    from ..sysinfo import has_vnni
+
+    if target_cpu not in TARGET_CPUS:
+        raise ExportError(f"target_cpu must be one of {TARGET_CPUS}, got {target_cpu!r}")
+    return ("vnni" if has_vnni() else "any") if target_cpu == "native" else target_cpu
+
+
+def weight_zero_point(m: QuantModule, grid: Grid, target_cpu: str = "any") -> int:
+    """The exported weights' zero point: 0 (int8 codes, uint8 x int8 kernels) or 128 (uint8 codes
+    ``w + 128``, uint8 x uint8 kernels, which widen to int16 before multiplying: exact on every
+    x86 kind, but about half as fast as VNNI's uint8 x int8). ``target_cpu="any"`` keeps int8
+    where :func:`saturation_free`; ``"vnni"`` keeps int8 everywhere (exact where the CPU has
+    VNNI, or on ARM); ``"native"``: ``"vnni"`` if this CPU has VNNI."""
+    return 0 if resolve_target_cpu(target_cpu) == "vnni" or saturation_free(weight_codes(m), grid) else 128
 
 
 def weight_scales(m: QuantModule) -> np.ndarray:

@@ -45,6 +45,7 @@ what ``kernels="int8"`` adds.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -57,7 +58,7 @@ from torch import fx, nn
 from ..io import atomic_write_bytes
 from ..nn.qmodule import QuantModule, quant_modules
 from .groups import contiguous_block, is_grouped, weight_groups
-from .integer import IntegerPlan, is_integer_layer, plan_integer, weight_codes
+from .integer import IntegerPlan, is_integer_layer, plan_integer, resolve_target_cpu, weight_codes
 from .onnx_graph import Graph, f32
 from .onnx_integer import dequantize, integer_layer, matmul_nbits, qlinear_add
 from .onnx_ops import Static, translate_call, translate_module
@@ -93,13 +94,15 @@ def infer_input_shape(gm: fx.GraphModule) -> list[int | str]:
 class _Exporter:
     """State of one export: the graph, the traced facts and, per node, its ONNX value."""
 
-    def __init__(self, gm: fx.GraphModule, g: Graph, facts: dict, kernels: str, plan: IntegerPlan | None) -> None:
-        self.gm, self.g, self.facts, self.kernels = gm, g, facts, kernels
+    def __init__(self, gm: fx.GraphModule, g: Graph, facts: dict, kernels: str, plan: IntegerPlan | None,
+                 target_cpu: str = "any") -> None:
+        self.gm, self.g, self.facts, self.kernels, self.target_cpu = gm, g, facts, kernels, target_cpu
         self.grids = dict(plan.grids) if plan is not None else {}
         self.env: dict[str, Any] = {}
         self.codes_memo: dict = {}
         self._float: dict[str, str] = {}
         self.layer_ops: dict[str, str] = {}  # quantized layer -> the op that multiplies
+        self.weight_types: dict[str, str] = {}  # integer layer -> int8 | uint8 weight codes
 
     def float_arg(self, a: Any) -> Any:
         """An argument as the translators take it: float tensor names (uint8 ones dequantized)."""
@@ -236,23 +239,53 @@ def _stored_as(op: str, m: QuantModule, opset: int, int4: bool) -> str:
     return weight_storage(m.w_bits, opset, int4) if op in ("Conv", "Gemm") else "int8"
 
 
-def _check_opset(opset: Any) -> None:
+@functools.lru_cache(maxsize=None)
+def max_opset() -> int:
+    """The newest opset that onnx defines and the installed onnxruntime (if any) runs a
+    QuantizeLinear -> DequantizeLinear graph at (onnx may define opsets before onnxruntime
+    implements their quantization ops)."""
     import onnx
+    from onnx import TensorProto, helper
 
-    max_opset = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
-        raise ExportError(f"ONNX opset must be an integer from {MIN_OPSET} (per-channel DequantizeLinear) "
-                          f"to {max_opset}, got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return newest
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y"))
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "probe", [x], [y], inits)
+    for opset in range(newest, MIN_OPSET, -1):
+        ops = [helper.make_opsetid("", opset)]
+        model = helper.make_model(graph, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops))
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:  # noqa: BLE001 (onnxruntime raises one type per reason; any means "not this opset")
+            continue
+    return MIN_OPSET
+
+
+def check_opset(opset: Any) -> None:
+    """Refuse an opset below ``MIN_OPSET`` or above :func:`max_opset` (an ExportError naming it)."""
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset: ONNX opset must be an integer from {MIN_OPSET} (per-channel DequantizeLinear) "
+                          f"to {top} (the newest the installed onnx and onnxruntime both run), got {opset!r}")
 
 
 def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
             input_shape: Sequence[int | str] | None = None, meta: dict | None = None, kernels: str = "qdq",
-            calib: torch.Tensor | None = None, plan: IntegerPlan | None = None):
+            calib: torch.Tensor | None = None, plan: IntegerPlan | None = None, target_cpu: str = "any"):
     """The ``onnx.ModelProto`` of ``model`` (checked with ``onnx.checker``).
 
     ``kernels``: ``"qdq"``, ``"int8"`` (needs ``plan`` or calibration images ``calib``) or
-    ``"fp32"`` (models without QuantModules). The model's mergeq metadata (as in packed
-    checkpoints, plus ``meta``, the integer plan and which op runs each quantized layer) goes
+    ``"fp32"`` (models without QuantModules). ``target_cpu`` (int8): ``"any"`` stores weights so
+    that every x86 kind computes them exactly, ``"vnni"`` int8 everywhere (exact with VNNI, and
+    faster), ``"native"`` the choice for this CPU (:func:`~.integer.weight_zero_point`).
+    The model's mergeq metadata (as in packed checkpoints, plus ``meta``, the integer plan, the
+    target CPU, each integer layer's weight type and which op runs each quantized layer) goes
     into the ``mergeq`` metadata property as JSON.
     """
     import onnx
@@ -260,7 +293,8 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
 
     if kernels not in KERNELS:
         raise ExportError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    _check_opset(opset)
+    check_opset(opset)
+    target_cpu = resolve_target_cpu(target_cpu)
     quantized = bool(quant_modules(model))
     if kernels != "int8" and (calib is not None or plan is not None):
         raise ExportError(f"calib and plan set up integer kernels; kernels={kernels!r} does not use them")
@@ -280,7 +314,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     g = Graph(opset, int4)
     g.reserve([n.name for n in gm.graph.nodes])
     g.input_name = g.name("input")
-    ex = _Exporter(gm, g, facts, kernels, plan if kernels == "int8" else None)
+    ex = _Exporter(gm, g, facts, kernels, plan if kernels == "int8" else None, target_cpu)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ExportError("only models with a single tensor input can be exported")
@@ -321,6 +355,8 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
         info.update(meta or {})
     if plan is not None and kernels == "int8":
         info["integer_plan"] = plan.to_json()
+        info["target_cpu"] = target_cpu
+        info["integer_weights"] = ex.weight_types
     helper.set_model_props(proto, {"mergeq": json.dumps(info, default=str)})
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -328,13 +364,13 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET, int4: bool = True,
                 input_shape: Sequence[int | str] | None = None, meta: dict | None = None, kernels: str = "qdq",
-                calib: torch.Tensor | None = None, plan: IntegerPlan | None = None) -> Path:
+                calib: torch.Tensor | None = None, plan: IntegerPlan | None = None, target_cpu: str = "any") -> Path:
     """Write ``model`` as an ONNX file at ``path`` (atomically); arguments as :func:`to_onnx`.
 
     ``int4=False`` stores 2..4-bit weight codes as INT8 even at opset >= 21 (QDQ form).
     ``input_shape`` defaults to ``[N, C, H, W]`` with C read from the first layer.
     """
-    proto = to_onnx(model, opset, int4, input_shape, meta, kernels, calib, plan)
+    proto = to_onnx(model, opset, int4, input_shape, meta, kernels, calib, plan, target_cpu)
     return atomic_write_bytes(path, proto.SerializeToString())
 
 

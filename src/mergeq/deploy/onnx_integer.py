@@ -11,8 +11,9 @@ and arithmetic of :mod:`mergeq.deploy.integer`:
   blocks, other groupings (GPTQ ``act_order``) use its ``g_idx`` input (4-bit only). Zero
   points are left out: the default ``2^(bits-1)`` is the offset of signed codes.
 
-Integer kernels need int8 weight initializers: an integer layer's file holds one byte per code
-whatever ``w_bits`` is (the QDQ export keeps INT4).
+Integer kernels need 8-bit weight initializers: an integer layer's file holds one byte per code
+whatever ``w_bits`` is (the QDQ export keeps INT4): int8 codes, or uint8 codes with zero point
+128 where uint8 x int8 kernels without VNNI could saturate (:func:`~.integer.saturation_free`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import fx
 
 from ..nn.qmodule import QuantModule
 from .groups import contiguous_block, weight_groups
-from .integer import Grid, int_bias, weight_codes, weight_scales
+from .integer import Grid, int_bias, weight_codes, weight_scales, weight_zero_point
 from .onnx_graph import MS_DOMAIN, f32
 
 NBITS_BLOCK = 32  # MatMulNBits block for per-channel steps
@@ -63,21 +64,24 @@ def dequantize(ex, name: str, grid: Grid, base: str) -> str:
 
 def integer_layer(ex, node: fx.Node, m: QuantModule, out_grid: Grid | None) -> tuple[str, str]:
     """Emit an integer layer (``out_grid``: the plan's grid of a Conv2d's output; a Linear writes
-    float); return its output name and the op that multiplies."""
+    float); return its output name and the op that multiplies. Weights are int8 codes, or uint8
+    codes ``w + 128`` where int8 could saturate without VNNI (:func:`~.integer.weight_zero_point`)."""
     g, base, out = ex.g, node.target, node.name
     grid = Grid.of(m.act_quant)
     xq = input_codes(ex, node.args[0], grid)
     zx = g.const(f"{base}_x_zp", _u8(grid.zero_point))
-    codes = weight_codes(m).numpy().astype(np.int8)
+    zw = weight_zero_point(m, grid, ex.target_cpu)
+    codes = (weight_codes(m).numpy() + zw).astype(np.uint8 if zw else np.int8)
+    ex.weight_types[base] = "uint8" if zw else "int8"
     if m.kind == "linear":
         ins = [xq, g.const(f"{base}_w_codes", codes.T), g.const(f"{base}_x_scale", f32(grid.scale)),
                g.const(f"{base}_w_scale", weight_scales(m)), zx,
-               g.const(f"{base}_w_zp", np.zeros(codes.shape[0], np.int8))]
+               g.const(f"{base}_w_zp", np.full(codes.shape[0], zw, codes.dtype))]
         if m.bias is not None:
             ins.append(g.const(f"{base}_b", m.bias.detach().cpu().float().numpy()))
         return g.op("MatMulIntegerToFloat", ins, out, domain=MS_DOMAIN), "MatMulIntegerToFloat"
     ins = [xq, g.const(f"{base}_x_scale", f32(grid.scale)), zx, g.const(f"{base}_w_codes", codes),
-           g.const(f"{base}_w_scale", weight_scales(m)), g.const(f"{base}_w_zp", np.array(0, np.int8)),
+           g.const(f"{base}_w_scale", weight_scales(m)), g.const(f"{base}_w_zp", np.array(zw, codes.dtype)),
            g.const(f"{base}_y_scale", f32(out_grid.scale)), g.const(f"{base}_y_zp", _u8(out_grid.zero_point))]
     b = int_bias(m, grid)
     if b is not None:

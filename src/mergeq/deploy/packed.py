@@ -35,8 +35,8 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CheckpointError, MergeqError
-from ..checkpoint import architecture
-from ..io import atomic_write_bytes
+from ..checkpoint import architecture, check_trusted
+from ..io import atomic_write_bytes, parse_json
 from ..nn.fold import set_module
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant import check_bits, quantize_int
@@ -140,10 +140,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     if header.get("format") != FORMAT or "mergeq" not in header:
         raise CheckpointError(f"{path} is not a mergeq packed checkpoint (no {FORMAT!r} header metadata)")
-    try:
-        meta = json.loads(header["mergeq"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"header metadata of {path} is not valid JSON: {e}") from None
+    meta = parse_json(header["mergeq"], f"header metadata of {path}", CheckpointError)
     if not isinstance(meta, dict):
         raise CheckpointError(f"header metadata of {path} must be a JSON object")
     return tensors, meta
@@ -195,21 +192,22 @@ def _layer_state(name: str, spec: dict, tensors: dict[str, torch.Tensor], path: 
     out = {f"{name}.weight": codes.to(torch.float32) * step, f"{name}.w_step": step}
     if a_bits is not None:
         a_step = _need(tensors, f"{name}.act_quant.step", path)
-        if a_step.dtype != torch.float32 or a_step.numel() != 1 or not torch.isfinite(a_step).all():
-            raise CheckpointError(f"activation step of {name} in {path} must be one finite float32")
+        if a_step.dtype != torch.float32 or a_step.numel() != 1 or not (torch.isfinite(a_step) & (a_step > 0)).all():
+            raise CheckpointError(f"activation step of {name} in {path} must be one positive, finite float32")
         out[f"{name}.act_quant.step"] = a_step.reshape(())
         out[f"{name}.act_quant.signed"] = torch.tensor(bool(spec["a_signed"]))
         out[f"{name}.act_quant.initialized"] = torch.tensor(True)
     return out
 
 
-def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Module:
+def load_packed(path: str | Path, template: nn.Module | None = None, trust_builder: bool = False) -> nn.Module:
     """Rebuild the quantized model saved by :func:`save_packed` (eval mode, on CPU).
 
     The architecture comes from the metadata (``arch``, ``num_classes``, ``arch_kwargs``, or a
     ``model`` spec: :func:`mergeq.checkpoint.architecture`) or from ``template``: an unquantized instance of the
-    same architecture (it is copied, not modified). Raises :class:`CheckpointError` for a
-    missing, truncated or tampered file.
+    same architecture (it is copied, not modified). A ``builder`` the metadata names is never
+    called unless ``trust_builder=True`` (:class:`~mergeq.errors.UntrustedCodeError`). Raises
+    :class:`CheckpointError` for a missing, truncated or tampered file.
     """
     path = Path(path)
     tensors, meta = _read(path)
@@ -221,6 +219,8 @@ def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Modul
                                                        else ["arch (or model)"])
     if missing:
         raise CheckpointError(f"header metadata of {path} lacks {missing}")
+    if template is None:
+        check_trusted(meta, path, trust_builder)
     layers = meta["quant_layers"]
     if not isinstance(layers, dict) or not layers or not all(isinstance(v, dict) for v in layers.values()):
         raise CheckpointError(f"quant_layers in {path} must map layer names to their settings")
@@ -229,7 +229,7 @@ def load_packed(path: str | Path, template: nn.Module | None = None) -> nn.Modul
         if missing:
             raise CheckpointError(f"metadata of layer {name} in {path} lacks {missing}")
     try:
-        model = architecture(meta, template)
+        model = architecture(meta, template, trust_builder)
         for name in meta["identity_modules"]:
             model.get_submodule(name)
             set_module(model, name, nn.Identity())

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 from ..errors import MergeqError
 from ..io import file_lock, read_json, write_json
 from ..quant.config import parse_bits
+from ..sysinfo import environment
 from ..data import load_data
 from .config import Config, resolve
 from .pool import Pool, exit_with_parent
@@ -105,7 +106,8 @@ def compute_cell(cfg: Config) -> dict[str, Any]:
     try:
         pool = Pool(cfg)
         result = row(pool, cfg.ptq.methods[0], parse_bits(cfg.ptq.bits[0]))
-        return {"benchmark": pool.bench.name, **result, "fp_merged": pool.fp_merged(), "config": pool.cfg.to_dict()}
+        return {"benchmark": pool.bench.name, **result, "fp_merged": pool.fp_merged(), "config": pool.cfg.to_dict(),
+                "machine": environment()}
     finally:
         torch.set_num_threads(threads)  # a cell run in-process leaves the caller's setting alone
 

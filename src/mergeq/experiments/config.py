@@ -6,7 +6,7 @@
     data: {kind: digits, source: mnist, targets: null}          # or a folder, see mergeq.data.spec
     model: null                       # null: the preset's (resnet8, width 16); see mergeq.models.spec
     adapt: {source: null, shot: null}                           # SourceConfig / ShotConfig; null: the preset's
-    ptq: {methods: [rtn, qdrop, hdrq], bits: [W8A8, W4A4, W3A3], calib_size: null,
+    ptq: {methods: [rtn, qdrop, hdrq], bits: [W4A4, W3A3], calib_size: null,
           first_last_bits: 8, step_method: mse, options: {hdrq: {iters: 300}}}
     merge: {rounding: float, rounding_options: {}, repeats: 1, options: {ties: {density: 0.2}}}
     pmq: {merges: [task_arithmetic, ties], methods: [rtn, gptq, epmq], bits: [W4, W3]}
@@ -18,9 +18,10 @@ Every command reads the same sections: ``run`` (data, model, adapt, ptq, merge, 
 ``pmq`` (ptq's calib_size/first_last_bits/step_method/options, merge.options, pmq), ``tta``
 (tta and ptq's settings for its PTQ methods), ``bench`` (run's, over grid's axes: ptq.methods x
 ptq.bits x grid.target_sets x grid.seeds), the step commands (data, model, adapt, ptq, merge,
-runtime). :meth:`Config.from_dict` checks every key and type when the file is loaded (one-line
-:class:`ConfigError` naming the key path), then :meth:`Config.validate` checks ranges, registered
-names and each method's options against its options dataclass, before any model is trained.
+runtime). :meth:`Config.from_dict` checks every key, type and numeric range (:mod:`mergeq.bounds`)
+when the file is loaded (one-line :class:`ConfigError` naming the key path), then
+:meth:`Config.validate` checks the rest (registered names, each method's options against its
+options dataclass, the device), before any model is trained.
 
 :func:`resolve` fills in what the preset decides (model, adapt, calib_size, per-method PTQ
 options of every method the config names) and makes paths absolute; the experiment pool then
@@ -36,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -70,8 +72,9 @@ class Adapt:
 @dataclass
 class PTQ:
     methods: list[str] = opt(factory=lambda: ["rtn", "qdrop", "hdrq"], help="PTQ methods, e.g. rtn,qdrop,hdrq")
-    bits: list[str] = opt(factory=lambda: ["W8A8", "W4A4", "W3A3"],
-                          help="bit pairs, e.g. W8A8,W4A4,W3A3 (W4 = weight-only)")
+    bits: list[str] = opt(factory=lambda: ["W4A4", "W3A3"],
+                          help="bit pairs, e.g. W8A8,W4A4,W3A3 (W4 = weight-only); W8A8 is left out by "
+                               "default: every method there equals the full-precision merge (RESULTS §1)")
     calib_size: int | None = opt(None, help="calibration inputs per quantization (None: the preset's)")
     first_last_bits: int | None = opt(8, help="bits of the first and last layer (none: like the rest)")
     step_method: Literal["mse", "lp", "absmax"] = opt("mse", help="weight step search")
@@ -109,7 +112,8 @@ class TTA:
     dirichlet_alpha: float = opt(0.1, help="concentration of the dirichlet label order")
     severity: int = opt(5, help="corruption severity 1..5")
     corruptions: list[str] | None = opt(None, help="corruptions in stream order (None: the 15 of ImageNet-C)")
-    n_images: int | None = opt(None, help="images per domain (None: all of the clean test split)")
+    n_images: int | None = opt(None, help="images per domain (None: all of the clean test split); more than "
+                                          "there are: all, recorded as the number used")
     cifar10c: str | None = opt(None, help="folder of CIFAR-10-C .npy arrays: the stream's domains (None: "
                                           "corrupt the data's source test split)")
     batch_size: int = opt(64, help="test batch size")
@@ -125,10 +129,10 @@ class Grid:
 
 @dataclass
 class Runtime:
-    seed: int = opt(0, help="seed for data splits, training, PTQ and sampling merges")
-    device: str = opt("cpu", help="torch device, e.g. cpu or cuda")
-    threads: int | None = opt(None, help="torch CPU threads (None: torch's); a seeded CPU run repeats bit "
-                                         "for bit per thread count")
+    seed: int = opt(0, help="seed for data splits, training, PTQ and sampling merges (0 to 2**32 - 1)")
+    device: str = opt("cpu", help="torch device: cpu, cpu:N, cuda, cuda:N (a GPU torch sees) or mps")
+    threads: int | None = opt(None, help="torch CPU threads, at most the CPUs there are (None: torch's); a "
+                                         "seeded CPU run repeats bit for bit per thread count")
     workers: int | None = opt(None, help="processes computing rows (run: each with threads // workers torch "
                                          "threads; None: one per torch thread on a CPU, one on a GPU, up to the rows "
                                          "to compute) or cells "
@@ -182,25 +186,22 @@ class Config:
         return list(dict.fromkeys([*self.ptq.methods, *self.pmq.methods, *(m for m in tta if m != "fp")]))
 
     def validate(self) -> None:
-        """Ranges, registered names and options; every error names the key path."""
+        """Registered names, options, cross-field rules and the device (types and numeric ranges
+        were checked when the config was built); every error names the key path."""
+        from ..data.folder import check_name
         from ..merge import MERGE_METHODS, check_rounding_options
         from ..merge.rounding import ROUNDINGS
         from ..ptq import PTQ_METHODS, check_options
-        from ..quant.uniform import check_bits
 
         _validate_data(self.data)
         p, m, r, t = self.ptq, self.merge, self.runtime, self.tta
         _methods("ptq.methods", p.methods, PTQ_METHODS)
         _bits("ptq.bits", p.bits)
-        _at_least("ptq.calib_size", p.calib_size, 1)
-        if p.first_last_bits is not None:
-            _check("ptq.first_last_bits", lambda: check_bits(p.first_last_bits, "bits"))
         for name, options in p.options.items():
             _check(f"ptq.options.{name}", lambda: PTQ_METHODS.get(name))
             check_options(name, options, "ptq.options")
         _check("merge.rounding", lambda: ROUNDINGS.get(m.rounding))
         check_rounding_options(m.rounding, m.rounding_options)
-        _at_least("merge.repeats", m.repeats, 1)
         if m.repeats > 1 and not m.rounding.startswith("noise"):
             raise ConfigError(f"merge.repeats: {m.repeats} merges apply to the sampling roundings (noise, "
                               f"noise-ties); rounding {m.rounding!r} merges the same way every time")
@@ -216,15 +217,11 @@ class Config:
             check_unique("grid.target_sets", [tuple(s) for s in self.grid.target_sets], self.grid.target_sets)
             for i, s in enumerate(self.grid.target_sets):
                 check_unique(f"grid.target_sets[{i}]", s)
+                for name in s:  # cell file names hold them
+                    _check(f"grid.target_sets[{i}]", lambda: check_name(name))
         if self.grid.seeds is not None:
             check_unique("grid.seeds", self.grid.seeds)
-        _at_least("runtime.threads", r.threads, 1)
-        _at_least("runtime.workers", r.workers, 1)
-        for name, budget in (("source", self.adapt.source), ("shot", self.adapt.shot)):
-            if budget is not None:
-                _at_least(f"adapt.{name}.steps", budget.steps, 1)
-                _at_least(f"adapt.{name}.min_steps", budget.min_steps, 0)
-        _check("runtime.device", lambda: _device(r.device))
+        _check("runtime.device", lambda: check_device(r.device))
 
 
 def _check(where: str, fn) -> Any:
@@ -236,18 +233,22 @@ def _check(where: str, fn) -> Any:
         raise ConfigError(f"{where}: {msg}") from None
 
 
-def _device(name: str) -> None:
+def check_device(name: str) -> str:
+    """``name`` if torch can compute on it here: ``cpu``, ``cpu:N``, ``cuda`` / ``cuda:N`` (a GPU
+    this torch sees), ``mps`` (where available); else a ValueError saying what is."""
     import torch
 
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"must name a torch device such as cpu or cuda, got {name!r}") from None
-
-
-def _at_least(where: str, value: int | float | None, low: int | float) -> None:
-    if value is not None and value < low:
-        raise ConfigError(f"{where}: must be at least {low} (or null where allowed), got {value!r}")
+    if not re.fullmatch(r"(cpu|cuda)(:[0-9]+)?|mps", name):
+        raise ValueError(f"expected cpu, cpu:N, cuda, cuda:N or mps, got {name!r}")
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r} needs a GPU, and this torch ({torch.__version__}) sees none; use cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"{name!r} names GPU {index}, and torch sees {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"'mps' needs Apple's Metal backend, which this torch ({torch.__version__}) lacks; use cpu")
+    return name
 
 
 def _methods(where: str, names: list[str], registry) -> None:
@@ -276,13 +277,16 @@ def _validate_data(data: DigitsData | FolderData) -> None:
             raise ConfigError(f"data.targets: {bad} are not digits domains other than the source {data.source!r}; "
                               f"known: {', '.join(d for d in DOMAINS if d != data.source)}")
         return
+    from ..data.folder import check_name
+
+    for key, names in (("data.source", [data.source] if data.source else []), ("data.targets", data.targets or []),
+                       ("data.classes", data.classes or []), ("data.splits", list(data.splits or {}))):
+        for name in names:
+            _check(key, lambda: check_name(name, "class" if key == "data.classes" else "domain"))
     if data.kind == "folder" and data.source is None:
         raise ConfigError("data.source: a folder benchmark needs the source domain's folder name")
-    _at_least("data.image_size", data.image_size, 1)
     if data.resize is not None and data.image_size is not None and data.resize < data.image_size:
         raise ConfigError(f"data.resize: must be at least data.image_size {data.image_size}, got {data.resize}")
-    if not 0.0 < data.test_fraction < 1.0:
-        raise ConfigError(f"data.test_fraction: must lie in (0, 1), got {data.test_fraction}")
 
 
 def parse_tta_method(spec: str) -> tuple[str, str]:
@@ -299,20 +303,15 @@ def parse_tta_method(spec: str) -> tuple[str, str]:
 
 
 def _validate_tta(t: TTA) -> None:
-    from ..data.corruptions import check_corruptions, check_severity
+    from ..data.corruptions import check_corruptions
 
     check_unique("tta.methods", t.methods)
     for i, spec in enumerate(t.methods):
         _check(f"tta.methods[{i}]", lambda: parse_tta_method(spec))
     _bits("tta.bits", t.bits)
     check_unique("tta.streams", t.streams)
-    _check("tta.severity", lambda: check_severity(t.severity))
     if t.corruptions is not None:
         _check("tta.corruptions", lambda: check_corruptions(t.corruptions))
-    _at_least("tta.n_images", t.n_images, 1)
-    _at_least("tta.batch_size", t.batch_size, 1)
-    if not t.dirichlet_alpha > 0:
-        raise ConfigError(f"tta.dirichlet_alpha: must be positive, got {t.dirichlet_alpha}")
 
 
 # --- paths into the config (flags, --set, bench cells) -------------------------------------------
@@ -378,10 +377,10 @@ def parse_set(text: str) -> tuple[str, Any]:
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping in a config file, in the sectioned form (a flat one translated)."""
+    from ..io import parse_yaml, read_text
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        data = parse_yaml(read_text(path, ConfigError), f"config file {path}", ConfigError)
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):
@@ -483,9 +482,11 @@ def _model_input(data: FolderData, model: ModelSpec) -> FolderData:
 
 
 def _check_builds(spec: ModelSpec) -> None:
-    """A registered architecture is built on the ``meta`` device, so bad ``kwargs`` fail at load time."""
+    """A registered architecture is built on the ``meta`` device, so bad ``kwargs`` (or ``kwargs``
+    asking for more than ``MAX_PARAMETERS`` weights) fail at load time, allocating nothing."""
     import torch
 
+    from ..bounds import MAX_PARAMETERS
     from ..models import ARCHITECTURES, build_model
 
     if spec.builder is not None or ":" in spec.name:
@@ -495,9 +496,20 @@ def _check_builds(spec: ModelSpec) -> None:
                           f"torchvision:NAME or timm:NAME, or give model.builder; got {spec.name!r}")
     try:
         with torch.device("meta"):
-            build_model(spec.name, 2, **spec.kwargs)
+            size = sum(p.numel() for p in build_model(spec.name, 2, **spec.kwargs).parameters())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.kwargs: {spec.kwargs} do not fit model {spec.name!r}: {e}") from None
+    if size > MAX_PARAMETERS:
+        raise ConfigError(f"model.kwargs: {spec.kwargs} give {spec.name} {size:,} parameters "
+                          f"({size * 4 / 2**30:,.0f} GiB as float32); at most {MAX_PARAMETERS:,}")
+
+
+def check_average_weights(cfg: Config, experts: int) -> None:
+    """``merge.options.average.weights``, if given, holds one weight per expert, not all zero."""
+    weights = cfg.merge.options.get("average", {}).get("weights")
+    if weights is not None and (len(weights) != experts or not sum(weights) > 0):
+        raise ConfigError(f"merge.options.average.weights: expected {experts} weights (one per expert) with a "
+                          f"positive sum, got {weights}")
 
 
 def with_data(cfg: Config, spec: Mapping[str, Any]) -> Config:

@@ -24,7 +24,7 @@ from ..eval import accuracy, evaluate
 from ..merge import merge
 from ..ptq import quantize
 from ..quant.config import parse_bits
-from .config import Config
+from .config import Config, check_average_weights
 from .pool import Pool
 from .run import header
 from .store import RunDir
@@ -40,7 +40,14 @@ def run_pmq(config: Config, out: str | Path, progress: bool = False,
             on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Every row of ``config.pmq`` into ``out`` (resuming what is there); the results dict."""
     store = RunDir(out, "pmq")
+    with store.locked():
+        return _fill(store, config, progress, on_row)
+
+
+def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict], None] | None) -> dict[str, Any]:
+    """The rows of ``config`` into ``store``, under its lock on ``--out``."""
     pool = Pool(config, progress)
+    check_average_weights(pool.cfg, len(pool.targets))
     cfg, done = store.begin(pool.cfg)
     pool.check_experts()
     targets, tests, device = pool.targets, pool.tests, pool.device

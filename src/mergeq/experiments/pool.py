@@ -8,12 +8,15 @@ model with :func:`mergeq.models.resolve_model`, checking on two source test imag
 yields ``N x num_classes`` logits. Models are trained on first use and cached under
 ``runtime.cache_dir`` as single-file checkpoints (:mod:`mergeq.checkpoint`), keyed by a hash of
 everything that determines them: the data (the digits benchmark's name; a folder's resolved
-spec and the file fingerprint of the domain's split), the model (registered name and kwargs, or
-its resolved spec, weights' sha256 included), the seed, the training config, the device kind and
-the number of torch threads (CPU training repeats bit for bit only per thread count). An entry
-is verified on read: one that is truncated, fails its digest or holds another model than its key
-names (a swapped file) is rebuilt, with a warning in the log. A lock file per entry lets
-concurrent runs (``mergeq bench`` workers) train each model once.
+spec and the fingerprint of the domain's files, contents included), the model (registered name
+and kwargs, or its resolved spec, weights' sha256 included, and a builder's source digest or
+torchvision's / timm's version: :func:`~mergeq.models.spec.code_digest`), the seed, the
+training config, the device kind and the number of torch threads (CPU training repeats bit for
+bit only per thread count). An entry is verified on read: one that is truncated, fails its
+digest or holds another model than its key names (a swapped file) is rebuilt, with a warning in
+the log; an entry of a builder model loads onto the config's own model, never the builder its
+file names. A lock file per entry lets concurrent runs (``mergeq bench`` workers) train each
+model once.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from torch import nn
 
 from ..adapt.shot import shot
 from ..adapt.source import train_source, train_steps
-from ..checkpoint import model_from_checkpoint, save_model
+from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import load_data
 from ..data.spec import DigitsData
 from ..data_utils import as_tensor, take
@@ -41,7 +44,7 @@ from ..errors import CheckpointError
 from ..eval import accuracy, evaluate
 from ..io import file_lock
 from ..merge import merge
-from ..models.spec import resolve_model
+from ..models.spec import code_digest, resolve_model
 from ..nn import fold_bn
 from ..ptq import quantize
 from ..quant.config import QuantConfig
@@ -84,8 +87,10 @@ class Pool:
                       "seed": self.seed}
         # training repeats bit for bit only on the same device kind and (CPU) number of torch threads
         compute = {"device": torch.device(self.device).type, "threads": torch.get_num_threads()}
-        self._source_key = _key({**self._meta, **self._split(self.bench.source.name),
-                                 "source": dataclasses.asdict(self.cfg.adapt.source), "compute": compute})
+        code = code_digest(self.cfg.model)  # None for registered models: their keys stay as they were
+        self._source_key = _key({**self._meta, **({"code": code} if code else {}), "compute": compute,
+                                 **self._split(self.bench.source.name),
+                                 "source": dataclasses.asdict(self.cfg.adapt.source)})
         self._source: nn.Module | None = None
         self._experts: dict[str, nn.Module] = {}
         self._accuracy: dict[str, Any] = {}
@@ -115,7 +120,9 @@ class Pool:
         with file_lock(self.cache_dir / ".locks" / f"{path.stem}.lock"):
             if path.exists():
                 try:
-                    model, stored = model_from_checkpoint(path, self.device)
+                    # a builder model loads onto the config's own spec, never the file's
+                    template = builder_template(path, self.cfg.model)
+                    model, stored = model_from_checkpoint(path, self.device, template)
                     _check_entry(path, stored, meta, key)
                     log.info("reusing cached %s", path)
                     return model
@@ -255,9 +262,10 @@ def qconfig(cfg: Config, bits: tuple[int, int | None], fold_bn: bool = True) -> 
 
 
 def ptq_report(qmodel: nn.Module) -> dict[str, Any]:
-    """What quantization measured (``changed_codes``, ``recon_loss`` per unit), when it did."""
+    """What quantization used and measured (``calib_size``: the calibration inputs, at most
+    ``ptq.calib_size``; ``changed_codes``, ``recon_loss`` per unit), when it did."""
     meta = getattr(qmodel, "mergeq_meta", {}) or {}
-    return {k: meta[k] for k in ("changed_codes", "recon_loss") if k in meta}
+    return {k: meta[k] for k in ("calib_size", "changed_codes", "recon_loss") if k in meta}
 
 
 def _check_entry(path: Path, stored: dict, meta: dict, key: str) -> None:

@@ -26,8 +26,9 @@ import torch
 
 from ..eval import accuracy
 from ..quant.config import parse_bits
+from ..sysinfo import environment
 from . import health
-from .config import Config
+from .config import Config, check_average_weights
 from .pool import Pool, exit_with_parent, ptq_report
 from .store import RunDir
 
@@ -52,7 +53,9 @@ def row(pool: Pool, method: str, bits: tuple[int, int | None], **overrides: Any)
 
 
 def header(pool: Pool) -> dict[str, Any]:
-    return {"benchmark": pool.bench.name, "targets": pool.targets, "seed": pool.seed, "preset": pool.cfg.preset}
+    """What every results file starts with, the machine included (its CPU kind changes float rounding)."""
+    return {"benchmark": pool.bench.name, "targets": pool.targets, "seed": pool.seed, "preset": pool.cfg.preset,
+            "machine": environment()}
 
 
 def _row_in_worker(config: dict[str, Any], key: tuple, threads: int, row_threads: int) -> dict[str, Any]:
@@ -91,7 +94,14 @@ def run(config: Config, out: str | Path, progress: bool = False,
     with ``threads // workers`` torch threads and exiting if this process dies. Rows are recorded,
     and written, in plan order; ``results["compute"]`` records the thread count and workers."""
     store = RunDir(out, "run")
+    with store.locked():
+        return _fill(store, config, progress, on_row)
+
+
+def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict], None] | None) -> dict[str, Any]:
+    """The rows of ``config`` into ``store``, under its lock on ``--out``."""
     pool = Pool(config, progress)
+    check_average_weights(pool.cfg, len(pool.targets))
     cfg, done = store.begin(pool.cfg)
     results: dict[str, Any] = {**header(pool), **pool.fp_results(), "rows": []}
     keys, todo = plan(cfg), set(plan(pool.cfg))

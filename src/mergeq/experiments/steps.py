@@ -2,8 +2,13 @@
 
 Each step takes the same config as ``mergeq run`` (its ``adapt``, ``ptq``, ``merge`` and
 ``runtime`` sections; the data and model of a checkpoint come from the checkpoint's metadata,
-and the recorded config's ``data`` says which) and writes, beside the checkpoint ``OUT``,
-``OUT``'s name with ``.config.yaml``: the resolved config, which reran gives the same checkpoint. Checkpoints: :mod:`mergeq.checkpoint`.
+and the recorded config's ``data`` says which) and writes, beside the checkpoint ``OUT``, its
+side file :func:`config_path` (``m.safetensors`` -> ``m.config.yaml``, ``m.json`` ->
+``m.json.config.yaml``): the resolved config, which reran gives the same checkpoint; ``merge``
+also its report (``m.report.json``). No output may overwrite an input or another checkpoint's
+side file (:func:`check_outputs`). A checkpoint naming a ``builder`` is loaded onto the config's
+own ``model:`` or, with ``trust_builder``, built from the file (:func:`load_checkpoint_model`).
+Checkpoints: :mod:`mergeq.checkpoint`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Any
 import torch
 
 from ..adapt.shot import shot
-from ..checkpoint import model_from_checkpoint, save_model
+from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import Benchmark, load_data
 from ..data_utils import take
 from ..errors import MergeqError
@@ -24,15 +29,68 @@ from ..merge import MERGE_METHODS, check_rounding_options, merge
 from ..ptq import quantize
 from ..quant.config import parse_bits
 from . import health
-from .config import Config, resolve, translate_legacy, with_data
+from .config import Config, check_average_weights, resolve, translate_legacy, with_data
 from .pool import Pool, qconfig
 
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
 
 
+SIDE_SUFFIXES = (".config.yaml", ".report.json")
+
+
+def side_file(out: str | Path, suffix: str) -> Path:
+    """The side file (``suffix``: one of :data:`SIDE_SUFFIXES`) of checkpoint ``out``: its name
+    with ``.safetensors`` replaced by ``suffix`` (``m.safetensors`` -> ``m.config.yaml``), any
+    other name kept whole (``m.json`` -> ``m.json.config.yaml``), so two checkpoints of one
+    folder share a side file only as ``P`` and ``P.safetensors`` (:func:`check_outputs` refuses that)."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix == ".safetensors" else out
+    return base.with_name(base.name + suffix)
+
+
 def config_path(out: str | Path) -> Path:
-    """Where a step writes the config of checkpoint ``out``: ``out`` with suffix ``.config.yaml``."""
-    return Path(out).with_suffix(".config.yaml")
+    """Where a step writes the config of checkpoint ``out``."""
+    return side_file(out, ".config.yaml")
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()
+
+
+def _owners(side: Path) -> list[Path]:
+    """The checkpoints whose side file ``side`` would be."""
+    suffix = next((x for x in SIDE_SUFFIXES if side.name.endswith(x)), None)
+    if suffix is None:
+        return []
+    stem = side.with_name(side.name[:-len(suffix)])
+    return [stem.with_name(stem.name + ".safetensors"), stem]
+
+
+def check_outputs(out: str | Path, inputs: list[str | Path | None] = (), report: str | Path | None = None,
+                  config: bool = True) -> None:
+    """Refuse, before any work, a step whose outputs (``out``, the config it writes beside it if
+    ``config``, the merge ``report``) would overwrite one of its ``inputs`` or a side file of
+    another checkpoint (an input's, or one that exists), or whose ``out`` is named like a side file."""
+    out = Path(out)
+    outputs = {"--out": out, **({"the config written beside --out": config_path(out)} if config else {}),
+               **({"--report": Path(report)} if report is not None else {})}
+    ins = [Path(p) for p in inputs if p is not None]
+    for what, path in outputs.items():
+        for src in ins:
+            if _same(path, src):
+                raise MergeqError(f"{what} {path} is the input {src}; writing it would overwrite the input: "
+                                  "choose another path")
+        for owner in _owners(path) if path != out else []:
+            if not _same(owner, out) and (owner.is_file() or any(_same(owner, src) for src in ins)):
+                raise MergeqError(f"{what} {path} is the side file of the checkpoint {owner}; writing it would "
+                                  "overwrite that checkpoint's record: choose another --out or --report")
+    if out.name.endswith(SIDE_SUFFIXES):
+        raise MergeqError(f"--out {out} is named like a checkpoint's side file ({', '.join(SIDE_SUFFIXES)}): "
+                          "choose another name")
+    if report is not None and Path(report).suffix != ".json":
+        raise MergeqError(f"--report {report}: the merge report is JSON; give a path ending in .json")
 
 
 def _record(cfg: Config, out: str | Path) -> None:
@@ -45,6 +103,17 @@ def _one(cfg: Config, what: str) -> tuple[str, tuple[int, int | None]]:
         raise MergeqError(f"{what} takes one PTQ method and one bit pair; the config lists ptq.methods "
                           f"{cfg.ptq.methods} and ptq.bits {cfg.ptq.bits}: pass --method and --bits")
     return cfg.ptq.methods[0], parse_bits(cfg.ptq.bits[0])
+
+
+def load_checkpoint_model(path: str | Path, config: Config, device: str = "cpu",
+                          trust_builder: bool = False) -> tuple[torch.nn.Module, dict, torch.nn.Module | None]:
+    """A checkpoint's model, its metadata and the template it was loaded onto (None: rebuilt from
+    the allow-list). A ``builder`` the file names is never run from the file: the config's own
+    ``model:`` (set by the user, not the preset's) is the template, else the file is refused
+    unless ``trust_builder`` (:mod:`mergeq.checkpoint`)."""
+    template = builder_template(path, config.model, trust_builder)
+    model, meta = model_from_checkpoint(path, device, template, trust_builder)
+    return model, meta, template
 
 
 def checkpoint_data(meta: dict, cfg: Config, domains: list[str]) -> tuple[Benchmark, int]:
@@ -92,6 +161,7 @@ def export_calibration(meta: dict, size: int) -> torch.Tensor:
 
 def train_source(config: Config, out: str | Path, progress: bool = False) -> dict[str, float]:
     """Train (or reuse the cached) source model, save it to ``out``; its accuracy on every domain."""
+    check_outputs(out)
     check_out_file(out)
     pool = Pool(config, progress)
     model, accs = pool.source, pool.check_source()
@@ -101,12 +171,13 @@ def train_source(config: Config, out: str | Path, progress: bool = False) -> dic
     return accs
 
 
-def adapt(config: Config, source: str | Path, domain: str, out: str | Path,
-          progress: bool = False) -> tuple[float, float]:
+def adapt(config: Config, source: str | Path, domain: str, out: str | Path, progress: bool = False,
+          trust_builder: bool = False) -> tuple[float, float]:
     """SHOT-adapt the source checkpoint to ``domain``, save the expert; (source, expert) accuracy there."""
+    check_outputs(out, [source])
     check_out_file(out)
     cfg = _apply(config)
-    model, meta = model_from_checkpoint(source, cfg.runtime.device)
+    model, meta, template = load_checkpoint_model(source, config, cfg.runtime.device, trust_builder)
     bench, seed = checkpoint_data(meta, cfg, [domain])
     dom = bench.targets[domain]
     expert = shot(model, dom.train, cfg.adapt.shot, seed=seed, device=cfg.runtime.device, progress=progress)
@@ -114,21 +185,23 @@ def adapt(config: Config, source: str | Path, domain: str, out: str | Path,
     health.check_expert(domain, before, after)
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                              "domain": domain, "role": "expert", "config": dataclasses.asdict(cfg.adapt.shot),
-                             "accuracy": {"source": before, "expert": after}})
+                             "accuracy": {"source": before, "expert": after}}, template)
     _record(with_data(cfg, bench.spec), out)
     return before, after
 
 
 def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path, source: str | Path | None = None,
-                        domain: str | None = None, progress: bool = False) -> tuple[str, float]:
+                        domain: str | None = None, progress: bool = False,
+                        trust_builder: bool = False) -> tuple[str, float]:
     """Quantize a checkpoint (the config's one method and bit pair) on ``domain``'s calibration
     split (default: the checkpoint's own), save it; (domain, accuracy there)."""
     cfg = _apply(config)
     method, bits = _one(cfg, "quantize")
+    check_outputs(out, [model_path, source])
     check_out_file(out)
     device = cfg.runtime.device
-    model, meta = model_from_checkpoint(model_path, device)
-    src = model_from_checkpoint(source, device)[0] if source else None
+    model, meta, template = load_checkpoint_model(model_path, config, device, trust_builder)
+    src = load_checkpoint_model(source, config, device, trust_builder)[0] if source else None
     domain = domain or meta.get("domain")
     if not domain:
         raise MergeqError(f"{model_path} names no domain to calibrate on: pass --domain")
@@ -140,13 +213,13 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
     acc = accuracy(q, dom.test, device=device)
     save_model(q, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                         "domain": domain, "role": "quantized expert", "method": method, "bits": qcfg.tag,
-                        "accuracy": acc})
+                        "accuracy": acc}, template)
     _record(with_data(cfg, bench.spec), out)
     return domain, acc
 
 
 def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | Path, report: str | Path | None,
-                      base: str | None = None) -> dict[str, Any]:
+                      base: str | None = None, trust_builder: bool = False) -> dict[str, Any]:
     """Merge checkpoints (``average``: quantized experts stay quantized, merged with
     ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), save, evaluate when the
     checkpoints name their data and domains; the JSON report (also written to ``report``)."""
@@ -160,16 +233,18 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
         if rounding.startswith("noise"):
             options.setdefault("seed", cfg.runtime.seed)
         check_rounding_options(rounding, {k: v for k, v in options.items() if k not in ("rounding", "weights")})
-    report_path = Path(report) if report else Path(out).with_suffix(".report.json")
+        check_average_weights(cfg, len(paths))
+    report_path = Path(report) if report else side_file(out, ".report.json")
     if report_path.resolve() == Path(out).resolve():
         raise MergeqError(f"the report path {report_path} is the checkpoint path: pass another --report")
+    check_outputs(out, [*paths, base], report_path)
     check_out_file(out)
     check_out_file(report_path)
     device = cfg.runtime.device
-    loaded = [model_from_checkpoint(p, device) for p in paths]
-    models, metas = [mdl for mdl, _ in loaded], [meta for _, meta in loaded]
+    loaded = [load_checkpoint_model(p, config, device, trust_builder) for p in paths]
+    models, metas = [mdl for mdl, _, _ in loaded], [meta for _, meta, _ in loaded]
     if base:
-        options["base"] = model_from_checkpoint(base, device)[0]
+        options["base"] = load_checkpoint_model(base, config, device, trust_builder)[0]
     merged = merge(models, method=method, **options)
     domains = [meta.get("domain") for meta in metas]
     meta = {k: metas[0][k] for k in (*ARCH_KEYS, "benchmark", "data", "seed") if k in metas[0]}
@@ -178,7 +253,7 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     if ("data" in meta or "benchmark" in meta) and all(domains):
         bench, _ = checkpoint_data(meta, cfg, domains)
         result["accuracy"] = evaluate(merged, {d: _domain(bench, d).test for d in domains}, device)
-    save_model(merged, out, {**meta, "role": "merged", "domains": domains, "merge": result})
+    save_model(merged, out, {**meta, "role": "merged", "domains": domains, "merge": result}, loaded[0][2])
     write_json(report_path, result)
     _record(cfg, out)
     return result

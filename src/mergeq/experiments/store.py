@@ -16,18 +16,29 @@ computed: rows are never dropped. Any other difference is refused before any mod
 naming the keys, as is a folder whose results cannot be read or matched to a config; a bench
 folder with cell files but no results yet is compared with its ``config.yaml`` (or the earlier
 ``grid.yaml``).
+
+``results.json`` (``run``, ``pmq``, ``tta``) records the config its rows were computed with
+(``config``; the comparison uses it, so an edited ``config.yaml`` cannot relabel the rows) and,
+per row, ``settings_sha256`` (:func:`settings_sha256`), which a resumed run checks. ``run``,
+``pmq`` and ``tta`` hold a lock on ``--out`` (:meth:`RunDir.locked`) from reading its results to
+writing the last row: a second run into the same folder waits, then resumes (``bench`` locks
+per cell instead, so that runs split the cells).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import yaml
 
 from ..errors import MergeqError
-from ..io import atomic_write_text, check_out_dir, config_diff, earlier_results, write_json
+from ..io import (atomic_write_text, check_out_dir, config_diff, earlier_results, file_lock, parse_yaml,
+                  read_text, write_json)
 from .config import Config, resolve, set_path
 
 log = logging.getLogger(__name__)
@@ -42,17 +53,26 @@ class Experiment:
     axes: tuple[str, ...]  # list-valued config paths whose union a resumed run records
     ignored: tuple[str, ...]  # config paths (prefixes) the experiment does not read
     row_key: Callable[[dict], Hashable]
+    row_methods: Callable[[dict], dict[str, set]] = lambda r: {}  # per PER_METHOD path: the methods a row uses
+
+
+def _tta_methods(row: dict) -> dict[str, set]:
+    from .config import parse_tta_method
+
+    return {"ptq.options": {parse_tta_method(row["method"])[0]}, "merge.options": set()}
 
 
 EXPERIMENTS = {e.name: e for e in (
     Experiment("run", ("ptq.methods", "ptq.bits"), ("pmq", "tta", "grid"),
-               lambda r: (r["method"], r["w_bits"], r["a_bits"])),
+               lambda r: (r["method"], r["w_bits"], r["a_bits"]),
+               lambda r: {"ptq.options": {r["method"]}, "merge.options": {"average"}}),
     Experiment("pmq", ("pmq.merges", "pmq.methods", "pmq.bits"),
                ("ptq.methods", "ptq.bits", "merge.rounding", "merge.rounding_options", "merge.repeats", "tta", "grid"),
-               lambda r: (r["merge"], r["method"], r["w_bits"], r["a_bits"])),
+               lambda r: (r["merge"], r["method"], r["w_bits"], r["a_bits"]),
+               lambda r: {"ptq.options": {r["method"]}, "merge.options": {r["merge"]}}),
     Experiment("tta", ("tta.methods", "tta.bits", "tta.streams"),
                ("data.targets", "ptq.methods", "ptq.bits", "merge", "pmq", "grid"),
-               lambda r: (r["stream"], r["method"], r["bits"])),
+               lambda r: (r["stream"], r["method"], r["bits"]), _tta_methods),
     Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds"), ("pmq", "tta", "runtime.workers"),
                lambda r: r["key"]),
 )}
@@ -74,9 +94,9 @@ def _earlier_cells(out: Path) -> tuple[dict, dict] | None:
     for name in ("config.yaml", "grid.yaml"):
         if (out / name).is_file():
             try:
-                return yaml.safe_load((out / name).read_text()), {"experiment": "bench", "rows": []}
-            except yaml.YAMLError as e:
-                raise MergeqError(f"{out / name} is not valid YAML ({e}): use another --out") from None
+                return parse_yaml(read_text(out / name), str(out / name)), {"experiment": "bench", "rows": []}
+            except MergeqError as e:
+                raise MergeqError(f"{e}: use another --out") from None
     raise MergeqError(f"{out} holds bench cells but no config.yaml to resume from: use another --out")
 
 
@@ -107,15 +127,42 @@ def _settings(d: dict, exp: Experiment, common: dict[str, set]) -> dict:
     return d
 
 
+def settings_sha256(config: dict, exp: Experiment, row: dict) -> str:
+    """SHA-256 of the settings a row of ``exp`` is computed with: the config less the axes, the
+    sections ``exp`` does not read, the options of methods the row does not use and
+    ``runtime.workers`` (which changes no number)."""
+    settings = _settings(config, exp, exp.row_methods(row))
+    _drop(settings, "runtime.workers")
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class RunDir:
     """The output folder of one experiment (see the module docstring)."""
 
     def __init__(self, out: str | Path, experiment: str) -> None:
         self.out = check_out_dir(out)
         self.exp = EXPERIMENTS[experiment]
+        self.recorded: Config | None = None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``.locks/out.lock`` (:func:`mergeq.io.file_lock`, as ``bench`` does) for the ``with``
+        block: a second run into the same folder waits for the first, then resumes from its rows."""
+        lock = self.out / ".locks" / "out.lock"
+        with file_lock(lock, blocking=False) as mine:
+            if mine:
+                yield
+                return
+        log.warning("%s is being written by another mergeq process: waiting for it to finish", self.out)
+        with file_lock(lock):
+            yield
 
     def begin(self, cfg: Config) -> tuple[Config, dict[Hashable, dict]]:
         """The config to record (written to ``config.yaml`` now) and the rows to reuse, by row key."""
+        self.recorded, done = self._begin(cfg)
+        return self.recorded, done
+
+    def _begin(self, cfg: Config) -> tuple[Config, dict[Hashable, dict]]:
         earlier = earlier_results(self.out)
         if earlier is None and self.exp.name == "bench":
             earlier = _earlier_cells(self.out)
@@ -123,6 +170,8 @@ class RunDir:
             atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
             return cfg, {}
         old_raw, old_results = earlier
+        if isinstance(old_results.get("config"), dict):  # what the rows were computed with (config.yaml is a copy)
+            old_raw = old_results["config"]
         kind = _kind_of(old_results)
         if kind != self.exp.name:
             self._refuse([f"experiment ({kind} there, {self.exp.name} here)"])
@@ -142,8 +191,17 @@ class RunDir:
         for path in PER_METHOD:
             set_path(new_d, path, {**(_get(old_d, path) or {}), **(_get(new_d, path) or {})})
         union = Config.from_dict(new_d)
+        self._check_rows(old_results["rows"], union.to_dict())
         atomic_write_text(self.out / "config.yaml", union.to_yaml())
         return union, {self.exp.row_key(r): r for r in old_results["rows"]}
+
+    def _check_rows(self, rows: list[dict], config: dict) -> None:
+        """Each recorded row's settings hash (rows written before issue 24 have none) must be this run's."""
+        for r in rows:
+            if "settings_sha256" in r and r["settings_sha256"] != settings_sha256(config, self.exp, r):
+                raise MergeqError(f"{self.out / 'results.json'}: row {self.exp.row_key(r)} was computed with other "
+                                  "settings than this run's (its settings_sha256 differs; was results.json edited?): "
+                                  "use another --out")
 
     def _refuse(self, diff: list[str]) -> None:
         raise MergeqError(f"{self.out} holds results of a run with other settings ({', '.join(diff)} differ); its "
@@ -158,11 +216,14 @@ class RunDir:
         def ordered() -> list[dict]:
             return [done[k] for k in dict.fromkeys([*keys, *done]) if k in done]
 
+        config = self.recorded.to_dict()
+        results["config"] = config
         for key in keys:
             if key in done:
                 log.info("resuming: row %s already done", key)
             elif key in todo:
                 done[key] = compute(key)
+                done[key]["settings_sha256"] = settings_sha256(config, self.exp, done[key])
             else:  # a row of the recorded union that neither run asked for
                 continue
             results["rows"] = ordered()

@@ -43,6 +43,7 @@ from ..data.spec import DigitsData, load_data
 from ..data_utils import take
 from ..ptq import quantize
 from ..quant.config import parse_bits
+from ..sysinfo import environment
 from .config import Config, parse_tta_method
 from .pool import Pool
 from .store import RunDir
@@ -128,11 +129,33 @@ class TTARows:
                 "seconds": time.perf_counter() - t0, "seconds_stream": time.perf_counter() - t1}
 
 
+def images_used(pool: Pool) -> Config:
+    """``pool.cfg`` with ``tta.n_images`` no larger than the images each domain of the stream has
+    (the source test split, or the CIFAR-10-C arrays' images per severity): the number the run
+    uses, so that config.yaml records it. Null (all of them) stays null."""
+    t = pool.cfg.tta
+    if t.n_images is None:
+        return pool.cfg
+    if t.cifar10c is None:
+        have = len(pool.bench.source.test)
+    else:
+        have = len(load_cifar10c(t.cifar10c, check_corruptions(t.corruptions)[:1], t.severity, t.n_images,
+                                 normalize="none")[0][1])
+    return dataclasses.replace(pool.cfg, tta=dataclasses.replace(t, n_images=min(t.n_images, have)))
+
+
 def run_tta(config: Config, out: str | Path, progress: bool = False,
             on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Every (stream, method, bits) row of ``config.tta`` into ``out`` (resuming what is there)."""
     store = RunDir(out, "tta")
+    with store.locked():
+        return _fill(store, config, progress, on_row)
+
+
+def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict], None] | None) -> dict[str, Any]:
+    """The rows of ``config`` into ``store``, under its lock on ``--out``."""
     pool = Pool(config, progress)
+    pool.cfg = images_used(pool)
     cfg, done = store.begin(pool.cfg)
     pool.check_source()
     rows = TTARows(pool, progress)
@@ -140,6 +163,6 @@ def run_tta(config: Config, out: str | Path, progress: bool = False,
     results: dict[str, Any] = {
         "benchmark": pool.bench.name, "seed": pool.seed, "severity": t.severity, "preset": cfg.preset,
         "corruptions": check_corruptions(t.corruptions), "streams": {s: imbalance(cfg, s) for s in t.streams},
-        "rows": [],
+        "machine": environment(), "rows": [],
     }
     return store.fill(results, plan(cfg), done, set(plan(pool.cfg)), lambda key: rows.row(*key), on_row)

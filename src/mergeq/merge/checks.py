@@ -9,32 +9,34 @@ from ..errors import IncompatibleModelsError
 from ..nn.qmodule import QuantModule
 
 
-def check_mergeable(models: Sequence[nn.Module]) -> None:
-    """Same architecture (module tree and classes), same tensor names and shapes, same bit widths."""
+def check_mergeable(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
+    """Same architecture (module tree and classes), same tensor names and shapes, same bit widths;
+    errors call the models ``names`` (default ``model 0``, ``model 1``, ...)."""
     if len(models) < 1:
         raise IncompatibleModelsError("merge needs at least one model, got none")
-    ref = models[0]
+    names = list(names) if names is not None else [f"model {k}" for k in range(len(models))]
+    ref, first = models[0], names[0]
     ref_types = [(n, type(m).__name__) for n, m in ref.named_modules()]
     ref_sd = ref.state_dict()
-    for k, model in enumerate(models[1:], start=1):
+    for model, k in zip(models[1:], names[1:]):
         types = [(n, type(m).__name__) for n, m in model.named_modules()]
         if types != ref_types:
             diff = next((a, b) for a, b in zip(ref_types + [None], types + [None]) if a != b)
             raise IncompatibleModelsError(
-                f"model {k} has a different architecture from model 0: module {diff[1]} where {diff[0]} was expected"
+                f"{k} has a different architecture from {first}: module {diff[1]} where {diff[0]} was expected"
             )
         sd = model.state_dict()
         for key, t in ref_sd.items():
             if key not in sd:
-                raise IncompatibleModelsError(f"model {k} lacks tensor {key!r} that model 0 has")
+                raise IncompatibleModelsError(f"{k} lacks tensor {key!r} that {first} has")
             if sd[key].shape != t.shape:
                 raise IncompatibleModelsError(
-                    f"model {k} tensor {key!r} has shape {tuple(sd[key].shape)}, expected {tuple(t.shape)}"
+                    f"{k} tensor {key!r} has shape {tuple(sd[key].shape)}, {first} has {tuple(t.shape)}"
                 )
         for (name, a), (_, b) in zip(_qmods(ref), _qmods(model)):
             if (a.w_bits, a.a_bits) != (b.w_bits, b.a_bits):
                 raise IncompatibleModelsError(
-                    f"model {k} layer {name!r} is W{b.w_bits}A{b.a_bits}, model 0 has W{a.w_bits}A{a.a_bits}"
+                    f"{k} layer {name!r} is W{b.w_bits}A{b.a_bits}, {first} has W{a.w_bits}A{a.a_bits}"
                 )
 
 

@@ -77,15 +77,18 @@ def noise_rounding(layers: list[LayerStack], alphas: Sequence[float], samples: i
     if select not in ("model", "layer") or anchor not in ("first", "all"):
         raise ValueError(f"select must be model|layer and anchor first|all, got {select!r}, {anchor!r}")
     g = generator(layers, seed)
-    draws = [[noise_sample(layer, alphas, g) for layer in layers] for _ in range(samples if filter else 1)]
-    if select == "model":
-        scores = torch.stack([cosine_score(d, layers, alphas, anchor) for d in draws])
-        return draws[int(torch.argmax(scores))]
-    out = []
-    for j, layer in enumerate(layers):
-        scores = torch.stack([cosine_score([d[j]], [layer], alphas, anchor) for d in draws])
-        out.append(draws[int(torch.argmax(scores))][j])
-    return out
+    units = [list(range(len(layers)))] if select == "model" else [[j] for j in range(len(layers))]
+    best: list[torch.Tensor | None] = [None] * len(layers)
+    top: list[torch.Tensor | None] = [None] * len(units)
+    for _ in range(samples if filter else 1):  # only the best draw is kept: memory does not grow with samples
+        draw = [noise_sample(layer, alphas, g) for layer in layers]
+        for u, idx in enumerate(units):
+            score = cosine_score([draw[j] for j in idx], [layers[j] for j in idx], alphas, anchor)
+            better = torch.ones((), dtype=torch.bool, device=score.device) if top[u] is None else score > top[u]
+            top[u] = score if top[u] is None else torch.where(better, score, top[u])
+            for j in idx:  # the first of equal scores wins, as argmax does; a tensor test: no host sync per draw
+                best[j] = draw[j] if best[j] is None else torch.where(better, draw[j], best[j])
+    return best
 
 
 @ROUNDINGS.register("noise-ties")

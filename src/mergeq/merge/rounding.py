@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..quant import qrange
 from ..registry import Registry
 from ..typed import check_keys, hints_of
@@ -64,11 +63,10 @@ def nearest_rounding(layers: list[LayerStack], alphas: Sequence[float]) -> list[
 
 def check_rounding_options(rounding: str, options: dict, where: str = "merge.rounding_options") -> None:
     """Refuse, before any work, options the policy does not take (``float`` and ``nearest`` take
-    none), values of the wrong type and ``samples`` below 1; each error names the option."""
+    none), values of the wrong type and values out of range (mergeq.bounds, e.g. ``samples`` below
+    1); each error names the option."""
     policy = ROUNDINGS.get(rounding)
     check_keys(options, hints_of(policy, skip=("layers", "alphas")), f"{where} (rounding {rounding})")
-    if options.get("samples", 1) < 1:
-        raise ConfigError(f"{where} (rounding {rounding}).samples: must be at least 1, got {options['samples']}")
 
 
 def layer_stacks(layers: dict[str, Sequence[nn.Module]]) -> list[LayerStack]:

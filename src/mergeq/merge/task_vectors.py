@@ -94,12 +94,14 @@ def task_vector_merge(
 def _merge(models: Sequence[nn.Module], base: nn.Module | None, method: str, **kw) -> nn.Module:
     if base is None:
         raise ValueError(f"{method} needs the shared base (source) model: pass base=source_model")
-    check_mergeable([base, *models])
-    if any(isinstance(m, QuantModule) for model in models for m in model.modules()):
+    quantized = [name for name, model in (*((f"model {k}", m) for k, m in enumerate(models)), ("the base", base))
+                 if any(isinstance(m, QuantModule) for m in model.modules())]
+    if quantized:
         raise IncompatibleModelsError(
-            f"{method} merges full-precision experts; merge quantized experts with method='average' "
-            "and a rounding policy, or quantize the merged model afterwards"
-        )
+            f"{method} needs full-precision experts and base; quantized: {', '.join(quantized)}. Merge quantized "
+            "experts with method='average' and a rounding policy, or quantize the merged model afterwards")
+    check_mergeable(models)
+    check_mergeable([models[0], base], ["model 0", "the base"])
     merged = copy.deepcopy(base)
     merged.load_state_dict(task_vector_merge(base.state_dict(), [m.state_dict() for m in models], **kw))
     return merged

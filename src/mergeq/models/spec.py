@@ -114,7 +114,10 @@ def build(spec: ModelSpec, num_classes: int) -> nn.Module:
         model = torchvision.models.get_model(spec.name.partition(":")[2], weights=None, **kw)
     elif spec.name.startswith("timm:"):
         timm = _import_extra("timm")
-        model = timm.create_model(spec.name.partition(":")[2], pretrained=False, **{"num_classes": num_classes, **kw})
+        name = spec.name.partition(":")[2]
+        if not timm.is_model(name):  # hf-hub:, local-dir: and unknown names: nothing is fetched or read
+            raise ModelError(f"model {spec.name!r}: timm has no registered model {name!r}")
+        model = timm.create_model(name, pretrained=False, **{"num_classes": num_classes, **kw})
     else:
         from . import build_model
 
@@ -122,6 +125,30 @@ def build(spec: ModelSpec, num_classes: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {spec.builder or spec.name!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def code_digest(spec: ModelSpec) -> str | None:
+    """What identifies the code that builds ``spec``'s model beyond its name (for cache keys): a
+    builder's source, hashed (its module's, which holds the classes it builds, where ``inspect``
+    finds it, else the function's own; a builder without source: its qualified name), the
+    version of torchvision / timm; None for mergeq's registered models."""
+    if spec.builder is None:
+        package = spec.name.partition(":")[0] if ":" in spec.name else None
+        if package is None:
+            return None
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{package} {version(package)}"
+        except PackageNotFoundError:
+            return f"{package} (not installed)"
+    fn = _builder(spec.builder)
+    for obj in (inspect.getmodule(fn), fn):
+        try:
+            return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+        except (OSError, TypeError):
+            continue
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')} (no source)"
 
 
 def file_sha256(path: str | Path) -> str:

@@ -101,7 +101,7 @@ def quantize(
     for _, m in quant_modules(qmodel):
         m.finalize()
     qmodel.eval().requires_grad_(False)
-    qmodel.mergeq_meta = {"method": method, "w_bits": config.w_bits, "a_bits": config.a_bits,
+    qmodel.mergeq_meta = {"method": method, "w_bits": config.w_bits, "a_bits": config.a_bits, "calib_size": len(x),
                           "changed_codes": changed_codes(qmodel, fp_model), **ctx.report}
     return qmodel
 

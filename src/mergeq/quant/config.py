@@ -1,6 +1,7 @@
 """Quantization settings, a dataclass in the torchao style (``quantize(model, config)``)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .uniform import STEP_METHODS, check_bits
@@ -39,16 +40,13 @@ class QuantConfig:
 
 
 def parse_bits(spec: str) -> tuple[int, int | None]:
-    """``'W4A8'`` -> (4, 8); ``'W4'`` or ``'W4A32'`` -> (4, None). Raises ValueError otherwise."""
-    s = spec.strip().upper()
-    if not s.startswith("W"):
+    """``'W4A8'`` -> (4, 8); ``'W4'`` or ``'W4A32'`` -> (4, None). Raises ValueError otherwise
+    (``'W4A'``, a missing number, too)."""
+    match = re.fullmatch(r"W([0-9]+)(?:A([0-9]+))?", spec.strip().upper())
+    if match is None:
         raise ValueError(f"bit spec must look like W4A4 or W4, got {spec!r}")
-    w, _, a = s[1:].partition("A")
-    try:
-        w_bits = int(w)
-        a_bits = None if a in ("", "32") else int(a)
-    except ValueError:
-        raise ValueError(f"bit spec must look like W4A4 or W4, got {spec!r}") from None
+    w_bits = int(match[1])
+    a_bits = None if match[2] in (None, "32") else int(match[2])
     check_bits(w_bits, f"weight bits in {spec!r}")
     if a_bits is not None:
         check_bits(a_bits, f"activation bits in {spec!r}")
