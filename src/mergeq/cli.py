@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         a = row["a_bits"] if row["a_bits"] is not None else 32
         return f"{row['method']:>9} W{row['w_bits']}A{a}: merged hmean {100 * row['merged']['hmean']:.1f}%"
 
-    return _experiment(args, run, line, "hmean_vs_bits.png")
+    return _experiment(args, run, line, "hmean_vs_bits.png, merged_vs_experts.png")
 
 
 def cmd_pmq(args: argparse.Namespace) -> int:
