@@ -69,3 +69,14 @@ def test_auto_on_a_tuple_suggests_the_index_of_the_logits():
                                          r"classes; item 1 of its output \(a tuple of 2 items\) has that shape: set "
                                          r"model.output: 1$"):
         check_logits(model, _images(2, 0), 5, "model 'lab'")
+
+
+def test_int8_export_names_the_data_folder_it_needs(tmp_path):
+    from mergeq.deploy import ExportError
+    from mergeq.experiments.steps import export_calibration
+
+    meta = {"data": {"kind": "folder", "root": str(tmp_path / "moved"), "source": "Real_World", "targets": ["Art"],
+                     "image_size": 16, "normalize": "standardize"}, "seed": 0, "domain": "Art"}
+    with pytest.raises(ExportError, match=r"^--kernels int8 calibrates on the images of domains \['Art'\] of the "
+                                          r"checkpoint's data folder .*moved, which cannot be read: data root"):
+        export_calibration(meta, 8)

@@ -12,14 +12,14 @@ on unlabeled target images x with
 
 where p = softmax(h(g(x))), H is the entropy, and y_hat comes from feature-space
 centroids (SHOT Eq. 4-6), recomputed with the model in eval mode at the start of
-every epoch: c_k = sum_x p_k(x) g(x) / sum_x p_k(x); y_hat = argmin_k cos-dist(g(x), c_k);
+every pass: c_k = sum_x p_k(x) g(x) / sum_x p_k(x); y_hat = argmin_k cos-dist(g(x), c_k);
 then one refinement round with hard-label centroids. As in SHOT's code, features get
 a constant 1 appended and are L2-normalised before the cosine distances.
 
 The budget is in optimizer steps (``mergeq.adapt.source.train_steps``: ``steps``, else
 ``epochs`` passes with a floor of ``min_steps``); pseudo-labels are recomputed at the start of
-every pass over the data. Learning-rate decay lr*(1+10p)^-0.75 as in SHOT's code. Our addition, on by default
-(``recalibrate_bn``): BN running statistics are re-estimated on the target data (a full
+every pass over the data. Learning-rate decay lr*(1+10p)^-0.75 as in SHOT's code. Our addition,
+on by default (``recalibrate_bn``): BN running statistics are re-estimated on the target data (a full
 pass, cumulative average; AdaBN, Li et al. 2016) before each epoch's pseudo-labelling
 and after training. SHOT labels with the model in eval mode, i.e. at epoch 0 with the
 *source* BN statistics; on our digits shifts those labels are poor (AdaBN alone beat

@@ -8,9 +8,10 @@ written there atomically (:func:`mergeq.io.save_checkpoint`: one file, its SHA-2
 read, rebuilt with a warning when damaged; a lock file per entry lets concurrent processes decode
 once). The key hashes the resize, the crop and the domain's file ``fingerprint`` (names, sizes and
 contents: :func:`mergeq.data.folder._fingerprint`), so an edited, added or removed image is decoded
-again, and a copy of the same files elsewhere reuses the entry. Normalisation is not in the key: pixels are stored before it (a quarter of the float
-size), and :class:`DecodedImages` applies any normalisation on read, exactly as the lazy
-transform does (the same float operations on the same pixels).
+again, and a copy of the same files elsewhere reuses the entry. Normalisation is not in the key:
+pixels are stored before it (a quarter of the float size), and :class:`DecodedImages` applies any
+normalisation on read, exactly as the lazy transform does (the same float operations on the same
+pixels).
 """
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def _folder(spec: FolderData, seed: int, cache_dir: str | Path | None) -> Benchm
             dom.train, dom.test = materialize(dom.train), materialize(dom.test)
     bench.spec = {**dataclasses.asdict(spec), "root": str(Path(spec.root).expanduser().resolve()),
                   "source": bench.source.name, "targets": list(bench.targets), "image_size": size, "resize": resize,
-                "normalize": normalize, **found}
+                  "normalize": normalize, **found}
     return bench
 
 

@@ -6,7 +6,8 @@ evaluated per target domain with the harmonic mean. Rows: every method at every 
 averaged, see :meth:`Pool.merge_and_evaluate`). Files and resume: :mod:`mergeq.experiments.store`.
 
 results.json: {"experiment": "run", "benchmark", "targets", "seed", "preset", "source" (the source
-model before adaptation, every domain), "steps" ({"source": n, "shot": {d: n}}: optimizer steps), "fp": {"experts": {d: acc}, "merged": {d: acc, "hmean"}},
+model before adaptation, every domain), "steps" ({"source": n, "shot": {d: n}}: optimizer steps),
+"fp": {"experts": {d: acc}, "merged": {d: acc, "hmean"}},
 "fp_bn_mixture" (merge of unfolded experts with mixed BN statistics), "rows": [{"method",
 "w_bits", "a_bits", "experts": {d: acc}, "ptq": {d: {"changed_codes", "recon_loss": {unit: err}}},
 "merged": {d: acc, "hmean"[, "repeats": {"seeds", "hmeans", "std"}]}, "seconds",
