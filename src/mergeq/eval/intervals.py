@@ -55,19 +55,20 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], confidence: float = C
     return mean_ci(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), confidence, seed)
 
 
-def _pts(x: float) -> str:
-    return f"{round(x, DIGITS) + 0.0:+.{DIGITS}f}"  # + 0.0: no "-0.0"
+def signed(x: float) -> str:
+    """``x`` points as printed everywhere: sign, :data:`DIGITS` decimals, never ``-0.0``."""
+    return f"{round(x, DIGITS) + 0.0:+.{DIGITS}f}"
 
 
 def verdict(a: str, b: str, where: str, diff: Interval, confidence: float = CONFIDENCE) -> str:
     """One sentence on ``a`` minus ``b`` at ``where`` (e.g. W3A3) from the interval as printed:
     better / worse when it excludes 0, else no detectable difference; no interval below 2 seeds."""
-    head = f"{a} vs {b} at {where}: {_pts(diff.estimate)} points"
+    head = f"{a} vs {b} at {where}: {signed(diff.estimate)} points"
     if diff.low is None:
         return (f"{head} on {diff.n} paired seed: no interval can be given (it needs at least 2 paired "
                 "seeds), so no difference can be claimed")
     low, high = round(diff.low, DIGITS), round(diff.high, DIGITS)
-    text = f"{head}, {100 * confidence:.0f}% CI [{_pts(low)}, {_pts(high)}] over {diff.n} paired seeds: "
+    text = f"{head}, {100 * confidence:.0f}% CI [{signed(low)}, {signed(high)}] over {diff.n} paired seeds: "
     by = f"{abs(round(diff.estimate, DIGITS)):.{DIGITS}f} points"
     if low > 0:
         return text + f"{a} is better by {by}"

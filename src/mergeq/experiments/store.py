@@ -139,9 +139,10 @@ class RunDir:
         diff += [p for p in self.exp.axes if (_get(old_d, p) is None) != (_get(new_d, p) is None)]
         if diff:
             self._refuse(diff)
-        for path in self.exp.axes:
-            old_items, new_items = _get(old_d, path) or [], _get(new_d, path) or []
-            set_path(new_d, path, old_items + [x for x in new_items if x not in old_items])
+        for path in self.exp.axes:  # unset in both (an optional axis) or set in both: see the check above
+            old_items, new_items = _get(old_d, path), _get(new_d, path)
+            if old_items is not None:
+                set_path(new_d, path, old_items + [x for x in new_items if x not in old_items])
         for path in PER_METHOD:
             set_path(new_d, path, {**(_get(old_d, path) or {}), **(_get(new_d, path) or {})})
         union = Config.from_dict(new_d)
