@@ -122,3 +122,21 @@ def test_each_seed_of_runtime_seeds_changes_only_its_models(model_cache):
         assert Pool(tiny_config(model_cache, {f"runtime.seeds.{what}": 5}))._source_key != base._source_key
     theirs, ours = shot.expert("uci").state_dict(), base.expert("uci").state_dict()
     assert any(not torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+def test_variance_sources_moves_one_source_at_a_time():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "variance_sources.py"
+    spec = importlib.util.spec_from_file_location("variance_sources", path)
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    cfg = tiny_config("c", {"runtime.seed": 3})
+    plan = vs.points(cfg, 2)
+    assert "merge" not in plan  # float rounding draws nothing
+    assert plan["shot"] == [(3, {}), (4, {"runtime.seeds.shot": 4})]  # the base point is shared
+    assert plan["calib"] == [(3, {"runtime.seeds.calib": 3}), (4, {"runtime.seeds.calib": 4})]
+    assert plan["threads"] == [(1, {}), (2, {"runtime.threads": 2})]  # TINY: one thread
+    noisy = vs.points(cfg.updated({"merge.rounding": "noise", "merge.rounding_options": {"seed": 7}}), 2)
+    assert noisy["merge"] == [(7, {}), (8, {"merge.rounding_options.seed": 8})]
