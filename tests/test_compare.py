@@ -83,6 +83,9 @@ def test_ptq_seeds_on_fixed_experts_sentences_and_resume(tmp_path, model_cache, 
     monkeypatch.setattr(bench, "compute_cell", lambda cfg: pytest.fail("a finished cell was recomputed"))
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text())["sentences"] == res["sentences"]
+    # the same folder without PTQ seeds: other cells, refused before any work
+    assert main([*args[:-5], "--out", str(out), "--quiet"]) == 2
+    assert "grid.ptq_seeds" in capsys.readouterr().err
 
 
 def _cells(values: dict[str, list[float]]) -> list[dict]:
