@@ -56,7 +56,8 @@ def test_compare_two_seeds_prints_sentences_that_match_results_json(tmp_path, mo
     res = json.loads((out / "results.json").read_text())
     assert res["units"] == [[0, None], [1, None]] and res["unit"] == "seed"
     rtn = res["bits"]["W3A3"]["methods"]["rtn"]
-    cells = {(c["method"], c["seed"]): c for c in (json.loads(f.read_text()) for f in (out / "grid" / "cells").iterdir())}
+    files = (out / "grid" / "cells").iterdir()
+    cells = {(c["method"], c["seed"]): c for c in (json.loads(f.read_text()) for f in files)}
     assert rtn["values"] == [[s, None, 100 * cells[("rtn", s)]["merged"]["hmean"]] for s in (0, 1)]
     assert rtn["low"] <= rtn["mean"] <= rtn["high"] and rtn["n"] == 2
     assert _check_sentences(printed, res) == 1

@@ -9,10 +9,11 @@ and, if set, ``grid.ptq_seeds`` (PTQ seeds on the experts of each seed)::
     grid: {target_sets: [[uci, mnistm, noisy]], seeds: [0, 1, 2]}
 
 A cell is the grid's config with one value per axis (``data.targets``, ``runtime.seed``, one
-method, one bit pair, and a PTQ seed as ``runtime.seeds.ptq`` and ``runtime.seeds.calib``). Cells run with one torch thread unless the config sets
-``runtime.threads`` (training and reconstruction repeat bit for bit only per thread count, and
-Ray workers default to one), so the ``local`` and ``ray`` executors give identical numbers;
-parallelism comes from running cells side by side. Every cell writes ``cells/<key>.json`` (its
+method, one bit pair, and a PTQ seed as ``runtime.seeds.ptq`` and ``runtime.seeds.calib``). Cells
+run with one torch thread unless the config sets ``runtime.threads`` (training and
+reconstruction repeat bit for bit only per thread count, and Ray workers default to one), so
+the ``local`` and ``ray`` executors give identical numbers; parallelism comes from running cells
+side by side. Every cell writes ``cells/<key>.json`` (its
 row, its full-precision merge and its resolved config, which ``mergeq run --config`` reruns)
 atomically when it finishes; a rerun, under either executor, skips cells whose file exists.
 ``config.yaml`` records the grid; resuming follows :mod:`mergeq.experiments.store`'s rule (the
@@ -64,7 +65,8 @@ class Cell:
 
     def config(self, grid: Config) -> Config:
         """The cell's config: the grid's with one value per axis, one thread unless it sets threads."""
-        ptq = {} if self.ptq_seed is None else {"runtime.seeds.ptq": self.ptq_seed, "runtime.seeds.calib": self.ptq_seed}
+        p = self.ptq_seed
+        ptq = {} if p is None else {"runtime.seeds.ptq": p, "runtime.seeds.calib": p}
         return grid.updated({"data.targets": list(self.targets), "runtime.seed": self.seed,
                              "ptq.methods": [self.method], "ptq.bits": [self.bits],
                              "runtime.threads": grid.runtime.threads or 1, "grid.target_sets": None,
