@@ -82,6 +82,16 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="set any config entry, e.g. --set ptq.options.hdrq.iters=100 (repeatable)")
 
 
+def _seed_list(s: str) -> list[int]:
+    """``3`` -> seeds 0, 1, 2; ``0,4,7`` -> those seeds (``5,`` -> seed 5 alone)."""
+    if "," in s:
+        return [int(p) for p in _csv(s)]
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of seeds (at least 1) or a comma-separated list, got {s}")
+    return list(range(n))
+
+
 def _bounded(kind: type, key: str):
     """A parser of a command's own number flag, checked against ``mergeq.bounds.BOUNDS[key]``."""
     from .bounds import BOUNDS
@@ -159,14 +169,10 @@ def cmd_tta(args: argparse.Namespace) -> int:
                        f"error {100 * row['mean_error']:.1f}%", "stream_error.png")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _cell_bar(args: argparse.Namespace):
+    """A progress callback of ``run_grid`` drawing a tqdm bar of cells (none with --quiet), and its closer."""
     from tqdm import tqdm
 
-    from .experiments import run_grid
-
-    if args.grid and args.config:
-        raise MergeqError("give the grid once: as the positional GRID or as --config")
-    args.config = args.config or args.grid
     bar = None
 
     def progress(i: int, n: int, text: str) -> None:
@@ -177,10 +183,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bar.set_postfix_str(text[:100])
         bar.update(i - bar.n)
 
+    return progress, lambda: bar and bar.close()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .experiments import run_grid
+
+    if args.grid and args.config:
+        raise MergeqError("give the grid once: as the positional GRID or as --config")
+    args.config = args.config or args.grid
+    progress, close = _cell_bar(args)
     run_grid(load_cli_config(args), args.out, args.executor, address=args.address, progress=progress)
-    if bar:
-        bar.close()
+    close()
     print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .experiments.compare import compare
+
+    progress, close = _cell_bar(args)
+    compare(load_cli_config(args), args.out, args.executor, address=args.address, progress=progress)
+    close()
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, config.yaml, compare.png (cells: "
+          f"{Path(args.out) / 'grid'})", file=sys.stderr)
     return 0
 
 
@@ -402,6 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "grid.target_sets x grid.seeds")
     p.add_argument("--out", required=True, help="output folder: cells/*.json, results.json/.md, bench.csv, PNG")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    p = command("compare", cmd_compare, "methods against each other over seeds: merged hmean and paired "
+                "differences with 95%% intervals, one sentence per pair", COMMON, TARGETS, PTQ, MERGE, WORKERS)
+    for flag, path, what in [("--seeds", "grid.seeds", "seeds, each its own source model and experts"),
+                             ("--ptq-seeds", "grid.ptq_seeds", "PTQ seeds (of PTQ and the calibration subset) "
+                                                               "on the experts of --seed, cheaper than --seeds")]:
+        p.add_argument(flag, dest=PREFIX + path, type=_seed_list, default=argparse.SUPPRESS, metavar="N_OR_LIST",
+                       help=f"{what}: N (0..N-1) or a comma-separated list")
+    p.add_argument("--out", required=True, help="output folder: results.json/.md, config.yaml, compare.png, "
+                   "grid/ (the cells)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: cells in a process pool (--workers); ray: cells as Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
 
     p = command("train-source", cmd_train_source, "train (or reuse the cached) source model and save it",

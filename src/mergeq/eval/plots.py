@@ -166,3 +166,48 @@ def plot_merged_vs_experts(panels: Mapping[str, Mapping[str, tuple[Mapping, Mapp
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.16, 1, 1))  # room for the legend below the panels
     return _save(fig, path)
+
+
+def _err(iv: Mapping) -> tuple[float, float]:
+    """Lower and upper error-bar lengths of an interval (zero without one)."""
+    if iv["low"] is None:
+        return 0.0, 0.0
+    return iv["mean"] - iv["low"], iv["high"] - iv["mean"]
+
+
+def plot_compare(res: Mapping, path: str | os.PathLike, title: str = "") -> Path:
+    """``mergeq compare``'s picture: left, each method's merged hmean (%) per bit pair with its 95%
+    interval; right, each pair's paired difference (points) with its interval, against 0."""
+    plt = _pyplot()
+    bits = list(res["bits"])
+    methods = list(res["bits"][bits[0]]["methods"])
+    pairs = [f"{p['a']} − {p['b']}" for p in res["bits"][bits[0]]["pairs"]]
+    fig, (ax_m, ax_d) = plt.subplots(1, 2, figsize=(10, 3.2 + 0.25 * len(pairs) * len(bits)),
+                                     gridspec_kw={"width_ratios": [1, 1.2]})
+    width = 0.7 / len(methods)
+    for k, m in enumerate(methods):
+        ivs = [res["bits"][b]["methods"][m] for b in bits]
+        xs = [i - 0.35 + width * (k + 0.5) for i in range(len(bits))]
+        ax_m.errorbar(xs, [iv["mean"] for iv in ivs], yerr=list(zip(*map(_err, ivs))), fmt="o", capsize=4, label=m)
+    ax_m.set_xticks(range(len(bits)))
+    ax_m.set_xticklabels(bits)
+    ax_m.set_xlim(-0.5, len(bits) - 0.5)
+    ax_m.set(xlabel="bits", ylabel="merged hmean (%)", title=f"per method, mean and 95% interval over {res['unit']}s")
+    ax_m.legend(fontsize=7)
+    rows = [(b, i) for b in bits for i in range(len(pairs))]
+    for j, b in enumerate(bits):
+        ps = res["bits"][b]["pairs"]
+        ys = [len(rows) - 1 - rows.index((b, i)) for i in range(len(ps))]
+        ax_d.errorbar([p["mean"] for p in ps], ys, xerr=list(zip(*map(_err, ps))), fmt="s", capsize=4,
+                      color=f"C{j}", label=b)
+    ax_d.axvline(0, color="black", lw=1, ls="--")
+    ax_d.set_yticks(range(len(rows)))
+    ax_d.set_yticklabels([f"{pairs[i]} ({b})" for b, i in reversed(rows)], fontsize=8)
+    ax_d.set(xlabel="paired difference a − b (points of merged hmean)", title="paired differences, 95% interval")
+    ax_d.legend(fontsize=7, title="bits", title_fontsize=7)
+    for ax in (ax_m, ax_d):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

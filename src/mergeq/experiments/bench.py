@@ -1,18 +1,19 @@
 """``mergeq bench``: ``mergeq run`` over a grid of methods x bit pairs x target sets x seeds, resumable.
 
 The grid is a config (``mergeq bench GRID.yaml``) whose axes are ``ptq.methods``, ``ptq.bits``,
-``grid.target_sets`` (default: ``[data.targets]``) and ``grid.seeds`` (default:
-``[runtime.seed]``)::
+``grid.target_sets`` (default: ``[data.targets]``), ``grid.seeds`` (default: ``[runtime.seed]``)
+and, if set, ``grid.ptq_seeds`` (PTQ seeds on the experts of each seed)::
 
     preset: quick
     ptq: {methods: [rtn, brecq, qdrop, hdrq], bits: [W8A8, W8A4, W4A8, W4A4, W3A3]}
     grid: {target_sets: [[uci, mnistm, noisy]], seeds: [0, 1, 2]}
 
 A cell is the grid's config with one value per axis (``data.targets``, ``runtime.seed``, one
-method, one bit pair). Cells run with one torch thread unless the config sets
-``runtime.threads`` (training and reconstruction repeat bit for bit only per thread count, and
-Ray workers default to one), so the ``local`` and ``ray`` executors give identical numbers;
-parallelism comes from running cells side by side. Every cell writes ``cells/<key>.json`` (its
+method, one bit pair, and a PTQ seed as ``runtime.seeds.ptq`` and ``runtime.seeds.calib``). Cells
+run with one torch thread unless the config sets ``runtime.threads`` (training and
+reconstruction repeat bit for bit only per thread count, and Ray workers default to one), so
+the ``local`` and ``ray`` executors give identical numbers; parallelism comes from running cells
+side by side. Every cell writes ``cells/<key>.json`` (its
 row, its full-precision merge and its resolved config, which ``mergeq run --config`` reruns)
 atomically when it finishes; a rerun, under either executor, skips cells whose file exists.
 ``config.yaml`` records the grid; resuming follows :mod:`mergeq.experiments.store`'s rule (the
@@ -55,17 +56,21 @@ class Cell:
     seed: int
     bits: str
     method: str
+    ptq_seed: int | None = None
 
     @property
     def key(self) -> str:
-        return f"{'+'.join(self.targets)}__seed{self.seed}__{self.bits}__{self.method}"
+        ptq = "" if self.ptq_seed is None else f"__ptq{self.ptq_seed}"
+        return f"{'+'.join(self.targets)}__seed{self.seed}{ptq}__{self.bits}__{self.method}"
 
     def config(self, grid: Config) -> Config:
         """The cell's config: the grid's with one value per axis, one thread unless it sets threads."""
+        p = self.ptq_seed
+        ptq = {} if p is None else {"runtime.seeds.ptq": p, "runtime.seeds.calib": p}
         return grid.updated({"data.targets": list(self.targets), "runtime.seed": self.seed,
                              "ptq.methods": [self.method], "ptq.bits": [self.bits],
                              "runtime.threads": grid.runtime.threads or 1, "grid.target_sets": None,
-                             "grid.seeds": None})
+                             "grid.seeds": None, "grid.ptq_seeds": None, **ptq})
 
 
 def with_axes(cfg: Config) -> Config:
@@ -81,8 +86,8 @@ def with_axes(cfg: Config) -> Config:
 
 def cells_of(cfg: Config) -> list[Cell]:
     g = cfg.grid
-    return [Cell(tuple(t), s, b, m) for t, s, b, m in itertools.product(g.target_sets, g.seeds, cfg.ptq.bits,
-                                                                          cfg.ptq.methods)]
+    return [Cell(tuple(t), s, b, m, p) for t, s, p, b, m in itertools.product(
+        g.target_sets, g.seeds, g.ptq_seeds or [None], cfg.ptq.bits, cfg.ptq.methods)]
 
 
 def _cell_path(out: str | Path, cell: Cell) -> Path:
@@ -126,7 +131,8 @@ def run_cell(grid: dict[str, Any], cell: Cell, out: str, wait: bool = True) -> d
             return read_cell(path)
         log.info("computing cell %s", cell.key)
         row = compute_cell(cell.config(Config.from_dict(grid)))
-        result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "bits": cell.bits, **row}
+        result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "ptq_seed": cell.ptq_seed,
+                  "bits": cell.bits, **row}
         write_json(path, result)
         return result
 

@@ -11,8 +11,9 @@
     merge: {rounding: float, rounding_options: {}, repeats: 1, options: {ties: {density: 0.2}}}
     pmq: {merges: [task_arithmetic, ties], methods: [rtn, gptq, epmq], bits: [W4, W3]}
     tta: {methods: [...], bits: [W4A4, W2A4], streams: [balanced, imbalanced], severity: 5, ...}
-    grid: {target_sets: null, seeds: null}                      # mergeq bench's axes
-    runtime: {seed: 0, device: cpu, threads: null, workers: null, cache_dir: .mergeq-cache}
+    grid: {target_sets: null, seeds: null, ptq_seeds: null}     # mergeq bench's axes
+    runtime: {seed: 0, seeds: {split: null, source: null, shot: null, ptq: null, calib: null},
+              device: cpu, threads: null, workers: null, cache_dir: .mergeq-cache}
 
 Every command reads the same sections: ``run`` (data, model, adapt, ptq, merge, runtime),
 ``pmq`` (ptq's calib_size/first_last_bits/step_method/options, merge.options, pmq), ``tta``
@@ -125,11 +126,26 @@ class TTA:
 class Grid:
     target_sets: list[list[str]] | None = opt(None, help="target sets (None: data.targets)")
     seeds: list[int] | None = opt(None, help="seeds (None: runtime.seed)")
+    ptq_seeds: list[int] | None = opt(None, help="PTQ seeds on the experts of each seed: runtime.seeds.ptq and "
+                                                 ".calib per cell (None: no such axis)")
+
+
+@dataclass
+class Seeds:
+    """Seeds of the single sources of randomness, each overriding ``runtime.seed`` (None: it)."""
+
+    split: int | None = opt(None, help="data splits (digits: also the synthetic noise and photo patches)")
+    source: int | None = opt(None, help="source model: initial weights, batches, augmentation")
+    shot: int | None = opt(None, help="SHOT adaptation of the experts: batches, augmentation")
+    ptq: int | None = opt(None, help="quantize: reconstruction batches, QDrop masks, HDRQ noise")
+    calib: int | None = opt(None, help="calibration subset: a draw of ptq.calib_size images from the unlabeled "
+                                       "split (None: its first ptq.calib_size, in the split seed's order)")
 
 
 @dataclass
 class Runtime:
     seed: int = opt(0, help="seed for data splits, training, PTQ and sampling merges (0 to 2**32 - 1)")
+    seeds: Seeds = opt(factory=Seeds, help="per-source seeds overriding runtime.seed")
     device: str = opt("cpu", help="torch device: cpu, cpu:N, cuda, cuda:N (a GPU torch sees) or mps")
     threads: int | None = opt(None, help="torch CPU threads, at most the CPUs there are (None: torch's); a "
                                          "seeded CPU run repeats bit for bit per thread count")
@@ -138,6 +154,11 @@ class Runtime:
                                          "to compute) or cells "
                                          "(bench; None: 1) side by side")
     cache_dir: str = opt(".mergeq-cache", help="where trained source and expert models are cached")
+
+    def seed_of(self, what: str) -> int:
+        """The seed of one source of randomness: ``seeds.<what>``, or ``seed`` where that is None."""
+        value = getattr(self.seeds, what)
+        return self.seed if value is None else value
 
 
 @dataclass
@@ -219,8 +240,9 @@ class Config:
                 check_unique(f"grid.target_sets[{i}]", s)
                 for name in s:  # cell file names hold them
                     _check(f"grid.target_sets[{i}]", lambda: check_name(name))
-        if self.grid.seeds is not None:
-            check_unique("grid.seeds", self.grid.seeds)
+        for name in ("seeds", "ptq_seeds"):
+            if getattr(self.grid, name) is not None:
+                check_unique(f"grid.{name}", getattr(self.grid, name))
         _check("runtime.device", lambda: check_device(r.device))
 
 

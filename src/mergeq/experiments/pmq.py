@@ -74,9 +74,9 @@ def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict]
         if method == "epmq":
             extra.update(experts=experts, expert_calib=calib)
         t0 = time.perf_counter()
-        torch.manual_seed(pool.seed)
+        torch.manual_seed(pool.seeds["ptq"])
         q = quantize(model, method, calib=torch.cat(calib), config=pool.qconfig((w_bits, a_bits)),
-                     calib_size=None, device=device, seed=pool.seed, progress=progress, **extra)
+                     calib_size=None, device=device, seed=pool.seeds["ptq"], progress=progress, **extra)
         return {"merge": name, "method": method, "w_bits": w_bits, "a_bits": a_bits, "fp_merged": fp,
                 "merged": evaluate(q, tests, device), "seconds": time.perf_counter() - t0}
 

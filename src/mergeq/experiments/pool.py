@@ -10,13 +10,14 @@ yields ``N x num_classes`` logits. Models are trained on first use and cached un
 everything that determines them: the data (the digits benchmark's name; a folder's resolved
 spec and the fingerprint of the domain's files, contents included), the model (registered name
 and kwargs, or its resolved spec, weights' sha256 included, and a builder's source digest or
-torchvision's / timm's version: :func:`~mergeq.models.spec.code_digest`), the seed, the
-training config, the device kind and the number of torch threads (CPU training repeats bit for
-bit only per thread count). An entry is verified on read: one that is truncated, fails its
-digest or holds another model than its key names (a swapped file) is rebuilt, with a warning in
-the log; an entry of a builder model loads onto the config's own model, never the builder its
-file names. A lock file per entry lets concurrent runs (``mergeq bench`` workers) train each
-model once.
+torchvision's / timm's version: :func:`~mergeq.models.spec.code_digest`), the seed (and the
+per-source seeds of ``runtime.seeds`` that differ from it: split and source for the source model,
+shot too for an expert), the training config, the device kind and the number of torch threads
+(CPU training repeats bit for bit only per thread count). An entry is verified on read: one that
+is truncated, fails its digest or holds another model than its key names (a swapped file) is
+rebuilt, with a warning in the log; an entry of a builder model loads onto the config's own
+model, never the builder its file names. A lock file per entry lets concurrent runs (``mergeq
+bench`` workers) train each model once.
 """
 from __future__ import annotations
 
@@ -73,8 +74,9 @@ class Pool:
         if cfg.runtime.threads is not None:
             torch.set_num_threads(cfg.runtime.threads)
         self.progress, self.device, self.seed = progress, cfg.runtime.device, cfg.runtime.seed
+        self.seeds = {w: cfg.runtime.seed_of(w) for w in ("split", "source", "shot", "ptq")}
         torch.manual_seed(self.seed)
-        self.bench = load_data(dataclasses.asdict(cfg.data), self.seed, cfg.runtime.cache_dir)
+        self.bench = load_data(dataclasses.asdict(cfg.data), self.seeds["split"], cfg.runtime.cache_dir)
         self.cfg = with_data(cfg, self.bench.spec)
         self.targets = list(self.bench.targets)
         self.tests = {d: self.bench.targets[d].test for d in self.targets}
@@ -90,7 +92,8 @@ class Pool:
         code = code_digest(self.cfg.model)  # None for registered models: their keys stay as they were
         self._source_key = _key({**self._meta, **({"code": code} if code else {}), "compute": compute,
                                  **self._split(self.bench.source.name),
-                                 "source": dataclasses.asdict(self.cfg.adapt.source)})
+                                 "source": dataclasses.asdict(self.cfg.adapt.source),
+                                 **self._own_seeds("split", "source")})
         self._source: nn.Module | None = None
         self._experts: dict[str, nn.Module] = {}
         self._accuracy: dict[str, Any] = {}
@@ -103,6 +106,12 @@ class Pool:
         a = self.cfg.adapt
         return {"source": train_steps(a.source, len(self.bench.source.train)),
                 "shot": {d: train_steps(a.shot, len(self.bench.targets[d].train)) for d in self.targets}}
+
+    def _own_seeds(self, *sources: str) -> dict[str, Any]:
+        """The seeds of ``sources`` that differ from ``runtime.seed``, for a cache key (none: the key
+        of a run without ``runtime.seeds``, so earlier cache entries stay valid)."""
+        own = {w: self.seeds[w] for w in sources if self.seeds[w] != self.seed}
+        return {"seeds": own} if own else {}
 
     def _split(self, domain: str) -> dict[str, Any]:
         splits = getattr(self.cfg.data, "splits", None)
@@ -139,8 +148,9 @@ class Pool:
             path = self.cache_dir / f"source-{self._source_key}.safetensors"
 
             def make() -> nn.Module:
-                torch.manual_seed(self.seed)
-                return train_source(self.new_model(), self.bench.source.train, self.cfg.adapt.source, seed=self.seed,
+                torch.manual_seed(self.seeds["source"])
+                return train_source(self.new_model(), self.bench.source.train, self.cfg.adapt.source,
+                                    seed=self.seeds["source"],
                                     device=self.device, progress=self.progress)
 
             meta = self.checkpoint_meta(domain=self.bench.source.name, role="source",
@@ -153,11 +163,11 @@ class Pool:
         if domain not in self._experts:
             shot_cfg = self.cfg.adapt.shot
             key = _key({"source": self._source_key, "domain": domain, "shot": dataclasses.asdict(shot_cfg),
-                        **self._split(domain)})
+                        **self._split(domain), **self._own_seeds("shot")})
             path = self.cache_dir / f"expert-{domain}-{key}.safetensors"
 
             def make() -> nn.Module:
-                return shot(self.source, self.bench.targets[domain].train, shot_cfg, seed=self.seed,
+                return shot(self.source, self.bench.targets[domain].train, shot_cfg, seed=self.seeds["shot"],
                             device=self.device, progress=self.progress)
 
             meta = self.checkpoint_meta(domain=domain, role="expert", config=dataclasses.asdict(shot_cfg))
@@ -205,9 +215,13 @@ class Pool:
                 "fp_bn_mixture": evaluate(merge(list(self.experts.values())), self.tests, self.device)}
 
     def calib(self, domain: str, n: int | None = None) -> torch.Tensor:
-        """The first ``n`` (default ``ptq.calib_size``) inputs of ``domain``'s unlabeled training split."""
+        """``n`` (default ``ptq.calib_size``) inputs of ``domain``'s unlabeled training split: its first
+        ``n``, or ``n`` drawn without replacement by ``runtime.seeds.calib`` when that is set."""
         split = self.bench.source.train if domain == self.bench.source.name else self.bench.targets[domain].train
-        return as_tensor(split, limit=n or self.cfg.ptq.calib_size)
+        n, seed = n or self.cfg.ptq.calib_size, self.cfg.runtime.seeds.calib
+        if seed is None:
+            return as_tensor(split, limit=n)
+        return take(split, torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n])[0]
 
     def options(self, method: str, **overrides: Any) -> dict[str, Any]:
         """PTQ ``method``'s options: the resolved config's, then ``overrides``."""
@@ -217,10 +231,10 @@ class Pool:
         return qconfig(self.cfg, bits, fold_bn)
 
     def quantize_experts(self, method: str, qcfg: QuantConfig, **overrides: Any) -> dict[str, nn.Module]:
-        """Each expert quantized with ``method`` on its own target's calibration split."""
+        """Each expert quantized with ``method`` on its own target's calibration inputs (:meth:`calib`)."""
         options = self.options(method, **overrides)
-        return {d: quantize(m, method, calib=self.bench.targets[d].train, config=qcfg, source=self.source,
-                            calib_size=self.cfg.ptq.calib_size, device=self.device, seed=self.seed,
+        return {d: quantize(m, method, calib=self.calib(d), config=qcfg, source=self.source,
+                            calib_size=self.cfg.ptq.calib_size, device=self.device, seed=self.seeds["ptq"],
                             progress=self.progress, **options)
                 for d, m in self.experts.items()}
 

@@ -169,10 +169,10 @@ def bench_markdown(results: dict[str, Any]) -> str:
 def bench_csv(cells: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["targets", "seed", "bits", "method", "merged_hmean", "expert_mean", "seconds"])
+    w.writerow(["targets", "seed", "bits", "method", "merged_hmean", "expert_mean", "seconds", "ptq_seed"])
     for r in cells:
         w.writerow(["+".join(r["targets"]), r["seed"], r["bits"], r["method"], f"{r['merged']['hmean']:.4f}",
-                    f"{statistics.mean(r['experts'].values()):.4f}", f"{r['seconds']:.1f}"])
+                    f"{statistics.mean(r['experts'].values()):.4f}", f"{r['seconds']:.1f}", r.get("ptq_seed", "")])
     return buf.getvalue()
 
 

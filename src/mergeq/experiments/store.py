@@ -8,7 +8,8 @@ The resume rule: a folder that already holds results is resumed iff they are res
 experiment whose config differs from this one at most in the experiment's *axes* (``run``:
 ``ptq.methods``, ``ptq.bits``; ``pmq``: ``pmq.merges``, ``pmq.methods``, ``pmq.bits``; ``tta``:
 ``tta.methods``, ``tta.bits``, ``tta.streams``; ``bench``: those of ``run`` plus
-``grid.target_sets``, ``grid.seeds``), in the options of methods only one of the two runs names,
+``grid.target_sets``, ``grid.seeds``, ``grid.ptq_seeds``, which is not unset or set where it was
+the other), in the options of methods only one of the two runs names,
 in sections the experiment does not read, and in ``runtime.cache_dir``. Both configs are
 compared resolved (folders of the earlier flat form too). The recorded config then holds the
 union of both runs' axes, every earlier row is kept as it was, and only missing rows are
@@ -73,7 +74,8 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("tta", ("tta.methods", "tta.bits", "tta.streams"),
                ("data.targets", "ptq.methods", "ptq.bits", "merge", "pmq", "grid"),
                lambda r: (r["stream"], r["method"], r["bits"]), _tta_methods),
-    Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds"), ("pmq", "tta", "runtime.workers"),
+    Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds", "grid.ptq_seeds"),
+               ("pmq", "tta", "runtime.workers"),
                lambda r: r["key"]),
 )}
 
@@ -183,11 +185,13 @@ class RunDir:
         new_d, old_d = cfg.to_dict(), old.to_dict()
         common = {p: set(_get(old_d, p) or {}) & set(_get(new_d, p) or {}) for p in PER_METHOD}
         diff = config_diff(_settings(old_d, self.exp, common), _settings(new_d, self.exp, common))
+        diff += [p for p in self.exp.axes if (_get(old_d, p) is None) != (_get(new_d, p) is None)]
         if diff:
             self._refuse(diff)
-        for path in self.exp.axes:
-            old_items, new_items = _get(old_d, path) or [], _get(new_d, path) or []
-            set_path(new_d, path, old_items + [x for x in new_items if x not in old_items])
+        for path in self.exp.axes:  # unset in both (an optional axis) or set in both: see the check above
+            old_items, new_items = _get(old_d, path), _get(new_d, path)
+            if old_items is not None:
+                set_path(new_d, path, old_items + [x for x in new_items if x not in old_items])
         for path in PER_METHOD:
             set_path(new_d, path, {**(_get(old_d, path) or {}), **(_get(new_d, path) or {})})
         union = Config.from_dict(new_d)

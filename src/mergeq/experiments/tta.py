@@ -105,9 +105,10 @@ class TTARows:
             return pool.source
         key = (base, bits)
         if key not in self._quantized:
-            self._quantized[key] = quantize(pool.source, base, calib=pool.bench.source.train,
+            self._quantized[key] = quantize(pool.source, base, calib=pool.calib(pool.bench.source.name),
                                             config=pool.qconfig(parse_bits(bits), fold_bn=False),
-                                            calib_size=self.cfg.ptq.calib_size, device=pool.device, seed=pool.seed,
+                                            calib_size=self.cfg.ptq.calib_size, device=pool.device,
+                                            seed=pool.seeds["ptq"],
                                             progress=self.progress, **pool.options(base))
         return self._quantized[key]
 

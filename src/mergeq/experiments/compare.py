@@ -1,0 +1,115 @@
+"""``mergeq compare``: PTQ methods against each other over seeds, with 95% intervals (issue 21).
+
+A thin layer over :func:`mergeq.experiments.bench.run_grid`: the grid ``ptq.methods`` x
+``ptq.bits`` x ``grid.seeds`` (each seed its own source model and experts) or, cheaper, x
+``grid.ptq_seeds`` (the experts of ``runtime.seed``, only the PTQ seed and the calibration subset
+vary) runs into ``OUT/grid`` on bench's executors, resumably. Then, per bit pair, each method's
+merged hmean (mean over seeds with its 95% bootstrap interval) and, for each pair of methods in
+the order given, the paired difference (same seed; :func:`mergeq.eval.intervals.paired_diff_ci`)
+with its interval and the sentence :func:`~mergeq.eval.intervals.verdict` writes from it.
+
+OUT gets ``config.yaml`` (the resolved request: rerun it to reproduce), ``results.json``,
+``results.md`` and ``compare.png``. results.json: {"experiment": "compare", "benchmark",
+"targets", "confidence", "units": [[seed, ptq_seed], ...], "fp_merged": interval, "bits": {bits:
+{"methods": {method: interval + "values"}, "pairs": [{"a", "b", **interval, "sentence"}]}},
+"sentences"}; an interval is {"n", "mean", "low", "high"} in points (low/high null below 2 seeds).
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from ..eval.intervals import CONFIDENCE, Interval, mean_ci, paired_diff_ci, signed, verdict
+from ..io import atomic_write_text, check_out_dir, write_json
+from .bench import cells_of, run_grid, with_axes
+from .config import Config, resolve
+
+PNG = "compare.png"
+
+
+def _interval(ci: Interval) -> dict[str, Any]:
+    return {"n": ci.n, "mean": ci.estimate, "low": ci.low, "high": ci.high}
+
+
+def _unit(cell: dict) -> tuple[int, int | None]:
+    return cell["seed"], cell.get("ptq_seed")
+
+
+def summarize(cells: list[dict], methods: list[str], bits: list[str]) -> dict[str, Any]:
+    """Per bit pair: each method's merged hmean interval and the paired differences of every pair
+    (a before b in ``methods``), in points, over the seeds both methods have."""
+    hmean = {(c["method"], c["bits"], _unit(c)): 100 * c["merged"]["hmean"] for c in cells}
+    units = sorted({_unit(c) for c in cells}, key=lambda u: (u[0], -1 if u[1] is None else u[1]))
+    fp = {_unit(c): 100 * c["fp_merged"]["hmean"] for c in cells}
+    out: dict[str, Any] = {"units": [list(u) for u in units], "fp_merged": _interval(mean_ci(list(fp.values()))),
+                           "bits": {}, "sentences": []}
+    for b in bits:
+        values = {m: {u: hmean[(m, b, u)] for u in units if (m, b, u) in hmean} for m in methods}
+        per_method = {m: {**_interval(mean_ci(list(v.values()))), "values": [[*u, x] for u, x in v.items()]}
+                      for m, v in values.items()}
+        pairs = []
+        for a, z in itertools.combinations(methods, 2):
+            shared = [u for u in units if u in values[a] and u in values[z]]
+            ci = paired_diff_ci([values[a][u] for u in shared], [values[z][u] for u in shared])
+            pairs.append({"a": a, "b": z, **_interval(ci), "sentence": verdict(a, z, b, ci)})
+        out["bits"][b] = {"methods": per_method, "pairs": pairs}
+        out["sentences"] += [p["sentence"] for p in pairs]
+    return out
+
+
+def _ci_text(iv: dict) -> str:
+    if iv["low"] is None:
+        return f"{iv['mean']:.1f} (n={iv['n']}, no interval)"
+    return f"{iv['mean']:.1f} [{iv['low']:.1f}, {iv['high']:.1f}]"
+
+
+def _diff_text(p: dict) -> str:
+    text = signed(p["mean"])
+    return text + (" (no interval)" if p["low"] is None else f" [{signed(p['low'])}, {signed(p['high'])}]")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """results.md: the per-method table, the paired-difference table and one sentence per pair."""
+    bits = list(res["bits"])
+    methods = list(res["bits"][bits[0]]["methods"])
+    pairs = [(p["a"], p["b"]) for p in res["bits"][bits[0]]["pairs"]]
+    n = len(res["units"])
+    lines = [f"# {', '.join(methods)} on {res['benchmark']} ({', '.join(res['targets'])}): {n} {res['unit']}s", "",
+             f"Merged hmean in %: mean over the {res['unit']}s [{100 * res['confidence']:.0f}% percentile-bootstrap "
+             f"interval]. Full-precision merge of the same experts: {_ci_text(res['fp_merged'])}.", "",
+             "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+    lines += [f"| {m} | " + " | ".join(_ci_text(res["bits"][b]["methods"][m]) for b in bits) + " |" for m in methods]
+    lines += ["", f"Paired differences in points (a minus b on the same {res['unit']}) [{100 * res['confidence']:.0f}% "
+              "bootstrap interval of the mean difference]:", "",
+              "| a − b | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+    for i, (a, z) in enumerate(pairs):
+        lines.append(f"| {a} − {z} | " + " | ".join(_diff_text(res["bits"][b]["pairs"][i]) for b in bits) + " |")
+    if n < 2:
+        lines += ["", f"One {res['unit']}: no interval can be given; run at least 2 (--seeds N or --ptq-seeds N)."]
+    lines += ["", *(f"- {s}" for s in res["sentences"]), "", f"![merged hmean and paired differences]({PNG})", ""]
+    return "\n".join(lines)
+
+
+def compare(config: Config, out: str | Path, executor: str = "local", workers: int | None = None,
+            address: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the grid of ``config`` into ``out/grid`` and write the comparison into ``out``."""
+    from ..eval.plots import plot_compare
+
+    if config.grid.target_sets is not None and len(config.grid.target_sets) != 1:
+        raise ConfigError(f"grid.target_sets: compare runs one target set (or data.targets), got "
+                          f"{len(config.grid.target_sets)}")
+    out = check_out_dir(out)
+    request = resolve(with_axes(config))
+    cells = run_grid(request, out / "grid", executor, workers, address, progress)
+    wanted = {c.key for c in cells_of(request)}
+    res = {"experiment": "compare", "benchmark": cells[0]["benchmark"], "targets": request.grid.target_sets[0],
+           "unit": "PTQ seed" if request.grid.ptq_seeds else "seed", "confidence": CONFIDENCE,
+           **summarize([c for c in cells if c["key"] in wanted], request.ptq.methods, request.ptq.bits)}
+    atomic_write_text(out / "config.yaml", request.to_yaml())
+    write_json(out / "results.json", res)
+    plot_compare(res, out / PNG, f"{res['benchmark']}: merged hmean over {len(res['units'])} {res['unit']}s")
+    atomic_write_text(out / "results.md", markdown(res))
+    return res
+
