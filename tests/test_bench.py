@@ -43,6 +43,7 @@ def grid(tmp_path, model_cache):
     return _grid_file(tmp_path / "grid.yaml", GRID, model_cache)
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_two_cell_grid_and_resume(grid, tmp_path, monkeypatch):
     out = tmp_path / "out"
     events = []
@@ -277,6 +278,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_pool_workers_exit_when_the_bench_process_is_killed(tmp_path):
     path = _grid_file(tmp_path / "grid.yaml",  # real cells: long enough that the workers are busy when it dies
                       {**GRID, "adapt": {"source": {"epochs": 50}}}, tmp_path / "cache")

@@ -66,6 +66,7 @@ def test_compare_two_seeds_prints_sentences_that_match_results_json(tmp_path, mo
     assert recorded.grid.seeds == [0, 1] and recorded.ptq.methods == ["rtn", "brecq"]
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_ptq_seeds_on_fixed_experts_sentences_and_resume(tmp_path, model_cache, capsys, monkeypatch):
     out = tmp_path / "cmp"
     args = ["compare", "--config", str(_config_file(tmp_path, model_cache)), "--methods", "rtn,brecq",

@@ -298,7 +298,8 @@ def test_fp32_export_and_kernel_errors(fp_resnet, tmp_path):
 
 
 # -- the command line, for every registered architecture ------------------------------------------------
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "resnet20" else a
+                                  for a in sorted(ARCHITECTURES)])  # resnet20: as resnet8, 4x the compute
 def test_cli_exports_every_architecture(arch, tmp_path, capsys):
     kwargs = {"patch": 8, "depth": 1} if arch == "vit_tiny" else {}
     torch.manual_seed(0)

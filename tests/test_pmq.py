@@ -11,6 +11,7 @@ from mergeq.experiments import run_pmq
 from .conftest import tiny_config
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_pmq_rows_files_and_resume(tmp_path, model_cache):
     cfg = tiny_config(model_cache, {"pmq.merges": ["task_arithmetic"], "pmq.methods": ["rtn", "gptq", "epmq"],
                                     "pmq.bits": ["W4"]})

@@ -60,6 +60,7 @@ def test_written_config_is_resolved_and_reruns_to_the_same_numbers(tiny_run, tmp
     assert (tmp_path / "again" / "config.yaml").read_text() == text
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_resume_keeps_every_row_and_refuses_other_settings(tiny_run, tmp_path):
     """Issue 15: results.json once went from 4 rows to 1 when --out held another run's rows."""
     import shutil
@@ -85,6 +86,7 @@ def test_resume_keeps_every_row_and_refuses_other_settings(tiny_run, tmp_path):
     assert (out / "results.json").read_text() == before
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_an_edited_config_yaml_cannot_relabel_the_rows(tiny_run, tmp_path):
     """Issue 24: a rerun of an edited config.yaml into the same --out kept the old rows and
     labelled every row with the new settings. results.json records the config its rows were
@@ -114,6 +116,7 @@ def test_an_edited_config_yaml_cannot_relabel_the_rows(tiny_run, tmp_path):
         run(load_config(out / "config.yaml"), out)
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_a_second_run_into_the_same_out_waits_and_keeps_both_rows(tiny_run, tmp_path, caplog):
     """Issue 24: two `mergeq run --out R` at once (other bits) both exited 0 and results.json
     kept only the last writer's rows. run (and pmq, tta) hold a lock on --out, as bench does."""
@@ -140,6 +143,7 @@ def test_a_second_run_into_the_same_out_waits_and_keeps_both_rows(tiny_run, tmp_
     assert json.loads((out / "results.json").read_text())["rows"] == second["rows"]
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_repeated_sampling_merges_are_averaged(model_cache):
     pool = Pool(tiny_config(model_cache, {"merge.rounding": "noise", "merge.rounding_options": {"samples": 2},
                                           "merge.repeats": 3}))
@@ -161,6 +165,7 @@ def test_cli_rejects_bad_bits_and_methods(tmp_path, capsys):
     assert "ptq.methods[0]: unknown PTQ method 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_step_commands_round_trip_and_write_their_config(tiny_run, model_cache, tmp_path, capsys):
     from mergeq.checkpoint import model_from_checkpoint
     from mergeq.nn import quant_modules
@@ -233,6 +238,7 @@ def test_rows_in_worker_processes_equal_rows_computed_in_process(model_cache, tm
         tiny_config(model_cache, {"runtime.workers": 0})
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_a_quick_run_on_a_non_default_device_string(tmp_path):
     """``runtime.device: cpu:0`` (not the default ``cpu``) through source training, SHOT, RTN, the
     noise rounding and evaluation, models trained afresh: a tensor made on the default device, or a

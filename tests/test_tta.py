@@ -261,6 +261,7 @@ def test_parse_method_and_config():
     assert len(rows) == 2 * 2 + 2 * 2 * 3 and rows[0] == ("balanced", "fp", "FP32")
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_driver_smoke_and_resume(tmp_path, monkeypatch):
     """The whole `mergeq tta` path on a tiny random ResNet-8, 8 images, two corruptions (seconds)."""
     import json

@@ -65,6 +65,7 @@ def office(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_office_home_folder_through_run_pmq_and_bench(office, tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--config", str(office), "--preset", "quick", "--out", str(out), "--quiet"]) == 0
@@ -101,6 +102,7 @@ def test_office_home_folder_through_run_pmq_and_bench(office, tmp_path):
     assert (tmp_path / "samples.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # end to end on the tiny models (several seconds); CI runs it
 def test_builder_model_with_a_dict_output_through_run_and_pmq(office, tmp_path, monkeypatch):
     (tmp_path / "lab_nets_issue16.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -95,7 +95,8 @@ BOUNDS: dict[str, Bound] = {
     "radius": POSITIVE,
     "per_domain": Bound(1, 100, why="images in a row of the sample grid"),
     # machine
-    **dict.fromkeys(["seed", "seeds"], SEED),
+    **dict.fromkeys(["seed", "seeds", "ptq_seeds", *(f"seeds.{k}" for k in ("split", "source", "shot", "ptq", "calib"))],
+                    SEED),
     **dict.fromkeys(["threads", "workers"], CPUS),
 }
 """Option name (or ``parent.name``) -> its bound; docs/CONFIG.md lists the same ranges."""

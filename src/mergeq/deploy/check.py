@@ -109,7 +109,7 @@ def _median_ms(sessions: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
 
 @torch.no_grad()
 def check_int8_export(model: nn.Module, path: str | Path, plan: IntegerPlan, images: torch.Tensor,
-                      rounds: int = 20, opset: int | None = None) -> ExportCheck:
+                      rounds: int = 10, opset: int | None = None) -> ExportCheck:
     """Run the int8 file at ``path`` on ``images`` with onnxruntime here and compare (see module doc);
     ``opset``: the QDQ form's (default: :func:`~.onnx_export.to_onnx`'s)."""
     from .onnx_export import export_onnx, ort_session
