@@ -18,6 +18,14 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, path: str | os.PathLike, title: str, rect: tuple = (0, 0, 1, 1)) -> Path:
+    """Title (if any), tight layout within ``rect``, then the PNG at ``path``."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=rect)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     try:
@@ -39,10 +47,7 @@ def plot_paths(paths: Mapping[str, dict], path: str | os.PathLike, title: str = 
     ax_l.legend(fontsize=7)
     for ax in (ax_l, ax_a):
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, path, title)
 
 
 def plot_surfaces(surfaces: Mapping[str, dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -101,10 +106,7 @@ def plot_stream_errors(rows: list[Mapping], path: str | os.PathLike, title: str 
             ax.set_ylabel("error (%)")
             ax.grid(alpha=0.3, axis="y")
             ax.legend(fontsize=6, loc="upper left")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, path, title)
 
 
 def plot_hmean_vs_bits(panels: Mapping[str, Mapping], path: str | os.PathLike, title: str = "") -> Path:
@@ -127,10 +129,7 @@ def plot_hmean_vs_bits(panels: Mapping[str, Mapping], path: str | os.PathLike, t
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("merged hmean (%)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, path, title)
 
 
 def plot_merged_vs_experts(panels: Mapping[str, Mapping[str, tuple[Mapping, Mapping]]], domains: list[str],
@@ -162,10 +161,7 @@ def plot_merged_vs_experts(panels: Mapping[str, Mapping[str, tuple[Mapping, Mapp
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
                title="bars: the merged model on each domain, per method", title_fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))  # room for the legend below the panels
-    return _save(fig, path)
+    return _finish(fig, path, title, rect=(0, 0.16, 1, 1))  # room for the legend below the panels
 
 
 def _err(iv: Mapping) -> tuple[float, float]:
@@ -207,7 +203,4 @@ def plot_compare(res: Mapping, path: str | os.PathLike, title: str = "") -> Path
     ax_d.legend(fontsize=7, title="bits", title_fontsize=7)
     for ax in (ax_m, ax_d):
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, path, title)
