@@ -244,6 +244,24 @@ def test_load_refuses_truncated_or_tampered_files(q_resnet, tmp_path):
         assert issubclass(CheckpointError, MergeqError), what
 
 
+def test_metadata_naming_a_larger_model_is_refused_before_it_is_built(q_resnet, tmp_path, monkeypatch):
+    """Issue 24: ``width: 1024`` in a packed file's metadata built a 1.45 GB model before the shapes
+    were compared; now the architecture is built on the meta device first and nothing else."""
+    import mergeq.deploy.packed as packed
+
+    good = save_packed(q_resnet, tmp_path / "good.safetensors", META)
+    wide = _rewrite(good, tmp_path / "wide.safetensors", edit_meta=lambda m: m["arch_kwargs"].update(width=1024))
+    devices = []
+    real = packed.architecture
+    monkeypatch.setattr(packed, "architecture", lambda *a: devices.append(torch.empty(0).device.type) or real(*a))
+    with pytest.raises(CheckpointError, match=r"holds weights of shape \[16, 3, 3, 3\], the architecture its "
+                                              r"metadata names has \[1024, 3, 3, 3\]"):
+        load_packed(wide)
+    assert devices == ["meta"]
+    load_packed(good)
+    assert devices == ["meta", "meta", "cpu"]  # a good file: checked on meta, then built
+
+
 # -- ONNX ------------------------------------------------------------------------------------------
 def _agreement(model: nn.Module, path, x: torch.Tensor) -> tuple[float, float]:
     sess = ort_session(path)

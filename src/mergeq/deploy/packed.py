@@ -200,6 +200,31 @@ def _layer_state(name: str, spec: dict, tensors: dict[str, torch.Tensor], path: 
     return out
 
 
+def _check_shapes_on_meta(meta: dict, layers: dict, path: Path, trust_builder: bool) -> None:
+    """Every quantized layer's shape against the architecture the metadata names, built on the
+    ``meta`` device (no memory): metadata naming a larger model than its tensors is refused before
+    the real build allocates it. A trusted builder is called once, for the real build; architectures
+    that cannot be built on ``meta`` are checked after it."""
+    if isinstance(meta.get("model"), dict) and meta["model"].get("builder"):
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = architecture(meta, None, trust_builder)
+    except MergeqError:
+        raise
+    except Exception:  # noqa: BLE001  (a builder that needs real tensors: the full build checks it)
+        return
+    for name, spec in layers.items():
+        try:
+            shape = list(skeleton.get_submodule(name).weight.shape)
+        except AttributeError:
+            raise CheckpointError(f"layer {name} in {path}: the architecture its metadata names has no such "
+                                  "layer with weights") from None
+        if shape != spec["shape"]:
+            raise CheckpointError(f"layer {name} in {path} holds weights of shape {spec['shape']}, the architecture "
+                                  f"its metadata names has {shape}")
+
+
 def load_packed(path: str | Path, template: nn.Module | None = None, trust_builder: bool = False) -> nn.Module:
     """Rebuild the quantized model saved by :func:`save_packed` (eval mode, on CPU).
 
@@ -228,6 +253,11 @@ def load_packed(path: str | Path, template: nn.Module | None = None, trust_build
         missing = [k for k in _LAYER_KEYS if k not in spec]
         if missing:
             raise CheckpointError(f"metadata of layer {name} in {path} lacks {missing}")
+    state: dict[str, torch.Tensor] = {}
+    for name, spec in layers.items():  # the file's tensors against its own metadata, before any model exists
+        state.update(_layer_state(name, spec, tensors, path))
+    if template is None:
+        _check_shapes_on_meta(meta, layers, path, trust_builder)
     try:
         model = architecture(meta, template, trust_builder)
         for name in meta["identity_modules"]:
@@ -248,9 +278,6 @@ def load_packed(path: str | Path, template: nn.Module | None = None, trust_build
         raise
     except (AttributeError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"packed checkpoint {path} does not fit its architecture: {e}") from None
-    state: dict[str, torch.Tensor] = {}
-    for name, spec in layers.items():
-        state.update(_layer_state(name, spec, tensors, path))
     state.update(tensors)  # biases and other float tensors
     try:
         model.load_state_dict(state)
