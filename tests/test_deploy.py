@@ -302,7 +302,9 @@ def test_onnx_general_models_and_int8_fallback(any_model, images, tmp_path):
             assert dtypes[name.replace(".", "_") + "_w_codes"] == (onnx.TensorProto.INT4 if int4_here
                                                                    else onnx.TensorProto.INT8)
         agree, diff = _agreement(q, path, torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(7)))
-        assert agree >= 0.99 and diff < 1e-3
+        # float arithmetic on both sides, summed in other orders: measured max difference 0 with PyTorch's
+        # AVX-512 kernels, 1.3e-3 (nested_bottleneck) with its AVX2 kernels (ATEN_CPU_CAPABILITY=avx2)
+        assert agree >= 0.99 and diff < 5e-3
 
 
 @needs_ort
