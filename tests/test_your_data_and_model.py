@@ -2,6 +2,7 @@
 images each) through ``run --preset quick``, ``pmq`` and ``bench``, the written config rerunning to
 the same numbers; an in-house ``builder:`` model whose forward returns a dict through ``run`` and
 ``pmq`` (cached and rebuilt from its checkpoints); ``pmq --config benchmarks/configs/vit_digits.yaml``."""
+import importlib
 import json
 from pathlib import Path
 
@@ -147,3 +148,40 @@ def test_pmq_with_the_vit_config_of_the_readme(tmp_path):
     recorded = load_config(out / "config.yaml")
     assert recorded.model.name == "vit_tiny" and recorded.adapt.source.optimizer == "adam"
     assert [r["method"] for r in _rows(out / "results.json")] == ["rtn", "gptq"]
+
+
+def _importable(package: str) -> bool:
+    try:
+        importlib.import_module(package)
+        return True
+    except Exception:  # noqa: BLE001  (torchvision raises RuntimeError beside a torch it was not built for)
+        return False
+
+
+@pytest.mark.slow  # a ResNet-18 through every command (a minute); CI runs it where the pair is installed
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.skipif(not _importable(n.split(":")[0]), reason=f"{n.split(':')[0]} is not "
+                                             "importable here (install a matching torch/torchvision pair: README)"))
+    for n in ("torchvision:resnet18", "timm:resnet18")])
+def test_torchvision_and_timm_models_through_run_pmq_and_the_int8_export(office, tmp_path, name, capsys):
+    """Issue 23: a torchvision and a timm model (random init, tiny folder data at 32 px) through run, pmq,
+    the step commands and ``export --kernels int8``, whose integer model must equal its simulation."""
+    config = {**yaml.safe_load(office.read_text()), "model": {"name": name},
+              "ptq": {"methods": ["rtn"], "bits": ["W8A8"]},
+              "pmq": {"merges": ["task_arithmetic"], "methods": ["rtn"], "bits": ["W4"]}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    for command in ("run", "pmq"):
+        assert main([command, "--config", str(cfg), "--preset", "quick", "--out", str(tmp_path / command),
+                     "--quiet"]) == 0
+        rows = json.loads((tmp_path / command / "results.json").read_text())["rows"]
+        assert rows and all(0.0 <= r["merged"]["hmean"] <= 1.0 for r in rows)
+    src, q, onnx_path = (tmp_path / f for f in ("source.safetensors", "q.safetensors", "q.onnx"))
+    assert main(["train-source", "--config", str(cfg), "--preset", "quick", "--out", str(src), "--quiet"]) == 0
+    assert main(["quantize", "--config", str(cfg), "--preset", "quick", "--model", str(src), "--domain", "Art",
+                 "--method", "rtn", "--bits", "W8A8", "--out", str(q), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--config", str(cfg), "--model", str(q), "--format", "onnx", "--kernels", "int8",
+                 "--calib-size", "32", "--out", str(onnx_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "32 calibration images: agrees with its simulation on 100.00%" in printed, printed
