@@ -9,9 +9,9 @@
     {builder: "my_lab.nets:make_net", kwargs: {depth: 4}}   # any importable function returning an nn.Module
 
 ``num_classes`` is passed to every factory as ``num_classes=`` (to a builder only if its
-signature takes it and ``kwargs`` does not set it). torchvision and timm are the ``vision``
-extra (``pip install 'mergeq[vision]'``), imported only when a spec names them; they must be
-built for the installed torch. Nothing is downloaded: starting weights come from
+signature takes it and ``kwargs`` does not set it). torchvision and timm are imported only when a spec
+names them; they must be built for the installed torch (install the pair first, e.g. torch
+2.14.1 + torchvision 0.29.1, then the ``vision`` extra adds nothing else). Nothing is downloaded: starting weights come from
 ``weights: PATH.safetensors`` (the built model's state-dict keys; safetensors only, never a
 pickle), with ``ignore`` naming keys (``fnmatch`` patterns such as ``"fc.*"``) left at their
 initial values, e.g. an ImageNet backbone with a new head. A missing or unexpected key or a
@@ -73,8 +73,9 @@ def _import_extra(package: str):
     try:
         return importlib.import_module(package)
     except Exception as e:  # torchvision built for another torch fails with RuntimeError / OSError, not ImportError
-        raise ModelError(f"model {package}:NAME needs {package} built for torch {torch.__version__} "
-                         f"(pip install 'mergeq[vision]'): {type(e).__name__}: {e}") from None
+        raise ModelError(f"model {package}:NAME needs {package} built for torch {torch.__version__}; install a "
+                         f"matching pair, e.g. pip install torch==2.14.1 torchvision==0.29.1 timm (README): "
+                         f"{type(e).__name__}: {e}") from None
 
 
 def _builder(path: str) -> Callable[..., Any]:
