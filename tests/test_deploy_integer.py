@@ -224,6 +224,16 @@ def test_int8_exports_are_exact_on_an_emulated_avx2_cpu_without_vnni(fp_resnet, 
     assert np.abs(outs[3] - sims[3]).max() > 1e-3  # int8 8-bit weights saturate there
 
 
+def test_int8_export_names_the_layers_left_in_float(fp_resnet, tmp_path, caplog):
+    """Issue 24: a layer without an integer kernel ran in float in the int8 graph without a word."""
+    q = quantize(fp_resnet, "rtn", calib=_images(64), w_bits=4, a_bits=4)
+    q.layer1[0].conv1.act_quant = None  # weight-only: no integer kernel takes a float input
+    with caplog.at_level("WARNING", logger="mergeq.deploy.onnx_export"):
+        path = export_onnx(q, tmp_path / "m.onnx", kernels="int8", calib=_images(64))
+    assert "1 of 10 quantized layers have no integer kernel and run in float" in caplog.text
+    assert "layer1.0.conv1" in caplog.text and _metadata(path)["layer_ops"]["layer1.0.conv1"] == "Conv"
+
+
 def test_export_check_chooses_the_faster_exact_form():
     from mergeq.deploy.check import ExportCheck
 

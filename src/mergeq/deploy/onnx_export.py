@@ -57,7 +57,7 @@ from torch import fx, nn
 
 from ..io import atomic_write_bytes
 from ..nn.qmodule import QuantModule, quant_modules
-from .groups import contiguous_block, is_grouped, weight_groups
+from .groups import contiguous_block, weight_groups
 from .integer import IntegerPlan, is_integer_layer, plan_integer, resolve_target_cpu, weight_codes
 from .onnx_graph import Graph, f32
 from .onnx_integer import dequantize, integer_layer, matmul_nbits, qlinear_add
@@ -216,8 +216,6 @@ class _Exporter:
                 y, op = integer_layer(self, node, m, self.grids.get(node.name))
                 self.layer_ops[node.target] = op
                 return y
-            if integer and isinstance(m, QuantModule) and m.act_quant is not None and is_grouped(m):
-                log.warning("%s has grouped weight steps: no integer kernel takes them, it runs in float", node.target)
             return self.float_layer(node, m)
         if integer and node.name in self.grids:  # an add of two uint8 tensors, or codes passed through
             src = [a for a in node.args if isinstance(a, fx.Node)]
@@ -329,9 +327,15 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
             output = g.op("Identity", [ex.float_arg(res)], g.name("logits"))
         else:
             ex.env[node.name] = ex.translate(node)
-    if kernels == "int8" and not any(op not in ("Conv", "Gemm") for op in ex.layer_ops.values()):
-        raise ExportError("kernels='int8': no layer of this model has an integer kernel (weight-only Conv2d "
-                          "layers and grouped steps with activation quantization run in float); use 'qdq'")
+    if kernels == "int8":
+        floats = [n for n, op in ex.layer_ops.items() if op in ("Conv", "Gemm")]
+        if len(floats) == len(ex.layer_ops):
+            raise ExportError("kernels='int8': no layer of this model has an integer kernel (weight-only Conv2d "
+                              "layers and grouped steps with activation quantization run in float); use 'qdq'")
+        if floats:
+            log.warning("kernels='int8': %d of %d quantized layers have no integer kernel and run in float "
+                        "(weight-only Conv2d, or grouped steps with activation quantization): %s",
+                        len(floats), len(ex.layer_ops), ", ".join(floats))
     if g.static_input:  # reshape targets were built for the traced size: fix it in the input
         traced = facts[placeholders[0].name].values[0]
         shape = [shape[0]] + [int(d) for d in traced[1:]]
