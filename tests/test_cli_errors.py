@@ -1,5 +1,7 @@
 """Bad input to the command line and to YAML configs: a one-line error naming the thing, exit
 status 2, and nothing trained first (issue 15). Written against the CLI, not the internals."""
+import os
+
 import pytest
 import torch
 import yaml
@@ -207,3 +209,22 @@ def test_quantize_takes_the_presets_options_for_any_method(tmp_path, monkeypatch
     _fails(capsys, argv, "names no domain to calibrate on: pass --domain")
     _fails(capsys, [*argv, "--domain", "uci"], "stop here")
     assert seen["method"] == "brecq" and seen["iters"] == 30 and seen["calib_size"] == 128
+
+
+def test_no_progress_bars_in_a_log_file_but_one_line_per_cell(monkeypatch, caplog):
+    """Progress bars only on a terminal: in a log file or pipe tqdm is off and bench logs each cell."""
+    import argparse
+
+    from mergeq import cli
+
+    monkeypatch.setenv("TQDM_DISABLE", "")  # records the variable's state, restored after the test
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert main(["env", "--json"]) == 0  # pytest captures stderr: not a terminal
+    assert os.environ["TQDM_DISABLE"] == "1"
+    progress, close = cli._cell_bar(argparse.Namespace(quiet=False))
+    with caplog.at_level("INFO", logger="mergeq.bench"):
+        progress(0, 2, "running uci__seed0__W4A4__rtn")
+        progress(1, 2, "uci__seed0__W4A4__rtn done, hmean 80.0%")
+    close()
+    assert caplog.messages == ["cells 0/2: running uci__seed0__W4A4__rtn",
+                               "cells 1/2: uci__seed0__W4A4__rtn done, hmean 80.0%"]
