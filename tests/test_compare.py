@@ -111,6 +111,9 @@ def test_pairs_use_the_seeds_both_methods_have():
     pair = res["bits"]["W3A3"]["pairs"][0]
     assert pair["n"] == 2 and pair["mean"] == pytest.approx(1.5)
     assert res["bits"]["W3A3"]["methods"]["hdrq"]["n"] == 3
+    # differences 1 and 2: Student's interval 1.5 ± 12.706 * 0.5 (t with 1 degree of freedom), p = 0.205
+    assert pair["t"]["low"] == pytest.approx(1.5 - 6.353, abs=1e-3) and pair["t"]["high"] == pytest.approx(7.853, abs=1e-3)
+    assert pair["t"]["p"] == pytest.approx(0.2048, abs=1e-3)
 
 
 def test_each_seed_of_runtime_seeds_changes_only_its_models(model_cache):

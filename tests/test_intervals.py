@@ -76,3 +76,23 @@ def test_the_interval_repeats_and_narrows_with_more_seeds():
     assert mean_ci(a) == mean_ci(a)
     wide, narrow = mean_ci(a[:3]), mean_ci(a * 4)
     assert narrow.high - narrow.low < wide.high - wide.low
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-20, 20, allow_nan=False), min_size=2, max_size=12),
+       st.lists(st.floats(-20, 20, allow_nan=False), min_size=12, max_size=12))
+def test_paired_t_interval_is_centred_and_antisymmetric(a, b):
+    from mergeq.eval.intervals import paired_t
+
+    b = b[:len(a)]
+    t = paired_t(a, b)
+    d = [x - y for x, y in zip(a, b)]
+    if len(set(d)) == 1:
+        assert t is None
+        return
+    low, high, p = t
+    mean = sum(d) / len(d)
+    assert low <= mean <= high and abs((mean - low) - (high - mean)) < 1e-6 * max(1.0, abs(mean)) + 1e-9
+    assert 0.0 <= p <= 1.0
+    nlow, nhigh, np_ = paired_t(b, a)
+    assert abs(nlow + high) < 1e-6 and abs(nhigh + low) < 1e-6 and abs(np_ - p) < 1e-9

@@ -11,7 +11,8 @@ with its interval and the sentence :func:`~mergeq.eval.intervals.verdict` writes
 OUT gets ``config.yaml`` (the resolved request: rerun it to reproduce), ``results.json``,
 ``results.md`` and ``compare.png``. results.json: {"experiment": "compare", "benchmark",
 "targets", "confidence", "units": [[seed, ptq_seed], ...], "fp_merged": interval, "bits": {bits:
-{"methods": {method: interval + "values"}, "pairs": [{"a", "b", **interval, "sentence"}]}},
+{"methods": {method: interval + "values"}, "pairs": [{"a", "b", **interval, "t": {"low", "high", "p"} or
+null, "sentence"}]}},
 "sentences"}; an interval is {"n", "mean", "low", "high"} in points (low/high null below 2 seeds).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..eval.intervals import CONFIDENCE, Interval, mean_ci, paired_diff_ci, signed, verdict
+from ..eval.intervals import CONFIDENCE, Interval, mean_ci, paired_diff_ci, paired_t, signed, verdict
 from ..io import atomic_write_text, check_out_dir, write_json
 from .bench import cells_of, run_grid, with_axes
 from .config import Config, resolve
@@ -52,8 +53,10 @@ def summarize(cells: list[dict], methods: list[str], bits: list[str]) -> dict[st
         pairs = []
         for a, z in itertools.combinations(methods, 2):
             shared = [u for u in units if u in values[a] and u in values[z]]
-            ci = paired_diff_ci([values[a][u] for u in shared], [values[z][u] for u in shared])
-            pairs.append({"a": a, "b": z, **_interval(ci), "sentence": verdict(a, z, b, ci)})
+            xa, xz = [values[a][u] for u in shared], [values[z][u] for u in shared]
+            ci, t = paired_diff_ci(xa, xz), paired_t(xa, xz)
+            pairs.append({"a": a, "b": z, **_interval(ci), "t": None if t is None else dict(zip(("low", "high", "p"), t)),
+                          "sentence": verdict(a, z, b, ci)})
         out["bits"][b] = {"methods": per_method, "pairs": pairs}
         out["sentences"] += [p["sentence"] for p in pairs]
     return out
@@ -68,6 +71,11 @@ def _ci_text(iv: dict) -> str:
 def _diff_text(p: dict) -> str:
     text = signed(p["mean"])
     return text + (" (no interval)" if p["low"] is None else f" [{signed(p['low'])}, {signed(p['high'])}]")
+
+
+def _t_text(p: dict) -> str:
+    t = p.get("t")
+    return "–" if t is None else f"[{signed(t['low'])}, {signed(t['high'])}], p = {t['p']:.2f}"
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -86,6 +94,11 @@ def markdown(res: dict[str, Any]) -> str:
               "| a − b | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
     for i, (a, z) in enumerate(pairs):
         lines.append(f"| {a} − {z} | " + " | ".join(_diff_text(res["bits"][b]["pairs"][i]) for b in bits) + " |")
+    lines += ["", "The same differences with Student's t interval and the paired t-test's p (over few seeds the "
+              "bootstrap interval is too narrow: read a verdict whose t interval includes 0 as borderline):", "",
+              "| a − b | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+    for i, (a, z) in enumerate(pairs):
+        lines.append(f"| {a} − {z} | " + " | ".join(_t_text(res["bits"][b]["pairs"][i]) for b in bits) + " |")
     if n < 2:
         lines += ["", f"One {res['unit']}: no interval can be given; run at least 2 (--seeds N or --ptq-seeds N)."]
     lines += ["", *(f"- {s}" for s in res["sentences"]), "", f"![merged hmean and paired differences]({PNG})", ""]
