@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,12 +45,13 @@ import torch
 from torch import nn
 
 from mergeq.deploy import IntegerSimulation, export_onnx, ort_session, plan_integer, save_packed
+from mergeq.deploy.check import median_ms
 from mergeq.deploy.emulate import qemu, run_emulated
 from mergeq.sysinfo import cpu
 from mergeq.eval import harmonic_mean
 from mergeq.io import atomic_write_text, write_json
 from mergeq.merge import merge
-from mergeq.nn import fold_bn, quant_modules
+from mergeq.nn import quant_modules
 from mergeq.data_utils import take
 from mergeq.experiments import Config, Pool, load_config
 from mergeq.ptq import quantize
@@ -92,21 +91,6 @@ def torch_predict(model: nn.Module, x: torch.Tensor, bs: int = 256) -> np.ndarra
 def ort_predict(sess, x: torch.Tensor, bs: int = 256) -> np.ndarray:
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + bs].numpy()})[0].argmax(1) for i in range(0, len(x), bs)])
-
-
-@torch.no_grad()
-def median_ms(fns: dict, runs: int) -> dict[str, float]:
-    """Median milliseconds of each function over ``runs`` interleaved rounds (a shared machine's
-    load drifts: interleaving exposes every function to the same drift)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(runs):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(ts) for k, ts in times.items()}
 
 
 class _Reader:
@@ -238,7 +222,8 @@ def time_all(case: Case, runs: int, threads: int, batch: int) -> dict[str, float
     for k, path in case.files.items():
         sess = ort_session(path, threads=threads)
         fns[k] = (lambda s: lambda: s.run(None, {"input": xn}))(sess)
-    return median_ms(fns, runs)
+    with torch.no_grad():
+        return median_ms(fns, runs)
 
 
 def main() -> None:

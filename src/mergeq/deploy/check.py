@@ -96,13 +96,16 @@ def float_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def _median_ms(sessions: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median latency of each session, rounds interleaved so that load hits both alike."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+def median_ms(fns: dict, rounds: int) -> dict[str, float]:
+    """Median milliseconds of each function over ``rounds`` interleaved rounds after one warm-up
+    call each (a shared machine's load drifts: interleaving exposes every function to it alike)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
     for _ in range(rounds):
-        for k, s in sessions.items():
+        for k, fn in fns.items():
             t = time.perf_counter()
-            s.run(None, {s.get_inputs()[0].name: x})
+            fn()
             times[k].append(1e3 * (time.perf_counter() - t))
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -127,7 +130,8 @@ def check_int8_export(model: nn.Module, path: str | Path, plan: IntegerPlan, ima
         qdq = ort_session(export_onnx(model, Path(tmp) / "qdq.onnx", input_shape=plan.input_shape,
                                       **({} if opset is None else {"opset": opset})))
         x = images[:64].repeat(-(-64 // len(images)), *[1] * (images.dim() - 1))[:64].numpy()
-        ms = _median_ms({"int8": sess, "fp32": fp32, "qdq": qdq}, x, rounds)
+        ms = median_ms({k: (lambda s: lambda: s.run(None, {s.get_inputs()[0].name: x}))(s)
+                        for k, s in {"int8": sess, "fp32": fp32, "qdq": qdq}.items()}, rounds)
     return ExportCheck(len(images), float((out.argmax(1) == sim.argmax(1)).mean()), float(np.abs(out - sim).max()),
                        float((out.argmax(1) == ref.argmax(1)).mean()), ms["int8"], ms["fp32"], ms["qdq"],
                        cpu()["model"])
