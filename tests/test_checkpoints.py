@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as st_save
 
@@ -63,7 +64,20 @@ def test_out_ending_in_json_keeps_the_weights(tmp_path):
     assert meta["role"] == "merged"
     expected = (_model(0).conv1.weight + _model(1).conv1.weight) / 2
     assert torch.allclose(merged.conv1.weight, expected)
-    assert json.loads((tmp_path / "merged.json.report.json").read_text())["method"] == "average"  # issue 24: m.json.*
+    report = json.loads((tmp_path / "merged.json.report.json").read_text())
+    assert report["method"] == "average"  # issue 24: m.json.*
+    # checkpoints without data: the preset's recalibration is skipped, and the record says so
+    assert report["recalibrate"] == "none"
+    assert yaml.safe_load((tmp_path / "merged.json.config.yaml").read_text())["merge"]["recalibrate"] == "none"
+
+
+def test_merge_recalibration_asked_for_without_data_is_refused(tmp_path, capsys):
+    paths = [save_model(_model(i), tmp_path / f"e{i}.safetensors", META) for i in range(2)]
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", *map(str, paths), "--set", "merge.recalibrate=bn", "--out", str(out)]) == 2
+    assert "merge.recalibrate bn re-estimates the merge on each expert's calibration images, but the " \
+           "checkpoints do not name their data and domains: pass --set merge.recalibrate=none" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3])

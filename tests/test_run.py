@@ -152,8 +152,9 @@ def test_repeated_sampling_merges_are_averaged(model_cache):
     rep = m["repeats"]
     assert rep["seeds"] == [0, 1, 2] and len(rep["hmeans"]) == 3
     assert m["hmean"] == pytest.approx(sum(rep["hmeans"]) / 3)
-    one = [evaluate(merge(q, rounding="noise", samples=2, seed=s), pool.tests)["hmean"] for s in (0, 1, 2)]
-    assert one == rep["hmeans"]  # each repeat is the merge with its own seed
+    one = [evaluate(pool.recalibrate(merge(q, rounding="noise", samples=2, seed=s), q), pool.tests)["hmean"]
+           for s in (0, 1, 2)]
+    assert one == rep["hmeans"]  # each repeat is the merge with its own seed (then recalibrated: merge.recalibrate)
     assert rep["std"] == pytest.approx(statistics.stdev(one)) and rep["std"] > 0
 
 
@@ -194,6 +195,7 @@ def test_step_commands_round_trip_and_write_their_config(tiny_run, model_cache, 
     assert main(["merge", *map(str, qpaths), "--rounding", "noise", "--samples", "3", "--out", str(merged_path)]) == 0
     report = json.loads(merged_path.with_suffix(".report.json").read_text())
     assert set(report["accuracy"]) == {"uci", "noisy", "hmean"} and report["options"]["samples"] == 3
+    assert report["recalibrate"] == "bn+act"  # the preset's, on each domain's calibration images
     printed = capsys.readouterr().out.splitlines()[-1]  # percentages, like run's
     assert printed == (f"merged 2 models -> {merged_path}; accuracy: " + ", ".join(
         f"{d} {100 * report['accuracy'][d]:.1f}%" for d in ("uci", "noisy", "hmean")))
@@ -249,3 +251,43 @@ def test_a_quick_run_on_a_non_default_device_string(tmp_path):
     assert [(r["method"], r["w_bits"]) for r in res["rows"]] == [("rtn", 8)]
     assert all(0.0 <= v <= 1.0 for v in res["rows"][0]["merged"].values())
     assert load_config(tmp_path / "out" / "config.yaml").runtime.device == "cpu:0"
+
+
+def test_rows_are_merged_with_the_recalibration_the_config_names(tiny_run, tmp_path):
+    """merge.recalibrate (preset quick: bn+act) is what the rows and the FP reference were merged
+    with: the row equals the pool's merge recalibrated by hand, and `none` gives the plain merge."""
+    from mergeq.eval import evaluate
+    from mergeq.experiments.pool import Pool
+    from mergeq.merge import merge
+    from mergeq.merge.recalibrate import recalibrate
+
+    out, cfg, res = tiny_run
+    assert yaml.safe_load((out / "config.yaml").read_text())["merge"]["recalibrate"] == "bn+act"
+    pool = Pool(cfg)
+    q = pool.quantize_experts("rtn", pool.qconfig((3, 3)))
+    experts = [q[d] for d in pool.targets]
+    calib = [pool.calib(d) for d in pool.targets]
+    assert res["rows"][1]["merged"] == evaluate(recalibrate(merge(experts), experts, calib, "bn+act"), pool.tests)
+    assert Pool(cfg.updated({"merge.recalibrate": "none"})).merge_and_evaluate(experts) == evaluate(
+        merge(experts), pool.tests)
+    fp = [pool.fold(pool.expert(d)) for d in pool.targets]
+    assert res["fp"]["merged"] == evaluate(recalibrate(merge(fp), fp, calib, "bn"), pool.tests)
+
+
+def test_results_of_a_data_free_merge_are_not_resumed_with_recalibration(tiny_run, tmp_path):
+    """A results folder written before merge.recalibrate existed merged without it: resuming it
+    with the new default is refused, naming the key; with recalibrate none it resumes."""
+    import shutil
+
+    out0, cfg, res = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    on_disk = json.loads((out / "results.json").read_text())
+    on_disk["config"]["merge"].pop("recalibrate")
+    for r in on_disk["rows"]:
+        r.pop("settings_sha256")  # rows written before issue 24 carry none
+    (out / "results.json").write_text(json.dumps(on_disk))
+    (out / "config.yaml").write_text(yaml.safe_dump(on_disk["config"]))
+    with pytest.raises(MergeqError, match=r"other settings \(merge.recalibrate differ\)"):
+        run(cfg, out)
+    assert run(cfg.updated({"merge.recalibrate": "none"}), out)["rows"] == on_disk["rows"]  # nothing recomputed

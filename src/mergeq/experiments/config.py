@@ -89,6 +89,10 @@ class Merge:
     rounding_options: dict[str, Any] = opt(factory=dict, help="options of the rounding policy, e.g. {samples: 30}")
     repeats: int = opt(1, help="sampling roundings: merges averaged, seeds seed..seed+repeats-1")
     options: dict[str, dict[str, Any]] = opt(factory=dict, help="per merge method, e.g. {ties: {density: 0.2}}")
+    recalibrate: Literal["none", "act", "bn", "bn+act"] | None = opt(
+        None, help="the merged model re-estimated on the targets' unlabeled calibration images: act (activation "
+                   "steps), bn (per-channel statistics, REPAIR), bn+act, none (data-free); preset: paper none, "
+                   "else bn+act")
 
 
 @dataclass
@@ -487,6 +491,7 @@ def resolve(cfg: Config) -> Config:
         adapt=Adapt(cfg.adapt.source or source, cfg.adapt.shot or shot),
         ptq=dataclasses.replace(cfg.ptq, calib_size=cfg.ptq.calib_size or presets.calib_size(cfg.preset),
                                 options={**cfg.ptq.options, **options}),
+        merge=dataclasses.replace(cfg.merge, recalibrate=cfg.merge.recalibrate or presets.recalibrate(cfg.preset)),
         tta=tta)
 
 

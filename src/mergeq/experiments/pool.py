@@ -45,6 +45,7 @@ from ..errors import CheckpointError
 from ..eval import accuracy, evaluate
 from ..io import file_lock
 from ..merge import merge
+from ..merge.recalibrate import recalibrate
 from ..models.spec import code_digest, resolve_model
 from ..nn import fold_bn
 from ..ptq import quantize
@@ -183,8 +184,22 @@ class Pool:
         return fold_bn(model, self.example.to(self.device))
 
     def fp_merged(self) -> dict[str, float]:
-        """Accuracy of the BN-folded full-precision experts, averaged (the reference of every row)."""
-        return evaluate(merge([self.fold(self.expert(d)) for d in self.targets]), self.tests, self.device)
+        """Accuracy of the BN-folded full-precision experts, averaged and recalibrated like the quantized
+        ones (``merge.recalibrate``; activation steps aside): the reference of every row."""
+        experts = [self.fold(self.expert(d)) for d in self.targets]
+        return evaluate(self.recalibrate(merge(experts), experts), self.tests, self.device)
+
+    def recalibrate(self, merged: nn.Module, models: list[nn.Module]) -> nn.Module:
+        """``merged`` re-estimated with ``merge.recalibrate`` on each target's calibration images
+        (:meth:`calib`; ``models`` are the experts in target order), in place."""
+        mode = self.cfg.merge.recalibrate
+        if mode == "none":
+            return merged
+        if len(models) != len(self.targets):
+            raise ValueError(f"merge.recalibrate: {len(models)} models for the targets {self.targets}; "
+                             "one expert per target, in target order, expected")
+        weights = self.cfg.merge.options.get("average", {}).get("weights")
+        return recalibrate(merged, models, [self.calib(d) for d in self.targets], mode, weights)
 
     def check_source(self) -> dict[str, float]:
         """The source model's accuracy on every domain's test split (its own: held out), logged and
@@ -241,13 +256,13 @@ class Pool:
     def merged(self, models: list[nn.Module], rounding: str | None = None, **options: Any) -> nn.Module:
         """``models`` averaged (quantized experts stay on a grid, merged with ``rounding``, default
         ``merge.rounding`` with ``merge.rounding_options``; a sampling rounding draws with ``seed``,
-        default ``runtime.seed``)."""
+        default ``runtime.seed``), then recalibrated (:meth:`recalibrate`)."""
         m = self.cfg.merge
         rounding = rounding or m.rounding
         opts = {**m.options.get("average", {}), **(m.rounding_options if rounding == m.rounding else {}), **options}
         if rounding.startswith("noise"):
             opts.setdefault("seed", self.seed)
-        return merge(models, rounding=rounding, **opts)
+        return self.recalibrate(merge(models, rounding=rounding, **opts), models)
 
     def merge_and_evaluate(self, models: list[nn.Module], rounding: str | None = None,
                            **options: Any) -> dict[str, Any]:

@@ -13,6 +13,11 @@ What a preset fills in when the config leaves it unset (``None``):
   and :func:`mergeq.ptq.presets.calib_size`, the single source of those numbers (they sit next
   to the measurements behind them); read here through :func:`ptq_options` and :func:`calib_size`.
 
+* ``merge.recalibrate``: ``none`` for ``paper`` (the papers merge without data), ``bn+act`` otherwise:
+  the merged model re-estimated on the targets' unlabeled calibration images
+  (:mod:`mergeq.merge.recalibrate`), measured with ``benchmarks/merge_recalibration.py``
+  (docs/RESULTS.md §3e).
+
 Merge methods, rounding policies and TTA take their own defaults (their signatures and
 dataclasses), whatever the preset.
 """
@@ -30,6 +35,11 @@ _ADAPT = {
     "quick": (SourceConfig(epochs=6), ShotConfig(epochs=4)),
     "default": (SourceConfig(epochs=15), ShotConfig(epochs=8)),
 }
+
+
+def recalibrate(preset: str) -> str:
+    """The ``merge.recalibrate`` mode of ``preset`` (module docstring)."""
+    return "none" if preset == "paper" else "bn+act"
 
 
 def adapt(preset: str, standardized: bool = True) -> tuple[SourceConfig, ShotConfig]:

@@ -13,6 +13,7 @@ Checkpoints: :mod:`mergeq.checkpoint`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,19 @@ import torch
 from ..adapt.shot import shot
 from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import Benchmark, load_data
-from ..data_utils import take
+from ..data_utils import as_tensor, take
 from ..errors import MergeqError
 from ..eval import accuracy, evaluate, linear_path, loss_surface
 from ..io import atomic_write_text, check_out_dir, check_out_file, write_json
 from ..merge import MERGE_METHODS, check_rounding_options, merge
+from ..merge.recalibrate import recalibrate
 from ..ptq import quantize
 from ..quant.config import parse_bits
 from . import health
 from .config import Config, check_average_weights, resolve, translate_legacy, with_data
 from .pool import Pool, qconfig
 
+log = logging.getLogger(__name__)
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
 
 
@@ -221,8 +224,11 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
 def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | Path, report: str | Path | None,
                       base: str | None = None, trust_builder: bool = False) -> dict[str, Any]:
     """Merge checkpoints (``average``: quantized experts stay quantized, merged with
-    ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), save, evaluate when the
-    checkpoints name their data and domains; the JSON report (also written to ``report``)."""
+    ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), recalibrate
+    (``merge.recalibrate``, on each domain's first ``ptq.calib_size`` calibration images; a mode
+    left to the preset is skipped with a warning when the checkpoints name no data), save,
+    evaluate when the checkpoints name their data and domains; the JSON report (also written to
+    ``report``, with the ``recalibrate`` mode applied)."""
     cfg = _apply(config)
     MERGE_METHODS.get(method)
     m = cfg.merge
@@ -250,8 +256,23 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     meta = {k: metas[0][k] for k in (*ARCH_KEYS, "benchmark", "data", "seed") if k in metas[0]}
     result: dict[str, Any] = {"experts": [str(p) for p in paths], "domains": domains, "method": method,
                               "options": {k: v for k, v in options.items() if k != "base"}, "base": base}
-    if ("data" in meta or "benchmark" in meta) and all(domains):
-        bench, _ = checkpoint_data(meta, cfg, domains)
+    known = ("data" in meta or "benchmark" in meta) and all(domains)
+    bench = checkpoint_data(meta, cfg, domains)[0] if known else None
+    mode = cfg.merge.recalibrate
+    if mode != "none" and bench is None:
+        if config.merge.recalibrate is not None:  # asked for by the user, not the preset
+            raise MergeqError(f"merge.recalibrate {mode} re-estimates the merge on each expert's calibration "
+                              "images, but the checkpoints do not name their data and domains: pass --set "
+                              "merge.recalibrate=none")
+        log.warning("merge.recalibrate: the checkpoints do not name their data and domains; merged without "
+                    "recalibration (the preset's %s needs each expert's calibration images)", mode)
+        mode = "none"
+        cfg = cfg.updated({"merge.recalibrate": "none"})
+    if mode != "none":
+        calib = [as_tensor(_domain(bench, d).train, limit=cfg.ptq.calib_size) for d in domains]
+        recalibrate(merged, models, calib, mode, options.get("weights"))
+    result["recalibrate"] = mode
+    if bench is not None:
         result["accuracy"] = evaluate(merged, {d: _domain(bench, d).test for d in domains}, device)
     save_model(merged, out, {**meta, "role": "merged", "domains": domains, "merge": result}, loaded[0][2])
     write_json(report_path, result)

@@ -177,6 +177,8 @@ class RunDir:
         kind = _kind_of(old_results)
         if kind != self.exp.name:
             self._refuse([f"experiment ({kind} there, {self.exp.name} here)"])
+        if isinstance(old_raw.get("merge"), dict) and "recalibrate" not in old_raw["merge"]:
+            old_raw = {**old_raw, "merge": {**old_raw["merge"], "recalibrate": "none"}}  # merged data-free then
         try:  # resolved, as this run's config is (a bench grid of the earlier form was recorded unresolved)
             old = resolve(Config.from_dict(old_raw, f"{self.out / 'config.yaml'}"))
         except MergeqError as e:

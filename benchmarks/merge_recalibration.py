@@ -1,0 +1,148 @@
+"""Merge-time recalibration on the targets' unlabeled calibration data, and how much of the
+benchmark's seed-to-seed noise it removes (issue 21, item 2).
+
+    PYTHONPATH=src python benchmarks/merge_recalibration.py --methods qdrop hdrq --bits W3A3 \
+        --seeds 0 1 2 3 4 5 6 7 --workers 2 --out runs/recalibration
+
+Per seed and method, the experts are quantized once (default preset, one torch thread, stored
+under ``OUT/qexperts/`` as safetensors so that every merge variant reuses them; rerun the
+command to resume) and merged with every ``merge.recalibrate`` mode (:mod:`mergeq.merge.recalibrate`):
+``none`` (the plain average), ``act`` (activation steps re-estimated on the pooled calibration
+images), ``bn`` (each layer's per-channel output statistics corrected to the mixture of the
+experts' own statistics, REPAIR-style) and ``bn+act``. The full-precision merge is reported
+beside them (``bn`` applies to it too). ``OUT/merge_recalibration.md``: per mode, the mean merged
+hmean of each method with a 95% t interval over the seeds and the standard deviation of the
+paired difference a − b (the number issue 21 asks to bring to at most 1.5 points);
+``OUT/merge_recalibration.json``: every number per seed.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+MODES = ("none", "act", "bn", "bn+act")
+
+
+def config(seed: int, method: str, bits: str, cache: str, preset: str):
+    from mergeq.experiments import Config
+    return Config().updated({"preset": preset, "runtime.seed": seed, "runtime.threads": 1,
+                             "runtime.cache_dir": cache, "ptq.methods": [method], "ptq.bits": [bits]})
+
+
+def quantized(pool, method: str, bits: str, folder: Path) -> dict:
+    """The pool's experts quantized with ``method`` (stored in ``folder``, reused when there)."""
+    from mergeq.checkpoint import model_from_checkpoint, save_model
+    from mergeq.quant.config import parse_bits
+    paths = {d: folder / f"seed{pool.seed}-{method}-{bits}-{d}.safetensors" for d in pool.targets}
+    if all(p.exists() for p in paths.values()):
+        return {d: model_from_checkpoint(p)[0] for d, p in paths.items()}
+    q = pool.quantize_experts(method, pool.qconfig(parse_bits(bits)))
+    for d, m in q.items():
+        save_model(m, paths[d], pool.checkpoint_meta(domain=d, role="quantized", method=method, bits=bits))
+    return q
+
+
+def cell(seed: int, method: str, bits: str, cache: str, out: str, preset: str) -> dict:
+    """Merged hmean (points) of ``method``'s quantized experts under every mode, and the FP merge's."""
+    from mergeq.eval import evaluate
+    from mergeq.experiments.pool import Pool
+    from mergeq.merge import merge
+    from mergeq.merge.recalibrate import recalibrate
+    torch.set_num_threads(1)
+    pool = Pool(config(seed, method, bits, cache, preset))
+    folder = Path(out) / "qexperts"
+    folder.mkdir(parents=True, exist_ok=True)
+    q = quantized(pool, method, bits, folder)
+    experts = [q[d] for d in pool.targets]
+    calib = [pool.calib(d) for d in pool.targets]
+    res = {"seed": seed, "method": method, "bits": bits, "merged": {}, "fp": {},
+           "experts": {d: evaluate(q[d], {d: pool.tests[d]})[d] for d in pool.targets}}
+    for mode in MODES:
+        m = recalibrate(merge(experts), experts, calib, mode)
+        res["merged"][mode] = evaluate(m, pool.tests)
+    fp = [pool.fold(pool.expert(d)) for d in pool.targets]
+    for mode in ("none", "bn"):
+        res["fp"][mode] = evaluate(recalibrate(merge(fp), fp, calib, mode), pool.tests)
+    return res
+
+
+def fmt(iv) -> str:
+    return f"{iv.estimate:.1f} [{iv.low:.1f}, {iv.high:.1f}]" if iv.low is not None else f"{iv.estimate:.1f}"
+
+
+def diff(a: list[float], b: list[float]) -> str:
+    """Paired a − b: mean [bootstrap], [t] p, SD."""
+    from mergeq.eval.intervals import paired_diff_ci, paired_t
+    iv, t = paired_diff_ci(a, b), paired_t(a, b)
+    d = [x - y for x, y in zip(a, b)]
+    tt = f"[{t[0]:+.1f}, {t[1]:+.1f}] p = {t[2]:.2f}" if t else ""
+    return f"{iv.estimate:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}] | {tt} | {statistics.stdev(d):.2f}"
+
+
+def report(done: dict, methods: list[str], bits: list[str], seeds: list[int], modes: list[str],
+           anchor: str, command: str) -> str:
+    """Per bit pair and mode: each method's merged hmean with its interval, then ``anchor`` minus
+    every other method and minus the best other (by mean) with paired intervals."""
+    from mergeq.eval.intervals import mean_ci
+    lines = [f"```bash\n{command}\n```", "",
+             f"Merged hmean in %, mean [95% percentile-bootstrap interval] over seeds {', '.join(map(str, seeds))}; "
+             "differences are paired per seed: mean [bootstrap] | Student's t interval, paired t-test p | "
+             "SD of the per-seed difference.", ""]
+    for b in bits:
+        methods_b = [m for m in methods if all((s, m, b) in done for s in seeds)]
+        for mode in modes if methods_b else []:
+            h = {m: [100 * done[(s, m, b)]["merged"][mode]["hmean"] for s in seeds] for m in methods}
+            fp = [100 * done[(s, methods_b[0], b)]["fp"]["bn" if mode.startswith("bn") else "none"]["hmean"] for s in seeds]
+            lines += [f"**{b}, merge.recalibrate: {mode}** (full-precision merge, same recalibration: "
+                      f"{fmt(mean_ci(fp))})", "", "| method | merged hmean |", "|---|---:|"]
+            lines += [f"| {m} | {fmt(mean_ci(h[m]))} |" for m in methods_b]
+            others = [m for m in methods_b if m != anchor]
+            if anchor in methods_b and others:
+                best = max(others, key=lambda m: statistics.mean(h[m]))
+                lines += ["", f"| {anchor} minus | mean [bootstrap] | t interval, p | SD |", "|---|---:|---:|---:|"]
+                lines += [f"| {m}{' (best baseline)' if m == best else ''} | {diff(h[anchor], h[m])} |" for m in others]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["qdrop", "hdrq"])
+    ap.add_argument("--bits", nargs="+", default=["W3A3"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--anchor", default="hdrq", help="the method compared with every other one")
+    ap.add_argument("--preset", default="default", choices=("quick", "default"))
+    ap.add_argument("--cache-dir", default=".mergeq-cache")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from mergeq.io import atomic_write_text, read_json, write_json
+    out = Path(args.out)
+    # per bit pair, the first two methods over every seed, then the others: a stopped run has complete pairs
+    jobs = sorted(((s, m, b) for b in args.bits for s in args.seeds for m in args.methods),
+                  key=lambda k: (args.bits.index(k[2]), args.methods.index(k[1]) > 1, k[0], args.methods.index(k[1])))
+    path = lambda s, m, b: out / "cells" / f"seed{s}-{m}-{b}.json"  # noqa: E731
+    done = {k: read_json(path(*k)) for k in jobs if path(*k).exists()}
+    with ProcessPoolExecutor(args.workers) as ex:
+        futs = {k: ex.submit(cell, *k, args.cache_dir, args.out, args.preset) for k in jobs if k not in done}
+        for k, f in futs.items():
+            done[k] = f.result()
+            write_json(path(*k), done[k])
+            print(f"seed {k[0]} {k[1]} {k[2]}: " + ", ".join(f"{mode} {100 * v['hmean']:.1f}"
+                                                           for mode, v in done[k]["merged"].items()), flush=True)
+    command = "PYTHONPATH=src python " + " ".join(map(shlex.quote, sys.argv))
+    write_json(out / "merge_recalibration.json", {"command": command, "cells": list(done.values())})
+    text = report(done, args.methods, args.bits, args.seeds, args.modes, args.anchor, command)
+    atomic_write_text(out / "merge_recalibration.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
