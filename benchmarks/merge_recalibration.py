@@ -35,16 +35,26 @@ def config(seed: int, method: str, bits: str, cache: str, preset: str):
                              "runtime.cache_dir": cache, "ptq.methods": [method], "ptq.bits": [bits]})
 
 
-def quantized(pool, method: str, bits: str, folder: Path) -> dict:
-    """The pool's experts quantized with ``method`` (stored in ``folder``, reused when there)."""
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``hdrq`` or a variant ``hdrq:dist_lambda=0.5`` (PTQ options after the colon, comma-separated)."""
+    import yaml
+    base, _, opts = spec.partition(":")
+    pairs = (kv.split("=", 1) for kv in opts.split(",") if kv)
+    return base, {k: yaml.safe_load(v) for k, v in pairs}
+
+
+def quantized(pool, spec: str, bits: str, folder: Path) -> dict:
+    """The pool's experts quantized with method variant ``spec`` (stored in ``folder``, reused when there)."""
     from mergeq.checkpoint import model_from_checkpoint, save_model
     from mergeq.quant.config import parse_bits
-    paths = {d: folder / f"seed{pool.seed}-{method}-{bits}-{d}.safetensors" for d in pool.targets}
+    name = spec.replace(":", "_").replace("=", "").replace(",", "_")
+    paths = {d: folder / f"seed{pool.seed}-{name}-{bits}-{d}.safetensors" for d in pool.targets}
     if all(p.exists() for p in paths.values()):
         return {d: model_from_checkpoint(p)[0] for d, p in paths.items()}
-    q = pool.quantize_experts(method, pool.qconfig(parse_bits(bits)))
+    method, overrides = parse_method(spec)
+    q = pool.quantize_experts(method, pool.qconfig(parse_bits(bits)), **overrides)
     for d, m in q.items():
-        save_model(m, paths[d], pool.checkpoint_meta(domain=d, role="quantized", method=method, bits=bits))
+        save_model(m, paths[d], pool.checkpoint_meta(domain=d, role="quantized", method=spec, bits=bits))
     return q
 
 
@@ -54,59 +64,78 @@ def cell(seed: int, method: str, bits: str, cache: str, out: str, preset: str) -
     from mergeq.experiments.pool import Pool
     from mergeq.merge import merge
     from mergeq.merge.recalibrate import recalibrate
+    from mergeq.ptq.base import changed_codes
     torch.set_num_threads(1)
-    pool = Pool(config(seed, method, bits, cache, preset))
+    pool = Pool(config(seed, parse_method(method)[0], bits, cache, preset))
     folder = Path(out) / "qexperts"
     folder.mkdir(parents=True, exist_ok=True)
     q = quantized(pool, method, bits, folder)
     experts = [q[d] for d in pool.targets]
     calib = [pool.calib(d) for d in pool.targets]
+    fp = [pool.fold(pool.expert(d)) for d in pool.targets]
     res = {"seed": seed, "method": method, "bits": bits, "merged": {}, "fp": {},
-           "experts": {d: evaluate(q[d], {d: pool.tests[d]})[d] for d in pool.targets}}
+           "experts": {d: evaluate(q[d], {d: pool.tests[d]})[d] for d in pool.targets},
+           "changed_codes": {d: changed_codes(q[d], f) for d, f in zip(pool.targets, fp)}}
     for mode in MODES:
         m = recalibrate(merge(experts), experts, calib, mode)
         res["merged"][mode] = evaluate(m, pool.tests)
-    fp = [pool.fold(pool.expert(d)) for d in pool.targets]
     for mode in ("none", "bn"):
         res["fp"][mode] = evaluate(recalibrate(merge(fp), fp, calib, mode), pool.tests)
     return res
 
 
-def fmt(iv) -> str:
-    return f"{iv.estimate:.1f} [{iv.low:.1f}, {iv.high:.1f}]" if iv.low is not None else f"{iv.estimate:.1f}"
+def fmt(xs: list[float]) -> str:
+    """Mean [bootstrap interval] | prediction interval of one new seed."""
+    from mergeq.eval.intervals import mean_ci, prediction_interval
+    iv, new = mean_ci(xs), prediction_interval(xs)
+    return f"{iv.estimate:.1f} [{iv.low:.1f}, {iv.high:.1f}] | [{new[0]:.1f}, {new[1]:.1f}]"
 
 
 def diff(a: list[float], b: list[float]) -> str:
-    """Paired a − b: mean [bootstrap], [t] p, SD."""
+    """Paired a − b: mean [bootstrap] | [t] p | SD | sign per seed."""
     from mergeq.eval.intervals import paired_diff_ci, paired_t
     iv, t = paired_diff_ci(a, b), paired_t(a, b)
     d = [x - y for x, y in zip(a, b)]
-    tt = f"[{t[0]:+.1f}, {t[1]:+.1f}] p = {t[2]:.2f}" if t else ""
-    return f"{iv.estimate:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}] | {tt} | {statistics.stdev(d):.2f}"
+    tt = f"[{t[0]:+.1f}, {t[1]:+.1f}], p = {t[2]:.3f}" if t else ""
+    wins = f"{sum(x > 0 for x in d)}/{len(d)}"
+    return f"{iv.estimate:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}] | {tt} | {statistics.stdev(d):.2f} | {wins}"
+
+
+def expert_mean(done: dict, m: str, b: str, seeds: list[int]) -> str:
+    return f"{statistics.mean(100 * x for s in seeds for x in done[(s, m, b)]['experts'].values()):.1f}"
+
+
+def codes(done: dict, m: str, b: str, seeds: list[int]) -> str:
+    """Mean share of weight codes off round-to-nearest (cells computed before it was recorded: –)."""
+    have = [done[(s, m, b)].get("changed_codes") for s in seeds]
+    return f"{statistics.mean(100 * x for c in have for x in c.values()):.1f}" if all(have) else "–"
 
 
 def report(done: dict, methods: list[str], bits: list[str], seeds: list[int], modes: list[str],
            anchor: str, command: str) -> str:
     """Per bit pair and mode: each method's merged hmean with its interval, then ``anchor`` minus
     every other method and minus the best other (by mean) with paired intervals."""
-    from mergeq.eval.intervals import mean_ci
     lines = [f"```bash\n{command}\n```", "",
-             f"Merged hmean in %, mean [95% percentile-bootstrap interval] over seeds {', '.join(map(str, seeds))}; "
-             "differences are paired per seed: mean [bootstrap] | Student's t interval, paired t-test p | "
-             "SD of the per-seed difference.", ""]
+             f"Merged hmean in %, mean [95% percentile-bootstrap interval] over seeds {', '.join(map(str, seeds))}, "
+             "and the 95% prediction interval of one new seed; differences are paired per seed: mean [bootstrap] | "
+             "Student's t interval, paired t-test p | SD of the per-seed difference | seeds where it is positive.", ""]
     for b in bits:
         methods_b = [m for m in methods if all((s, m, b) in done for s in seeds)]
         for mode in modes if methods_b else []:
             h = {m: [100 * done[(s, m, b)]["merged"][mode]["hmean"] for s in seeds] for m in methods}
             fp = [100 * done[(s, methods_b[0], b)]["fp"]["bn" if mode.startswith("bn") else "none"]["hmean"] for s in seeds]
             lines += [f"**{b}, merge.recalibrate: {mode}** (full-precision merge, same recalibration: "
-                      f"{fmt(mean_ci(fp))})", "", "| method | merged hmean |", "|---|---:|"]
-            lines += [f"| {m} | {fmt(mean_ci(h[m]))} |" for m in methods_b]
+                      f"{fmt(fp).replace(' | ', ', new seed ')})", "",
+                      "| method | merged hmean | a new seed | expert on its own domain | codes changed (%) |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {m} | {fmt(h[m])} | {expert_mean(done, m, b, seeds)} | {codes(done, m, b, seeds)} |"
+                      for m in methods_b]
             others = [m for m in methods_b if m != anchor]
             if anchor in methods_b and others:
                 best = max(others, key=lambda m: statistics.mean(h[m]))
-                lines += ["", f"| {anchor} minus | mean [bootstrap] | t interval, p | SD |", "|---|---:|---:|---:|"]
-                lines += [f"| {m}{' (best baseline)' if m == best else ''} | {diff(h[anchor], h[m])} |" for m in others]
+                lines += ["", f"| {anchor} minus | mean [bootstrap] | t interval, p | SD | {anchor} ahead |",
+                          "|---|---:|---:|---:|---:|"]
+                lines += [f"| {m}{' (best of the others)' if m == best else ''} | {diff(h[anchor], h[m])} |" for m in others]
             lines.append("")
     return "\n".join(lines)
 
@@ -128,7 +157,7 @@ def main() -> None:
     # per bit pair, the first two methods over every seed, then the others: a stopped run has complete pairs
     jobs = sorted(((s, m, b) for b in args.bits for s in args.seeds for m in args.methods),
                   key=lambda k: (args.bits.index(k[2]), args.methods.index(k[1]) > 1, k[0], args.methods.index(k[1])))
-    path = lambda s, m, b: out / "cells" / f"seed{s}-{m}-{b}.json"  # noqa: E731
+    path = lambda s, m, b: out / "cells" / f"seed{s}-{m.replace(':', '_')}-{b}.json"  # noqa: E731
     done = {k: read_json(path(*k)) for k in jobs if path(*k).exists()}
     with ProcessPoolExecutor(args.workers) as ex:
         futs = {k: ex.submit(cell, *k, args.cache_dir, args.out, args.preset) for k in jobs if k not in done}

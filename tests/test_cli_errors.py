@@ -208,7 +208,7 @@ def test_quantize_takes_the_presets_options_for_any_method(tmp_path, monkeypatch
             "--out", str(tmp_path / "q.safetensors"), "--quiet"]
     _fails(capsys, argv, "names no domain to calibrate on: pass --domain")
     _fails(capsys, [*argv, "--domain", "uci"], "stop here")
-    assert seen["method"] == "brecq" and seen["iters"] == 30 and seen["calib_size"] == 128
+    assert seen["method"] == "brecq" and seen["iters"] == 100 and seen["calib_size"] == 128
 
 
 def test_no_progress_bars_in_a_log_file_but_one_line_per_cell(monkeypatch, caplog):

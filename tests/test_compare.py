@@ -148,3 +148,16 @@ def test_variance_sources_moves_one_source_at_a_time():
     assert plan["threads"] == [(1, {}), (2, {"runtime.threads": 2})]  # TINY: one thread
     noisy = vs.points(cfg.updated({"merge.rounding": "noise", "merge.rounding_options": {"seed": 7}}), 2)
     assert noisy["merge"] == [(7, {}), (8, {"merge.rounding_options.seed": 8})]
+
+
+def test_prediction_intervals_bound_a_new_seed():
+    """Each method and each pair carries where one new seed lands: mean ± t·s·sqrt(1 + 1/n)."""
+    cells = _cells({"hdrq": [80.0, 82.0, 84.0], "qdrop": [79.0, 80.0, 84.0]})
+    res = {"benchmark": "digits", "targets": ["uci"], "unit": "seed", "confidence": 0.95,
+           **summarize(cells, ["hdrq", "qdrop"], ["W3A3"])}
+    hdrq = res["bits"]["W3A3"]["methods"]["hdrq"]["predict"]
+    half = 4.302653 * 2.0 * (1 + 1 / 3) ** 0.5  # t(0.975, 2 dof) · s · sqrt(1 + 1/n)
+    assert hdrq["low"] == pytest.approx(82 - half, abs=1e-4) and hdrq["high"] == pytest.approx(82 + half, abs=1e-4)
+    pair = res["bits"]["W3A3"]["pairs"][0]["predict"]  # differences 1, 2, 0
+    assert pair["low"] == pytest.approx(1 - 4.302653 * 1.0 * (4 / 3) ** 0.5, abs=1e-4)
+    assert f"| hdrq | [{82 - half:.1f}, {82 + half:.1f}] |" in markdown(res)

@@ -96,3 +96,19 @@ def test_paired_t_interval_is_centred_and_antisymmetric(a, b):
     assert 0.0 <= p <= 1.0
     nlow, nhigh, np_ = paired_t(b, a)
     assert abs(nlow + high) < 1e-6 and abs(nhigh + low) < 1e-6 and abs(np_ - p) < 1e-9
+
+
+def test_the_prediction_interval_covers_new_draws_at_its_level():
+    """Normal samples of 10: a new draw falls in the 95% prediction interval about 95% of the time."""
+    import numpy as np
+
+    from mergeq.eval.intervals import prediction_interval
+
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(4000):
+        x = rng.normal(80, 4, size=11)
+        low, high = prediction_interval(x[:10])
+        hits += low <= x[10] <= high
+    assert 0.94 <= hits / 4000 <= 0.96
+    assert prediction_interval([3.0]) is None

@@ -154,8 +154,10 @@ def test_qdrop_unit_input_is_fp_or_quantized_per_element_once():
         assert m.act_quant.fp_input is None  # cleared after reconstruction
 
 
-def test_default_preset_trains_adaround_v_faster_and_paper_keeps_the_papers_lr():
+def test_cpu_presets_train_adaround_v_faster_and_paper_keeps_the_papers_lr():
     for m in ("adaround", "brecq", "qdrop"):
-        assert ptq_options(m, "default")["lr"] == 1e-2  # chosen from the convergence curves (RESULTS §3b)
-        assert "lr" not in ptq_options(m, "paper") and "lr" not in ptq_options(m, "quick")
+        for preset in ("default", "quick"):
+            assert ptq_options(m, preset)["lr"] == 1e-2  # chosen from the convergence curves (RESULTS §3b)
+        assert "lr" not in ptq_options(m, "paper")
+    assert ptq_options("hdrq", "quick")["iters"] == 100 and ptq_options("hdrq", "default")["iters"] == 300
     assert "lr" not in ptq_options("hdrq", "default") and "lr" not in ptq_options("ttaq", "default")

@@ -79,7 +79,7 @@ def test_office_home_folder_through_run_pmq_and_bench(office, tmp_path):
     recorded = load_config(out / "config.yaml")
     assert recorded.preset == "quick" and recorded.data.classes == sorted(CLASSES)
     assert recorded.data.splits["Art"]["train"] + recorded.data.splits["Art"]["test"] == 100
-    assert recorded.adapt.source.color == 0.2 and recorded.ptq.options["hdrq"]["iters"] == 30
+    assert recorded.adapt.source.color == 0.2 and recorded.ptq.options["hdrq"]["iters"] == 100
 
     again = tmp_path / "again"  # the written config reruns to the same numbers
     assert main(["run", "--config", str(out / "config.yaml"), "--out", str(again), "--quiet"]) == 0

@@ -68,6 +68,19 @@ def paired_t(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDE
     return float(low), float(high), float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
+def prediction_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Where one more value (a new seed, another machine's run) falls with probability ``confidence``,
+    if values are normal: mean ± t_{n-1} · s · sqrt(1 + 1/n) (Student's prediction interval; wider
+    than the interval of the mean by about sqrt(n + 1)). ``None`` below 2 values."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return None
+    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) * np.sqrt(1 + 1 / len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
 def signed(x: float) -> str:
     """``x`` points as printed everywhere: sign, :data:`DIGITS` decimals, never ``-0.0``."""
     return f"{round(x, DIGITS) + 0.0:+.{DIGITS}f}"

@@ -13,7 +13,10 @@ OUT gets ``config.yaml`` (the resolved request: rerun it to reproduce), ``result
 "targets", "confidence", "units": [[seed, ptq_seed], ...], "fp_merged": interval, "bits": {bits:
 {"methods": {method: interval + "values"}, "pairs": [{"a", "b", **interval, "t": {"low", "high", "p"} or
 null, "sentence"}]}},
-"sentences"}; an interval is {"n", "mean", "low", "high"} in points (low/high null below 2 seeds).
+"sentences"}; an interval is {"n", "mean", "low", "high", "predict": {"low", "high"}} in points (low/high
+and predict null below 2 seeds): ``low``/``high`` bound the mean, ``predict`` one new seed's value
+(:func:`mergeq.eval.intervals.prediction_interval`), the range a rerun on another seed or machine
+should land in.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..eval.intervals import CONFIDENCE, Interval, mean_ci, paired_diff_ci, paired_t, signed, verdict
+from ..eval.intervals import (CONFIDENCE, Interval, mean_ci, paired_diff_ci, paired_t, prediction_interval, signed,
+                              verdict)
 from ..io import atomic_write_text, check_out_dir, write_json
 from .bench import cells_of, run_grid, with_axes
 from .config import Config, resolve
@@ -30,8 +34,11 @@ from .config import Config, resolve
 PNG = "compare.png"
 
 
-def _interval(ci: Interval) -> dict[str, Any]:
-    return {"n": ci.n, "mean": ci.estimate, "low": ci.low, "high": ci.high}
+def _interval(ci: Interval, values: list[float]) -> dict[str, Any]:
+    """The interval of the mean and, as ``predict``, where one new seed's value would fall."""
+    new = prediction_interval(values)
+    return {"n": ci.n, "mean": ci.estimate, "low": ci.low, "high": ci.high,
+            "predict": None if new is None else {"low": new[0], "high": new[1]}}
 
 
 def _unit(cell: dict) -> tuple[int, int | None]:
@@ -44,18 +51,20 @@ def summarize(cells: list[dict], methods: list[str], bits: list[str]) -> dict[st
     hmean = {(c["method"], c["bits"], _unit(c)): 100 * c["merged"]["hmean"] for c in cells}
     units = sorted({_unit(c) for c in cells}, key=lambda u: (u[0], -1 if u[1] is None else u[1]))
     fp = {_unit(c): 100 * c["fp_merged"]["hmean"] for c in cells}
-    out: dict[str, Any] = {"units": [list(u) for u in units], "fp_merged": _interval(mean_ci(list(fp.values()))),
+    out: dict[str, Any] = {"units": [list(u) for u in units], "fp_merged": _interval(mean_ci(list(fp.values())),
+                                                                                      list(fp.values())),
                            "bits": {}, "sentences": []}
     for b in bits:
         values = {m: {u: hmean[(m, b, u)] for u in units if (m, b, u) in hmean} for m in methods}
-        per_method = {m: {**_interval(mean_ci(list(v.values()))), "values": [[*u, x] for u, x in v.items()]}
+        per_method = {m: {**_interval(mean_ci(list(v.values())), list(v.values())),
+                          "values": [[*u, x] for u, x in v.items()]}
                       for m, v in values.items()}
         pairs = []
         for a, z in itertools.combinations(methods, 2):
             shared = [u for u in units if u in values[a] and u in values[z]]
             xa, xz = [values[a][u] for u in shared], [values[z][u] for u in shared]
             ci, t = paired_diff_ci(xa, xz), paired_t(xa, xz)
-            pairs.append({"a": a, "b": z, **_interval(ci), "t": None if t is None else dict(zip(("low", "high", "p"), t)),
+            pairs.append({"a": a, "b": z, **_interval(ci, [x - y for x, y in zip(xa, xz)]), "t": None if t is None else dict(zip(("low", "high", "p"), t)),
                           "sentence": verdict(a, z, b, ci)})
         out["bits"][b] = {"methods": per_method, "pairs": pairs}
         out["sentences"] += [p["sentence"] for p in pairs]
@@ -71,6 +80,11 @@ def _ci_text(iv: dict) -> str:
 def _diff_text(p: dict) -> str:
     text = signed(p["mean"])
     return text + (" (no interval)" if p["low"] is None else f" [{signed(p['low'])}, {signed(p['high'])}]")
+
+
+def _predict_text(iv: dict) -> str:
+    p = iv.get("predict")
+    return "–" if p is None else f"[{p['low']:.1f}, {p['high']:.1f}]"
 
 
 def _t_text(p: dict) -> str:
@@ -99,6 +113,12 @@ def markdown(res: dict[str, Any]) -> str:
               "| a − b | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
     for i, (a, z) in enumerate(pairs):
         lines.append(f"| {a} − {z} | " + " | ".join(_t_text(res["bits"][b]["pairs"][i]) for b in bits) + " |")
+    lines += ["", f"Where one new {res['unit']} (or a rerun on another CPU kind) should land, {100 * res['confidence']:.0f}% "
+              "prediction interval (Student's, wider than the interval of the mean):", "",
+              "| | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+    lines += [f"| {m} | " + " | ".join(_predict_text(res["bits"][b]["methods"][m]) for b in bits) + " |" for m in methods]
+    lines += [f"| {a} − {z} | " + " | ".join(_predict_text(res["bits"][b]["pairs"][i]) for b in bits) + " |"
+              for i, (a, z) in enumerate(pairs)]
     if n < 2:
         lines += ["", f"One {res['unit']}: no interval can be given; run at least 2 (--seeds N or --ptq-seeds N)."]
     lines += ["", *(f"- {s}" for s in res["sentences"]), "", f"![merged hmean and paired differences]({PNG})", ""]

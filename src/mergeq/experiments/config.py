@@ -167,8 +167,8 @@ class Runtime:
 
 @dataclass
 class Config:
-    preset: Literal["quick", "default", "paper"] = opt("default", help="size of the run: quick = a smoke test "
-                                                      "(30 iterations/unit, says nothing about quality), default = "
+    preset: Literal["quick", "default", "paper"] = opt("default", help="size of the run: quick = the one-minute "
+                                                      "run (100 iterations/unit, shorter training), default = "
                                                       "2-core CPU budgets (300), paper = the papers' settings (20,000)")
     data: DataSpec = opt(factory=DigitsData, help="the domains")
     model: ModelSpec | None = opt(None, help="the model (None: the preset's)")

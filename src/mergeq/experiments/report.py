@@ -47,12 +47,15 @@ def run_markdown(results: dict[str, Any]) -> str:
     """Per-domain accuracy of each quantized expert (own domain) and of the merged model, plus hmean."""
     targets = results["targets"]
     src = results["source"]
+    mode = (results.get("config") or {}).get("merge", {}).get("recalibrate") or "none"
+    recal = ("merged without data (`merge.recalibrate: none`)" if mode == "none" else
+             f"merged, then re-estimated on the targets' unlabeled calibration images (`merge.recalibrate: {mode}`)")
     lines = [
         f"# {results['benchmark']}: quantize each expert, then merge (seed {results['seed']}, "
         f"preset {results.get('preset', '?')})",
         "",
         "Accuracy in %. `expert` = each quantized expert on its own domain; `merged` = the one "
-        "merged model on every domain; hmean = harmonic mean over the targets. First and last "
+        f"merged model on every domain, {recal}; hmean = harmonic mean over the targets. First and last "
         "layer at 8 bits unless the config says otherwise.",
         "",
         "| model | bits | " + " | ".join(f"{d} expert" for d in targets) + " | "
@@ -64,7 +67,7 @@ def run_markdown(results: dict[str, Any]) -> str:
     lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(src_hmean)} | |")
     fp = results["fp"]
     lines.append(
-        "| experts, BN folded, averaged | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
+        f"| experts, BN folded, averaged{', bn' if mode.startswith('bn') else ''} | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
         + " | ".join(_pct(fp["merged"][d]) for d in targets) + f" | {_pct(fp['merged']['hmean'])} | |"
     )
     mix = results.get("fp_bn_mixture")
