@@ -182,7 +182,7 @@ def _cell_bar(args: argparse.Namespace):
         if not sys.stderr.isatty():  # no bar in a log file (see main): one line per event instead
             logging.getLogger("mergeq.bench").info("cells %d/%d: %s", i, n, text)
             return
-        bar = bar or tqdm(total=n, desc="cells", unit="cell")
+        bar = bar or tqdm(total=n, desc="cells", unit="cell", disable=None)
         bar.set_postfix_str(text[:100])
         bar.update(i - bar.n)
 
@@ -524,8 +524,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not sys.stderr.isatty():  # a log file or a pipe: progress bars would write thousands of \r updates
-        os.environ.setdefault("TQDM_DISABLE", "1")  # (tqdm reads TQDM_* defaults); log lines still say each step
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -108,7 +108,7 @@ def step_bar(progress: bool, total: int, desc: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
+    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -224,7 +224,7 @@ def run_stream(adapter: Adapter | nn.Module, stream, batch_size: int = 64, devic
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
+        batches = tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=None)
     preds, labels, batch_domain, k = [], [], [], 0
     for name, x, y in batches:
         logits = adapter(x.to(device))

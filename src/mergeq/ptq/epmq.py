@@ -148,7 +148,7 @@ def epmq(qmodel: nn.Module, ctx: PTQContext) -> None:
     if ctx.progress:
         from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc="epmq", unit="layer")
+        layers = tqdm(layers, desc="epmq", unit="layer", disable=None)
     bs, dev = opts.capture_batch, ctx.device
     for name, m in layers:
         srcs = [qmodel] * len(experts) if opts.sequential else experts

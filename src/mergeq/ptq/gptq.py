@@ -222,7 +222,7 @@ def gptq(qmodel: nn.Module, ctx: PTQContext) -> None:
     if ctx.progress:
         from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc="gptq", unit="layer")
+        layers = tqdm(layers, desc="gptq", unit="layer", disable=None)
     for name, m in layers:
         src = qmodel if opts.sequential else ctx.fp_model
         quantize_layer(m, input_hessian(src, name, m, ctx.calib, opts.capture_batch, ctx.device), opts,

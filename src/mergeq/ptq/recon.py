@@ -300,7 +300,7 @@ def reconstruct(qmodel: nn.Module, ctx: PTQContext, hooks: ReconHooks, opts: Rec
     if ctx.progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(units, desc="reconstruction", unit="unit")
+        it = tqdm(units, desc="reconstruction", unit="unit", disable=None)
     for k, (name, unit) in enumerate(it):
         torch.manual_seed(ctx.seed + k)
         select = last_select if k == len(units) - 1 else None
