@@ -1,7 +1,5 @@
 """Bad input to the command line and to YAML configs: a one-line error naming the thing, exit
 status 2, and nothing trained first (issue 15). Written against the CLI, not the internals."""
-import os
-
 import pytest
 import torch
 import yaml
