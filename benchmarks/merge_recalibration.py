@@ -84,6 +84,15 @@ def cell(seed: int, method: str, bits: str, cache: str, out: str, preset: str) -
     return res
 
 
+def backfill_codes(seed: int, method: str, bits: str, cache: str, out: str, preset: str) -> dict:
+    """The share of changed codes per domain of a stored cell written before it was recorded."""
+    from mergeq.experiments.pool import Pool
+    from mergeq.ptq.base import changed_codes
+    pool = Pool(config(seed, parse_method(method)[0], bits, cache, preset))
+    q = quantized(pool, method, bits, Path(out) / "qexperts")
+    return {d: changed_codes(q[d], pool.fold(pool.expert(d))) for d in pool.targets}
+
+
 def fmt(xs: list[float]) -> str:
     """Mean [bootstrap interval] | prediction interval of one new seed."""
     from mergeq.eval.intervals import mean_ci, prediction_interval
@@ -159,6 +168,10 @@ def main() -> None:
                   key=lambda k: (args.bits.index(k[2]), args.methods.index(k[1]) > 1, k[0], args.methods.index(k[1])))
     path = lambda s, m, b: out / "cells" / f"seed{s}-{m.replace(':', '_')}-{b}.json"  # noqa: E731
     done = {k: read_json(path(*k)) for k in jobs if path(*k).exists()}
+    for k, c in done.items():
+        if "changed_codes" not in c:
+            c["changed_codes"] = backfill_codes(*k, args.cache_dir, args.out, args.preset)
+            write_json(path(*k), c)
     with ProcessPoolExecutor(args.workers) as ex:
         futs = {k: ex.submit(cell, *k, args.cache_dir, args.out, args.preset) for k in jobs if k not in done}
         for k, f in futs.items():
