@@ -342,3 +342,20 @@ def test_cli_exports_every_architecture(arch, tmp_path, capsys):
         for extra in (["--format", "safetensors", "--kernels", "int8"], ["--format", "onnx", "--calib-size", "64"],
                       ["--format", "onnx", "--target-cpu", "any"]):
             assert main(["export", "--model", str(ckpt), "--out", str(tmp_path / "x"), *extra]) == 2
+
+
+def test_a_recalibrated_merge_exports_exactly(fp_resnet, tmp_path):
+    """merge.recalibrate changes per-channel weight steps, biases and activation steps, never the
+    codes: the merged model still exports to integer kernels that match its simulation."""
+    from mergeq import merge
+    from mergeq.merge.recalibrate import recalibrate
+
+    calib = [_images(48, seed=s) * (1 + 0.3 * s) for s in range(2)]
+    experts = [quantize(fp_resnet, "rtn", calib=x, w_bits=4, a_bits=4) for x in calib]
+    q = recalibrate(merge(experts), experts, calib, "bn+act")
+    assert all(m.on_grid() for _, m in quant_modules(q))
+    plan = plan_integer(q, _images(64, seed=1))
+    path = export_onnx(q, tmp_path / "m.onnx", kernels="int8", plan=plan)
+    x = _images(64, seed=2)
+    out, sim = _run(path, x), _predict(IntegerSimulation(q, plan), x)
+    assert np.array_equal(out.argmax(1), sim.argmax(1)) and np.abs(out - sim).max() < 1e-4
