@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationDataError
+from ..nn.prepare import StopForward, call_order, forward_batches
 from ..nn.qmodule import QuantModule
 
 RECALIBRATIONS = ("none", "act", "bn", "bn+act")
@@ -42,23 +43,8 @@ _MIN_STD = 1e-6
 
 
 def _layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the Conv2d/Linear/QuantModule layers in execution order (one traced forward)."""
-    order: list[str] = []
-    kinds = {n for n, m in model.named_modules() if isinstance(m, _LAYERS)}
-    inner = {n for n in kinds for p in kinds if p != n and n.startswith(p + ".")}  # a QuantModule's own parts
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-             for n, m in model.named_modules() if n in kinds - inner]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
-class _Stop(Exception):
-    """Raised by the hook of the last layer measured: the rest of the forward is not needed."""
+    """Names of the Conv2d/Linear/QuantModule layers in the order a forward pass calls them."""
+    return call_order(model, [n for n, m in model.named_modules() if isinstance(m, _LAYERS)], example)
 
 
 @torch.no_grad()
@@ -77,18 +63,12 @@ def _moments(model: nn.Module, names: list[str], x: torch.Tensor, batch_size: in
             s[1] = s[1] + y.square().sum(1)
             s[2] += y.shape[1]
             if name == names[-1]:
-                raise _Stop
+                raise StopForward
         return f
 
     hooks = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
-        model.eval()
-        device = next(model.parameters()).device
-        for i in range(0, len(x), batch_size):
-            try:
-                model(x[i:i + batch_size].to(device))
-            except _Stop:
-                pass
+        forward_batches(model, x, batch_size, next(model.parameters()).device)
     finally:
         for h in hooks:
             h.remove()

@@ -34,6 +34,21 @@ def call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) 
     return order
 
 
+class StopForward(Exception):
+    """Raised by a forward hook once the rest of the forward pass is not needed (see :func:`forward_batches`)."""
+
+
+def forward_batches(model: nn.Module, x: torch.Tensor, batch_size: int, device) -> None:
+    """``model`` in eval mode on ``x`` batch by batch, for its hooks; a hook may end a batch's
+    forward early by raising :class:`StopForward`."""
+    model.eval()
+    for i in range(0, len(x), batch_size):
+        try:
+            model(x[i:i + batch_size].to(device))
+        except StopForward:
+            pass
+
+
 def execution_order(model: nn.Module, example_input: torch.Tensor | None) -> list[str]:
     """Names of the Conv2d/Linear layers in the order they run (registration order if no input)."""
     names = [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]

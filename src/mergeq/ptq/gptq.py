@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.prepare import StopForward, forward_batches
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant import qrange, search_weight_step
 from ..registry import PTQ_METHODS
@@ -121,10 +122,6 @@ def gptq_quantize_matrix(W: torch.Tensor, H: torch.Tensor, step: torch.Tensor, b
     return Q.to(dtype) * S, S
 
 
-class _Stop(Exception):
-    """Ends a forward pass once the hooked layer has seen its input."""
-
-
 def conv_groups(qm: QuantModule) -> int:
     return qm.conv_kwargs["groups"] if qm.kind == "conv" else 1
 
@@ -157,16 +154,11 @@ def input_hessian(model: nn.Module, name: str, qm: QuantModule, data: torch.Tens
             Xg = X.reshape(len(X), groups, n)
             acc[0] += torch.einsum("ngi,ngj->gij", Xg, Xg)
         acc[1] += X.shape[0]
-        raise _Stop
+        raise StopForward
 
     h = model.get_submodule(name).register_forward_pre_hook(hook)
     try:
-        model.eval()
-        for i in range(0, len(data), bs):
-            try:
-                model(data[i : i + bs].to(device))
-            except _Stop:
-                pass
+        forward_batches(model, data, bs, device)
     finally:
         h.remove()
     if acc[1] == 0:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..nn.blocks import partition
 from ..nn.output import LogitsAdapter, select_logits
+from ..nn.prepare import StopForward, forward_batches
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant.fakequant import bernoulli_mask
 from .base import PTQContext
@@ -101,10 +102,6 @@ class ReconHooks:
         """Harden the unit so later units see its final (deterministic) quantized output."""
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def capture(model: nn.Module, name: str, calib: torch.Tensor, bs: int, device, output: bool,
             select: str | int | None = None):
@@ -121,16 +118,11 @@ def capture(model: nn.Module, name: str, calib: torch.Tensor, bs: int, device, o
         ins.append(args[0].detach().cpu())
         if output:
             outs.append(out.detach().cpu())
-        raise _Stop
+        raise StopForward
 
     h = unit.register_forward_hook(hook) if output else unit.register_forward_pre_hook(hook)
     try:
-        model.eval()
-        for i in range(0, len(calib), bs):
-            try:
-                model(calib[i : i + bs].to(device))
-            except _Stop:
-                pass
+        forward_batches(model, calib, bs, device)
     finally:
         h.remove()
     if len(ins) != -(-len(calib) // bs):
