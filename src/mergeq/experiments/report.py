@@ -67,7 +67,7 @@ def run_markdown(results: dict[str, Any]) -> str:
     lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(src_hmean)} | |")
     fp = results["fp"]
     lines.append(
-        f"| experts, BN folded, averaged{', bn' if mode.startswith('bn') else ''} | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
+        f"| experts, BN folded, averaged{', recalibrated (bn)' if mode.startswith('bn') else ''} | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
         + " | ".join(_pct(fp["merged"][d]) for d in targets) + f" | {_pct(fp['merged']['hmean'])} | |"
     )
     mix = results.get("fp_bn_mixture")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationDataError
-from ..nn.prepare import StopForward, call_order, forward_batches
+from ..nn.prepare import StopForward, calibrate_activations, call_order, forward_batches
 from ..nn.qmodule import QuantModule
 
 RECALIBRATIONS = ("none", "act", "bn", "bn+act")
@@ -118,7 +118,6 @@ def repair_statistics(merged: nn.Module, experts: Sequence[nn.Module], calib: Se
 @torch.no_grad()
 def reestimate_activation_steps(model: nn.Module, calib: Sequence[torch.Tensor], batch_size: int = 256) -> None:
     """``act``: every activation step of ``model`` re-estimated (MSE) on the pooled ``calib``."""
-    from ..nn.prepare import calibrate_activations
     calibrate_activations(model, torch.cat(list(calib)), batch_size)
 
 
