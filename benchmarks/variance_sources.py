@@ -19,6 +19,7 @@ calib      ``runtime.seeds.calib``             the calibration subset (a seeded 
 merge      ``merge.rounding_options.seed``     the merge draw (sampling roundings; skipped for float)
 threads    ``runtime.threads`` 1, 2, ...       float numerics (a proxy for another CPU kind);
                                                every model is retrained with that many threads
+                                               (up to the CPUs there are)
 =========  ==================================  =====================================================
 
 Seed values are ``base .. base + values - 1``. Each (factor, value) is the two methods at the bit
@@ -30,6 +31,7 @@ a − b (points), with the command; ``OUT/variance_sources.json`` the numbers pe
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -65,7 +67,8 @@ def points(cfg: Config, values: int) -> dict[str, list[tuple[object, dict]]]:
         if factor == "merge" and not cfg.merge.rounding.startswith("noise"):
             continue  # a deterministic rounding draws nothing
         base = {"merge": merge_base, "threads": cfg.runtime.threads or 1}.get(factor, seed)
-        vals = range(1, values + 1) if factor == "threads" else range(base, base + values)
+        # more torch threads than CPUs is refused (mergeq.bounds): the threads factor stops at the CPUs
+        vals = range(1, min(values, os.cpu_count() or 1) + 1) if factor == "threads" else range(base, base + values)
         # a calib seed draws a subset, while the base calibrates on the split's first images
         out[factor] = [(v, {} if v == base and factor != "calib" else {path: v}) for v in vals]
     return out

@@ -98,3 +98,48 @@ def _folded(src, x):
     from mergeq.nn import fold_bn
     f = fold_bn(src, x[:2])
     return [(n, m.weight) for n, m in f.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def test_relative_distance_gradient_is_lambda_times_the_reconstruction_gradient():
+    from mergeq.ptq.hdrq import HDRQHooks, HDRQOptions
+    torch.manual_seed(0)
+    layer, src = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    layer.act_quant = None  # what finish() reads of a QuantModule
+    hooks = HDRQHooks(HDRQOptions(dist_lambda=0.2, dist_relative=True), torch.nn.ModuleDict({"fc": src}))
+    (w,) = hooks.setup([("fc", layer)])
+    target = torch.randn(4, 6)
+    ((w - target) ** 2).sum().backward()
+    g = 2 * (w - target).detach()
+    d = (w - src.weight).detach()
+    assert torch.allclose(w.grad, g + 0.2 * g.norm() * d / d.norm(), atol=1e-6)
+    assert float(hooks.penalty(0, 10, [("fc", layer)])) == 0.0  # the term acts through the gradient only
+    hooks.finish([("fc", layer)])
+    w.grad = None
+    ((w - target) ** 2).sum().backward()
+    assert torch.allclose(w.grad, g, atol=1e-6)  # the hook is gone after the unit
+
+
+def test_expert_bn_anchor_folds_the_sources_weights_with_the_experts_bn():
+    from mergeq.nn import fold_bn
+    from mergeq.ptq.hdrq import expert_bn_anchor
+    x = torch.randn(4, 3, 16, 16)
+    src, expert = randomize_bn(tiny_resnet(), seed=1), randomize_bn(tiny_resnet(), seed=2)
+    anchor = expert_bn_anchor(src, expert, x[:2])
+    bn = expert[1]  # the stem's BN: the anchor's stem is the source's conv times the expert's γ/σ
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    assert torch.allclose(anchor[0].weight, src[0].weight * scale.reshape(-1, 1, 1, 1), atol=1e-6)
+    assert torch.allclose(anchor[0].bias, bn.bias - bn.running_mean * scale, atol=1e-6)
+    assert not torch.allclose(anchor[0].weight, fold_bn(src, x[:2])[0].weight, atol=1e-3)
+    for a, b in zip(expert_bn_anchor(src, src, x[:2]).state_dict().values(), fold_bn(src, x[:2]).state_dict().values()):
+        assert torch.equal(a, b)  # the expert's own BN is the source's: the paper's anchor
+    q = quantize(expert, "hdrq", x, source=src, iters=2, batch_size=4, anchor="expert_bn", dist_relative=True)
+    assert q.mergeq_meta["method"] == "hdrq"
+
+
+@pytest.mark.parametrize("opts, match", [({"anchor": "expert"}, "anchor must be one of"),
+                                         ({"dist_relative": True, "dist_squared": True}, "dist_squared")])
+def test_bad_distance_options_are_refused_before_any_work(opts, match):
+    from mergeq.errors import ConfigError
+    from mergeq.ptq.base import check_options
+    with pytest.raises(ConfigError, match=match):
+        check_options("hdrq", opts)

@@ -37,6 +37,8 @@ class PTQContext:
     progress: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)  # what the method measured (recon losses)
+    raw_model: nn.Module | None = None  # the model before BN folding (eval mode, frozen)
+    raw_source: nn.Module | None = None  # the source model before BN folding
 
 
 def check_options(method: str, options: dict[str, Any], where: str = "ptq.options") -> None:
@@ -88,14 +90,15 @@ def quantize(
     qmodel = prepare(model, config, example)
     fp_model = fold_bn(model, example) if config.fold_bn else model
     fp_model.requires_grad_(False)
-    src = None
+    model.requires_grad_(False)
+    src = raw_src = None
     if source is not None:
-        src = copy.deepcopy(source).to(device).eval()
-        src = fold_bn(src, example) if config.fold_bn else src
-        src.requires_grad_(False)
+        raw_src = copy.deepcopy(source).to(device).eval().requires_grad_(False)
+        src = fold_bn(raw_src, example).requires_grad_(False) if config.fold_bn else raw_src
     torch.manual_seed(seed)
     calibrate_activations(qmodel, x.to(device))
-    ctx = PTQContext(fp_model, x, config, src, device, seed, progress, dict(options))
+    ctx = PTQContext(fp_model, x, config, src, device, seed, progress, dict(options),
+                     raw_model=model, raw_source=raw_src)
     log.info("quantizing with %s at %s on %d calibration inputs", method, config.tag, len(x))
     fn(qmodel, ctx)
     for _, m in quant_modules(qmodel):

@@ -11,6 +11,12 @@ weights themselves are trained (no AdaRound V):
 * distance regularisation (Eq. 10): + λ Σ_layers ‖w - w_src‖₂, λ = 5e-2, against the source
   model after the same BN folding (the reference code's plain norm; ``dist_squared=True`` uses
   ‖w - w_src‖²₂). Gradient: λ(w - w_src)/‖w - w_src‖ (squared: 2λ(w - w_src)).
+  Two measured alternatives (issue 21, RESULTS §3f), off by default: ``dist_relative`` scales
+  the term to the unit (each step, each layer's distance gradient is λ·‖∇_w L_rec‖, so λ is the
+  share of the reconstruction gradient instead of an absolute weight the 3-bit layers hardly
+  feel); ``anchor="expert_bn"`` folds the source's weights with the expert's own BatchNorm
+  (the paper's ``"source"`` folds them with the source's), so the term sees the weights SHOT
+  changed, not the normalisation it re-estimated.
 * Adam, lr 1e-3 (paper; code 1e-4) with linear warm-up from 1e-3·lr over the first 20% of the
   steps and cosine annealing to 0 after (the code's CosineWithWarmup).
 
@@ -23,12 +29,14 @@ HDRQFakeQuantize scale; ours stays per channel); ``lr=1e-4`` is the code's learn
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..nn import fold_bn
 from ..quant import fake_quantize, quantize_int
 from ..registry import PTQ_METHODS
 from .base import PTQContext
@@ -66,6 +74,9 @@ class NoiseQuantizer(nn.Module):
         return quantize_int(w, step, bits) * step
 
 
+ANCHORS = ("source", "expert_bn")
+
+
 @dataclass
 class HDRQOptions(ReconOptions):
     iters: int = 20000
@@ -77,8 +88,17 @@ class HDRQOptions(ReconOptions):
     distance: bool = True
     dist_lambda: float = 5e-2
     dist_squared: bool = False
+    dist_relative: bool = False  # λ as a share of the reconstruction gradient (per layer, per step)
+    anchor: str = "source"  # "source" (paper) or "expert_bn": the source's weights folded with the expert's BN
     act_noise: bool = False  # reference code: activation quantizers noisy during the noise phase too
     train_w_step: bool = False  # reference code: the weight step Δ trained with the weights
+
+    def __post_init__(self) -> None:
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"hdrq: anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.dist_relative and self.dist_squared:
+            raise ValueError("hdrq: dist_relative sets the size of the distance gradient itself; dist_squared "
+                             "has no meaning with it (set one of them)")
 
 
 class HDRQHooks(ReconHooks):
@@ -89,7 +109,7 @@ class HDRQHooks(ReconHooks):
             raise ValueError(f"hdrq: noise must be True, False or one of {NOISE_KINDS}, got {opts.noise!r}")
         if opts.act_noise and kind is None:
             raise ValueError("hdrq: act_noise needs weight noise on (noise='empirical' or 'uniform')")
-        self.kind, self.src = kind, {}
+        self.kind, self.src, self.handles = kind, {}, []
 
     def setup(self, layers: Layers) -> list[torch.Tensor]:
         for name, m in layers:
@@ -100,6 +120,9 @@ class HDRQHooks(ReconHooks):
                     raise ValueError(f"hdrq: source layer {name!r} has shape {tuple(w_src.shape)}, "
                                      f"expected {tuple(m.weight.shape)}")
                 self.src[name] = w_src.to(m.weight.device)
+                if self.o.dist_relative:
+                    m.weight.requires_grad_(True)  # trained anyway; a hook needs it now
+                    self.handles.append(m.weight.register_hook(self._relative(name, m.weight)))
         return [m.weight for _, m in layers] + ([m.w_step for _, m in layers] if self.o.train_w_step else [])
 
     def lr_factor(self, t: int, iters: int) -> float:
@@ -112,13 +135,23 @@ class HDRQHooks(ReconHooks):
             if self.o.act_noise and m.act_quant is not None:
                 m.act_quant.noise = self.kind if noisy else None
 
+    def _relative(self, name: str, w: torch.Tensor):
+        """Gradient hook: the reconstruction gradient g plus λ‖g‖·(w − w_src)/‖w − w_src‖."""
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            d = w.detach() - self.src[name]
+            n = torch.linalg.vector_norm(d)
+            return g if n == 0 else g + self.o.dist_lambda * torch.linalg.vector_norm(g) * d / n
+        return hook
+
     def penalty(self, t: int, iters: int, layers: Layers):
-        if not self.o.distance:
+        if not self.o.distance or self.o.dist_relative:  # the relative form acts in the gradient hook
             return 0.0
         return sum(distance_penalty(m.weight, self.src[n], self.o.dist_lambda, self.o.dist_squared)
                    for n, m in layers)
 
     def finish(self, layers: Layers) -> None:
+        for h in self.handles:
+            h.remove()
         for _, m in layers:
             m.w_quantizer.noisy = False
             if m.act_quant is not None:
@@ -134,4 +167,20 @@ def hdrq(qmodel: nn.Module, ctx: PTQContext) -> None:
     if opts.distance and ctx.source is None:
         raise ValueError("hdrq: the distance regulariser (Eq. 10) needs the source model: pass "
                          "quantize(..., source=source_model), or distance=False to switch it off")
-    reconstruct(qmodel, ctx, HDRQHooks(opts, ctx.source), opts)
+    source = ctx.source
+    if opts.distance and opts.anchor == "expert_bn" and ctx.config.fold_bn:
+        source = expert_bn_anchor(ctx.raw_source, ctx.raw_model, ctx.calib[:2].to(ctx.device))
+    reconstruct(qmodel, ctx, HDRQHooks(opts, source), opts)
+
+
+def expert_bn_anchor(source: nn.Module, expert: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The source's weights folded with ``expert``'s BatchNorm (affine and running statistics, by
+    module name): the distance anchor of ``anchor="expert_bn"``."""
+    anchor = copy.deepcopy(source)
+    bns = {n: m for n, m in expert.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for name, m in anchor.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if name not in bns:
+                raise ValueError(f"hdrq: anchor='expert_bn': the expert has no BatchNorm {name!r} (the source has)")
+            m.load_state_dict(bns[name].state_dict())
+    return fold_bn(anchor, example).requires_grad_(False)
