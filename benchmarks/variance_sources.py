@@ -31,13 +31,14 @@ a − b (points), with the command; ``OUT/variance_sources.json`` the numbers pe
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
-from mergeq.experiments import Config, load_config, run_grid
+from mergeq.experiments import Config, Pool, load_config, run_grid
 from mergeq.experiments.config import parse_set
 from mergeq.io import atomic_write_text, write_json
 
@@ -81,10 +82,26 @@ def hmeans(cfg: Config, name: str, changes: dict, out: Path, workers: int | None
     return {c["method"]: 100 * c["merged"]["hmean"] for c in cells}
 
 
-def table(res: dict, a: str, b: str, command: str) -> str:
-    """The Markdown report: one row per factor, the std over its values."""
+def test_sd(merged: dict[str, float], sizes: dict[str, int]) -> float:
+    """SD (points) of a merged hmean from the finite test sample alone: each target's accuracy
+    binomial over its test images, carried through the harmonic mean by the delta method
+    (dH/da_i = H² / (k a_i²)); computed at the base point, not a run."""
+    acc = {d: max(merged[d], 1e-9) for d in sizes}
+    k = len(acc)
+    h = k / sum(1 / a for a in acc.values())
+    return 100 * math.sqrt(sum((h * h / (k * a * a)) ** 2 * a * (1 - a) / sizes[d] for d, a in acc.items()))
+
+
+def table(res: dict, a: str, b: str, command: str, test: dict[str, float]) -> str:
+    """The Markdown report: one row per factor, the std over its values; the test sample's share
+    (``test``: each method's SD from :func:`test_sd`); the root of the summed single-factor
+    variances beside the measured "all"."""
     def sd(xs: list[float]) -> str:
         return f"{statistics.stdev(xs):.2f}" if len(xs) > 1 else "–"
+
+    def var(factor: str, f) -> float:
+        xs = [f(r) for r in res[factor]]
+        return statistics.variance(xs) if len(xs) > 1 else 0.0
 
     lines = [f"```bash\n{command}\n```", "",
              f"Standard deviation (points of merged hmean) over each factor's values, the other sources at the "
@@ -96,7 +113,16 @@ def table(res: dict, a: str, b: str, command: str) -> str:
         lines.append(f"| {factor} | {WHAT[factor]} | {', '.join(str(r['value']) for r in rows)} | "
                      f"{sd([r[a] for r in rows])} | {sd([r[b] for r in rows])} | {sd(d)} | "
                      f"{statistics.mean(d):+.2f} |")
-    lines += ["", "With few values a standard deviation is itself noisy (2 values: one difference / √2).", ""]
+    lines.append(f"| test | the test sample (binomial, computed at the base point; not a run) | – | {test[a]:.2f} | "
+                 f"{test[b]:.2f} | – | – |")
+    single = [f for f in res if f != "all"]
+    if single:
+        parts = [(lambda r: r[a]), (lambda r: r[b]), (lambda r: r[a] - r[b])]
+        roots = [math.sqrt(sum(var(f, g) for f in single)) for g in parts]
+        lines.append(f"| sum | √(sum of the single-factor variances above, {', '.join(single)}) | – | "
+                     + " | ".join(f"{x:.2f}" for x in roots) + " | – |")
+    lines += ["", "With few values a standard deviation is itself noisy (2 values: one difference / √2; 3 values: "
+              "its 95% interval runs from about 0.5x to 6x the estimate).", ""]
     return "\n".join(lines)
 
 
@@ -122,10 +148,13 @@ def main() -> None:
                            for v, ch in vals]
             print(f"{factor}: " + "; ".join(f"{r['value']}: " + ", ".join(f"{m} {r[m]:.1f}" for m in args.methods)
                                             for r in res[factor]), flush=True)
+    base = {c["method"]: c["merged"] for c in run_grid(cfg, out / "base", workers=args.workers)}
+    sizes = {d: len(ds) for d, ds in Pool(cfg).tests.items()}
+    test = {m: test_sd(base[m], sizes) for m in args.methods}
     command = "PYTHONPATH=src python " + " ".join(map(shlex.quote, sys.argv))
     write_json(out / "variance_sources.json", {"command": command, "methods": args.methods, "bits": args.bits,
-                                                "factors": res})
-    atomic_write_text(out / "variance_sources.md", table(res, *args.methods, command))
+                                                "factors": res, "test_sizes": sizes, "test_sd": test})
+    atomic_write_text(out / "variance_sources.md", table(res, *args.methods, command, test))
     print((out / "variance_sources.md").read_text())
 
 
