@@ -79,6 +79,24 @@ def test_every_config_leaf_can_be_set_by_path():
         parse_set("ptq.iters=3")
 
 
+def test_exponent_floats_read_as_floats_in_set_and_files(tmp_path):
+    """``1e-4`` is a float (YAML 1.2), not the string PyYAML's YAML 1.1 makes of it, which every
+    float entry then refused ("expected float, got str '1e-4'")."""
+    assert parse_set("adapt.source.lr=1e-3") == ("adapt.source.lr", 1e-3)
+    assert parse_set("ptq.options.hdrq.lr=1e-4") == ("ptq.options.hdrq.lr", 1e-4)
+    assert parse_set("ptq.options.hdrq.dist_lambda=5E-2") == ("ptq.options.hdrq.dist_lambda", 0.05)
+    path = tmp_path / "c.yaml"
+    path.write_text("adapt: {source: {lr: 2e-3}}\nptq: {options: {hdrq: {lr: 1e-4, iters: 1e3}}}\n")
+    with pytest.raises(ConfigError, match=r"ptq\.options\.hdrq\.iters: expected int, got float 1000\.0"):
+        load_cli_config(build_parser().parse_args(["run", "--config", str(path)]))
+    path.write_text("adapt: {source: {lr: 2e-3}}\nptq: {options: {hdrq: {lr: 1e-4}}}\nmerge: {rounding: '1e-4'}\n")
+    with pytest.raises(ConfigError, match="merge.rounding"):  # a quoted value stays a string
+        load_cli_config(build_parser().parse_args(["run", "--config", str(path)]))
+    path.write_text("adapt: {source: {lr: 2e-3}}\nptq: {options: {hdrq: {lr: 1e-4}}}\n")
+    cfg = load_cli_config(build_parser().parse_args(["run", "--config", str(path), "--set", "adapt.shot.lr=3e-3"]))
+    assert (cfg.adapt.source.lr, cfg.ptq.options["hdrq"]["lr"], cfg.adapt.shot.lr) == (2e-3, 1e-4, 3e-3)
+
+
 def test_flags_override_set_which_overrides_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: quick\nruntime: {seed: 3, threads: 1}\nptq: {methods: [rtn], options: {hdrq: {iters: 5}}}\n")

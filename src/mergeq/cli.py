@@ -54,9 +54,9 @@ def _converter(hint: Any):
         item = _converter(args[0])
         return lambda s: [item(p) for p in _csv(s)]
     if hint is Any:  # an entry of an options mapping: the value as YAML reads it (3 -> int, true -> bool)
-        import yaml
+        from .io import load_yaml
 
-        return yaml.safe_load
+        return load_yaml
     return hint if hint in (int, float) else str
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -86,12 +87,40 @@ def read_text(path: str | os.PathLike, error: type[MergeqError] = MergeqError) -
                     f"(position {e.start})") from None
 
 
+@functools.cache
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` is a float (YAML 1.1 needs ``1.0e-4``
+    and PyYAML reads ``1e-4`` as a string, which a float option then refuses)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+        [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` as YAML, safely (no Python objects), with ``1e-4`` read as a float."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
+
+
 def parse_yaml(text: str, where: str, error: type[MergeqError] = MergeqError) -> Any:
-    """``text`` parsed as YAML (safe: no Python objects); errors name ``where``, line and column."""
+    """``text`` parsed as YAML (safe: no Python objects; ``1e-4`` a float); errors name ``where``,
+    line and column."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

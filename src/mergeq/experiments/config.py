@@ -52,6 +52,7 @@ from ..adapt.source import SourceConfig
 from ..adapt.tta import ABLConfig, TentConfig
 from ..data.spec import DataSpec, DigitsData, FolderData
 from ..errors import ConfigError
+from ..io import load_yaml
 from ..models.spec import ModelSpec
 from ..typed import check_keys, check_unique, check_value, from_mapping, hints_of
 from . import presets
@@ -393,7 +394,7 @@ def parse_set(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected PATH=VALUE, e.g. ptq.options.hdrq.iters=100")
     path = path.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {path}: the value is not valid YAML: {e}") from None
     return path, check_value(hint_at(path), value, path)
