@@ -152,6 +152,7 @@ class HDRQHooks(ReconHooks):
     def finish(self, layers: Layers) -> None:
         for h in self.handles:
             h.remove()
+        self.handles.clear()
         for _, m in layers:
             m.w_quantizer.noisy = False
             if m.act_quant is not None:
