@@ -113,6 +113,8 @@ def fmt(xs: list[float]) -> str:
     """Mean [bootstrap interval] | prediction interval of one new seed."""
     from mergeq.eval.intervals import mean_ci, prediction_interval
     iv, new = mean_ci(xs), prediction_interval(xs)
+    if new is None:  # one seed: no interval
+        return f"{iv.estimate:.1f} | –"
     return f"{iv.estimate:.1f} [{iv.low:.1f}, {iv.high:.1f}] | [{new[0]:.1f}, {new[1]:.1f}]"
 
 
@@ -123,6 +125,8 @@ def diff(a: list[float], b: list[float]) -> str:
     d = [x - y for x, y in zip(a, b)]
     tt = f"[{t[0]:+.1f}, {t[1]:+.1f}], p = {t[2]:.3f}" if t else ""
     wins = f"{sum(x > 0 for x in d)}/{len(d)}"
+    if len(d) < 2:  # one seed: the difference, no interval
+        return f"{iv.estimate:+.1f} | | – | {wins}"
     return f"{iv.estimate:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}] | {tt} | {statistics.stdev(d):.2f} | {wins}"
 
 
