@@ -41,22 +41,12 @@ def config(seed: int, method: str, bits: str, cache: str, preset: str):
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``hdrq`` or a variant ``hdrq:dist_lambda=0.5`` (PTQ options after the colon, comma-separated)."""
+    """``hdrq`` or a variant ``hdrq:dist_lambda=0.5`` (PTQ options after the colon, comma-separated,
+    read as YAML: ``lr=1e-4`` is a float)."""
+    from mergeq.io import load_yaml
     base, _, opts = spec.partition(":")
     pairs = (kv.split("=", 1) for kv in opts.split(",") if kv)
-    return base, {k: _value(v) for k, v in pairs}
-
-
-def _value(text: str):
-    """A YAML scalar, where ``1e-4`` is a float (YAML 1.1 reads it as a string)."""
-    import yaml
-    v = yaml.safe_load(text)
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            pass
-    return v
+    return base, {k: load_yaml(v) for k, v in pairs}
 
 
 def quantized(pool, spec: str, bits: str, folder: Path) -> dict:
