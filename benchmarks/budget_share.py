@@ -11,9 +11,9 @@ codes leave round-to-nearest?
 
 Reads the cells ``merge_recalibration.py`` wrote in ``OUT/cells`` (``method:iters=N`` variants;
 the plain method is the preset's budget, ``--base``). ``OUT/budget_share.md``: per method and
-budget, the merged hmean (recalibrated and data-free) with its 95% bootstrap interval, the
+budget, the merged hmean (recalibrated and data-free) with its 95% Student's t interval, the
 experts' accuracy, the share of changed codes, and the paired change from the base budget
-(bootstrap and t intervals); then the methods compared at the same share of changed codes:
+(Student's t interval and p); then the methods compared at the same share of changed codes:
 each seed's merged hmean interpolated linearly in the share between its budgets (no
 extrapolation), paired per seed. ``OUT/budget_share.png``: merged hmean against the share.
 """
@@ -71,8 +71,8 @@ def report(cells: dict, methods: list[str], budgets: list[int], seeds: list[int]
 
     col = lambda m, it, k: [cells[m, it, s][k] for s in seeds]  # noqa: E731
     lines = [f"```bash\n{command}\n```", "",
-             f"{bits}, seeds {', '.join(map(str, seeds))}; merged hmean in %, mean [95% bootstrap interval]; "
-             f"the change from {base} iterations is paired per seed: mean [bootstrap] (Student's t interval, p).", "",
+             f"{bits}, seeds {', '.join(map(str, seeds))}; merged hmean in %, mean [95% Student's t interval]; "
+             f"the change from {base} iterations is paired per seed: mean [t interval] (the same interval, p).", "",
              "| method | iters/unit | codes changed (%) | expert on its own domain | recalibrated (`bn+act`) | "
              f"change from {base} | data-free | change from {base} |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

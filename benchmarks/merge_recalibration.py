@@ -14,9 +14,9 @@ images), ``bn`` (each layer's per-channel output statistics corrected to the mix
 experts' own statistics, REPAIR-style) and ``bn+act``. The full-precision merge is reported
 beside them (``bn`` applies to it too). Methods may be variants, ``hdrq:dist_lambda=0.5`` (PTQ
 options after the colon). ``OUT/NAME.md`` (``--name``, default ``merge_recalibration``): per bit
-pair and mode, each method's mean merged hmean with its 95% bootstrap interval and the prediction
+pair and mode, each method's mean merged hmean with its 95% Student's t interval and the prediction
 interval of one new seed, its experts' accuracy and share of changed codes, and ``--anchor``
-(default hdrq) minus every other method, paired per seed (bootstrap and t intervals, the SD of the
+(default hdrq) minus every other method, paired per seed (Student's t interval and p, the SD of the
 difference: the number issue 21 asks to bring to at most 1.5 points); ``OUT/NAME.json``: every
 number per seed.
 """
@@ -100,7 +100,7 @@ def backfill_codes(seed: int, method: str, bits: str, cache: str, out: str, pres
 
 
 def fmt(xs: list[float]) -> str:
-    """Mean [bootstrap interval] | prediction interval of one new seed."""
+    """Mean [t interval] | prediction interval of one new seed."""
     from mergeq.eval.intervals import mean_ci, prediction_interval
     iv, new = mean_ci(xs), prediction_interval(xs)
     if new is None:  # one seed: no interval
@@ -109,7 +109,7 @@ def fmt(xs: list[float]) -> str:
 
 
 def diff(a: list[float], b: list[float]) -> str:
-    """Paired a − b: mean [bootstrap] | [t] p | SD | sign per seed."""
+    """Paired a − b: mean [t interval] | the same, p | SD | sign per seed."""
     from mergeq.eval.intervals import paired_diff_ci, paired_t
     iv, t = paired_diff_ci(a, b), paired_t(a, b)
     d = [x - y for x, y in zip(a, b)]
@@ -135,8 +135,8 @@ def report(done: dict, methods: list[str], bits: list[str], seeds: list[int], mo
     """Per bit pair and mode: each method's merged hmean with its interval, then ``anchor`` minus
     every other method and minus the best other (by mean) with paired intervals."""
     lines = [f"```bash\n{command}\n```", "",
-             f"Merged hmean in %, mean [95% percentile-bootstrap interval] over seeds {', '.join(map(str, seeds))}, "
-             "and the 95% prediction interval of one new seed; differences are paired per seed: mean [bootstrap] | "
+             f"Merged hmean in %, mean [95% Student's t interval] over seeds {', '.join(map(str, seeds))}, "
+             "and the 95% prediction interval of one new seed; differences are paired per seed: mean [t interval] | "
              "Student's t interval, paired t-test p | SD of the per-seed difference | seeds where it is positive.", ""]
     for b in bits:
         methods_b = [m for m in methods if all((s, m, b) in done for s in seeds)]
@@ -152,7 +152,7 @@ def report(done: dict, methods: list[str], bits: list[str], seeds: list[int], mo
             others = [m for m in methods_b if m != anchor]
             if anchor in methods_b and others:
                 best = max(others, key=lambda m: statistics.mean(h[m]))
-                lines += ["", f"| {anchor} minus | mean [bootstrap] | t interval, p | SD | {anchor} ahead |",
+                lines += ["", f"| {anchor} minus | mean [t interval] | t interval, p | SD | {anchor} ahead |",
                           "|---|---:|---:|---:|---:|"]
                 lines += [f"| {m}{' (best of the others)' if m == best else ''} | {diff(h[anchor], h[m])} |" for m in others]
             lines.append("")

@@ -1,11 +1,11 @@
-"""Bootstrap intervals over seeds and their sentence (mergeq.eval.intervals): properties that must hold."""
+"""Student's t intervals over seeds and their sentence (mergeq.eval.intervals): properties that must hold."""
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergeq.eval.intervals import Interval, mean_ci, paired_diff_ci, verdict
+from mergeq.eval.intervals import MIN_VERDICT_SEEDS, Interval, mean_ci, paired_diff_ci, verdict
 
 points = st.floats(-100, 100, allow_nan=False)
 # differences of accuracy points (six decimals): a difference of 1e-292 once drew a NaN from scipy's t interval
@@ -53,7 +53,9 @@ def test_the_verdict_matches_the_printed_interval(x, y, z, n):
     p_est, p_low, p_high = _printed(sentence)
     assert (p_est, p_low, p_high) == (round(est, 1) + 0.0, round(low, 1) + 0.0, round(high, 1) + 0.0)
     assert sentence.startswith("hdrq vs qdrop at W3A3: ") and f"over {n} paired seeds" in sentence
-    if p_low > 0:
+    if n < MIN_VERDICT_SEEDS:
+        assert "too few for a verdict" in sentence and "better" not in sentence and "worse" not in sentence
+    elif p_low > 0:
         assert sentence.endswith(f"hdrq is better by {abs(p_est):.1f} points")
     elif p_high < 0:
         assert sentence.endswith(f"hdrq is worse by {abs(p_est):.1f} points")

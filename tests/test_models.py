@@ -36,7 +36,7 @@ def test_parameter_counts_and_width():
 
 
 def test_unknown_arch_lists_known():
-    with pytest.raises(ValueError, match="known: resnet20, resnet8, vit_tiny"):
+    with pytest.raises(ValueError, match="known: deeplab_mini, deeplab_r101, resnet20, resnet8, vit_tiny"):
         build_model("vgg11", 10)
     assert {"resnet8", "resnet20"} <= set(ARCHITECTURES)
 

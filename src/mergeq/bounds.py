@@ -21,6 +21,13 @@ from .quant.uniform import MAX_BITS, MIN_BITS
 MAX_IMAGE_SIDE = 4096  # data.image_size: a 4096 x 4096 crop is 200 MB as floats
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes [0, 2**32 - 1]; torch and default_rng take more
 MAX_PARAMETERS = 10**9  # a registered architecture's size from model.kwargs: 4 GB as float32
+# counts of runs (issue 31): each seed trains or quantizes its own models, each cell runs the
+# pipeline once (minutes on a CPU), each repeat is a merge and an evaluation, each sample a draw of
+# every layer's noise: far past these a run would never finish (or, as a list, not fit in memory)
+MAX_SEEDS = 1000  # grid.seeds, grid.ptq_seeds and compare's --seeds N / --ptq-seeds N
+MAX_CELLS = 10_000  # cells of a bench / compare grid (methods x bits x target sets x seeds x PTQ seeds)
+MAX_REPEATS = 1000  # merge.repeats (the HDRQ paper averages 30 merges)
+MAX_SAMPLES = 100_000  # merge.rounding_options.samples (the reference code draws 100)
 
 
 def available_cpus() -> int:
@@ -69,7 +76,9 @@ CPUS = Bound(1, available_cpus, why="the CPUs this process may use")
 BOUNDS: dict[str, Bound] = {
     # counts and sizes
     **dict.fromkeys(["epochs", "batch_size", "iters", "capture_batch", "blocksize", "group_size", "calib_size",
-                     "repeats", "n_images", "steps", "samples", "n", "slots"], COUNT),
+                     "n_images", "steps", "n", "slots"], COUNT),
+    "repeats": Bound(1, MAX_REPEATS, why="merges averaged; the HDRQ paper averages 30"),
+    "samples": Bound(1, MAX_SAMPLES, why="noise draws per merge; the reference code draws 100"),
     "min_steps": NON_NEGATIVE,  # adapt.source / adapt.shot: the floor of the epoch budget, 0: none
     "image_size": Bound(1, MAX_IMAGE_SIDE, why="the largest image side mergeq decodes to"),
     "resize": Bound(1, 2 * MAX_IMAGE_SIDE, why="twice the largest data.image_size"),
@@ -115,3 +124,11 @@ def check_bound(where: str, value: int | float) -> int | float:
     if problem:
         raise ConfigError(f"{where}: {problem}, got {value!r}")
     return value
+
+
+def check_count(where: str, count: int, limit: int, what: str, detail: str = "") -> int:
+    """``count`` if it is at most ``limit``; else a ConfigError naming ``where``, the limit and
+    (``detail``) where the count comes from."""
+    if count > limit:
+        raise ConfigError(f"{where}: at most {limit:,} {what}, got {count:,}{detail}")
+    return count

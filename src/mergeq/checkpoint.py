@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -99,9 +99,11 @@ def architecture(meta: dict, template: nn.Module | None = None, trust_builder: b
     return resolve_model(spec, meta["num_classes"])
 
 
-def _skeleton(meta: dict, path: str | Path, template: nn.Module | None, trust_builder: bool) -> nn.Module:
-    """The model the metadata describes, before quantized layers are wrapped; a layer named in
-    ``folded_bn`` or ``quant_layers`` that the architecture lacks is a CheckpointError."""
+def _skeleton(meta: dict, path: str | Path, template: nn.Module | None, trust_builder: bool,
+              keys: Iterable[str] = ()) -> nn.Module:
+    """The model the metadata describes, before quantized layers are wrapped, with the biases the
+    file's tensor ``keys`` hold (:func:`_add_biases`); a layer named in ``folded_bn`` or
+    ``quant_layers`` that the architecture lacks is a CheckpointError."""
     try:
         model = architecture(meta, template, trust_builder)
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
@@ -117,7 +119,20 @@ def _skeleton(meta: dict, path: str | Path, template: nn.Module | None, trust_bu
                                       f"{kind_name} layer")
     for name in meta.get("folded_bn", []):
         set_module(model, name, nn.Identity())
+    _add_biases(model, keys)
     return model
+
+
+def _add_biases(model: nn.Module, keys: Iterable[str]) -> None:
+    """A zero bias on every bias-free Conv2d/Linear whose ``NAME.bias`` is among ``keys``.
+
+    BN folding and the ``bn`` recalibration of a merge (:mod:`mergeq.merge.recalibrate`: REPAIR's
+    per-channel shift needs a bias) give bias-free layers a bias; the file's tensors are the
+    record of which, so every checkpoint (and those written before this rule) loads back."""
+    keys = set(keys)
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None and f"{name}.bias" in keys:
+            m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device))
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", template: nn.Module | None = None,
@@ -133,20 +148,18 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", 
     _check_meta(meta, path, template, trust_builder)
     if template is None:
         with torch.device("meta"):
-            skeleton = _skeleton(meta, path, None, trust_builder)
+            skeleton = _skeleton(meta, path, None, trust_builder, shapes)
     else:
-        skeleton = _skeleton(meta, path, template, trust_builder)
+        skeleton = _skeleton(meta, path, template, trust_builder, shapes)
     for key, t in skeleton.state_dict().items():
         if key in shapes and list(t.shape) != list(shapes[key]):
             raise CheckpointError(f"checkpoint {path}: tensor {key!r} has shape {list(shapes[key])}, architecture "
                                   f"{describe(meta) if template is None else 'of the template'} needs "
                                   f"{list(t.shape)}")
     state, meta = load_checkpoint(path)
-    model = _skeleton(meta, path, template, trust_builder) if template is None else skeleton
+    model = _skeleton(meta, path, template, trust_builder, state) if template is None else skeleton
     for name, (w_bits, a_bits) in meta.get("quant_layers", {}).items():
         layer = model.get_submodule(name)
-        if f"{name}.bias" in state and layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
         set_module(model, name, QuantModule(layer, w_bits, a_bits, step_method="absmax"))  # steps come from the file
     try:
         model.load_state_dict(state)

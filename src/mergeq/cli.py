@@ -83,13 +83,22 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _seed_list(s: str) -> list[int]:
-    """``3`` -> seeds 0, 1, 2; ``0,4,7`` -> those seeds (``5,`` -> seed 5 alone)."""
+    """``3`` -> seeds 0, 1, 2; ``0,4,7`` -> those seeds (``5,`` -> seed 5 alone); at most
+    ``mergeq.bounds.MAX_SEEDS``, counted before any list is built."""
+    from .bounds import MAX_SEEDS
+
     if "," in s:
-        return [int(p) for p in _csv(s)]
-    n = int(s)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of seeds (at least 1) or a comma-separated list, got {s}")
-    return list(range(n))
+        seeds = _csv(s)
+    else:
+        n = int(s)
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"expected a number of seeds (at least 1) or a comma-separated list, "
+                                             f"got {s}")
+        seeds = range(min(n, MAX_SEEDS + 1))
+    if len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SEEDS:,} seeds (each runs the pipeline), got "
+                                         f"{n if isinstance(seeds, range) else len(seeds):,}")
+    return [int(p) for p in seeds]
 
 
 def _bounded(kind: type, key: str):
@@ -251,8 +260,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                      args.base, args.trust_builder)
     acc = report.get("accuracy")
     print(f"merged {len(args.experts)} models -> {args.out}; accuracy: "
-          + (", ".join(f"{d} {100 * a:.1f}%" for d, a in acc.items()) if acc else "not evaluated (the "
-             "checkpoints name no data and domains)"))
+          + (", ".join(f"{d} {100 * a:.1f}%" for d, a in acc.items()) if acc else
+             f"not evaluated ({report.get('not_evaluated')})"))
     return 0
 
 

@@ -87,24 +87,38 @@ def read_text(path: str | os.PathLike, error: type[MergeqError] = MergeqError) -
                     f"(position {e.start})") from None
 
 
-@functools.cache
-def _yaml_loader():
-    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` is a float (YAML 1.1 needs ``1.0e-4``
-    and PyYAML reads ``1e-4`` as a string, which a float option then refuses)."""
+_YAML_FLOAT = r"""^(?:
+    [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$"""
+
+
+def _with_yaml12_floats(base: type) -> type:
+    """``base`` (PyYAML's safe loader or dumper) resolving YAML 1.2's floats: ``1e-4`` is a float
+    (YAML 1.1 needs ``1.0e-4`` and PyYAML reads ``1e-4`` as a string, which a float option then
+    refuses). The dumper shares the loader's resolvers, so it quotes every string the loader would
+    read as something else (``'1e1'``, ``'yes'``, ``'~'``, ``'2001-01-01'``)."""
     import re
 
+    cls = type(f"Mergeq{base.__name__}", (base,), {})
+    cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML_FLOAT, re.X), list("-+0123456789."))
+    return cls
+
+
+@functools.cache
+def _yaml_loader():
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
+    return _with_yaml12_floats(yaml.SafeLoader)
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
-        [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
-    return Loader
+
+@functools.cache
+def _yaml_dumper():
+    import yaml
+
+    return _with_yaml12_floats(yaml.SafeDumper)
 
 
 def load_yaml(text: str) -> Any:
@@ -112,6 +126,15 @@ def load_yaml(text: str) -> Any:
     import yaml
 
     return yaml.load(text, Loader=_yaml_loader())
+
+
+def dump_yaml(obj: Any) -> str:
+    """``obj`` (plain dicts, lists, strings, numbers, booleans, None) as YAML that :func:`load_yaml`
+    reads back to ``obj``; keys in the order given, characters outside ASCII escaped (PyYAML's
+    ``allow_unicode`` writes U+0085 raw, which reads back as a space)."""
+    import yaml
+
+    return yaml.dump(obj, Dumper=_yaml_dumper(), sort_keys=False)
 
 
 def parse_yaml(text: str, where: str, error: type[MergeqError] = MergeqError) -> Any:

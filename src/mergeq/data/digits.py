@@ -87,6 +87,7 @@ class Benchmark:
     targets: Dict[str, Domain]
     num_classes: int
     spec: dict = field(default_factory=dict)  # what chose it (``data.spec.load_data`` fills it: the resolved spec)
+    classes: list[str] | None = None  # class names in id order, where the data name them (segmentation reports)
 
 
 def _package_file(package: str, *parts: str) -> Path:

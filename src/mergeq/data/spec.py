@@ -13,6 +13,7 @@ differ). Kinds::
      image_size: 224, normalize: imagenet}                                # <root>/<Domain>/<Class>/<image>
                                                                           # (size, normalize: null = the model's)
     {kind: office_home, root: PATH, source: R}                            # folder + Office-Home's names
+    {kind: streets, source: synthetic, targets: [city, india]}            # embedded segmentation benchmark
 
 ``load_stream(spec, seed)`` does the same for a test-time-adaptation stream::
 
@@ -43,6 +44,15 @@ class DigitsData:
     kind: Literal["digits"] = "digits"
     source: str = "mnist"
     targets: list[str] | None = None  # None: the other three domains
+
+
+@dataclass
+class StreetsData:
+    """The embedded segmentation benchmark (:mod:`mergeq.data.streets`): street scenes, per-pixel labels."""
+
+    kind: Literal["streets"] = "streets"
+    source: str = "synthetic"
+    targets: list[str] | None = None  # None: the other domains
 
 
 @dataclass
@@ -80,7 +90,14 @@ class Cifar10CData:
     normalize: Literal["standardize", "none"] = "standardize"
 
 
-DataSpec = DigitsData | FolderData  # tagged by ``kind`` (mergeq.typed): the config's ``data:`` section
+DataSpec = DigitsData | FolderData | StreetsData  # tagged by ``kind`` (mergeq.typed): the config's ``data:`` section
+SEGMENTATION_KINDS = ("streets",)
+
+
+def task_of(spec) -> str:
+    """``segmentation`` for the kinds with per-pixel labels, else ``classification``."""
+    kind = spec.get("kind") if isinstance(spec, Mapping) else getattr(spec, "kind", None)
+    return "segmentation" if kind in SEGMENTATION_KINDS else "classification"
 
 
 def parse_spec(spec: Mapping[str, Any], hint: Any = DataSpec, where: str = "data"):
@@ -130,6 +147,15 @@ def load_data(spec: Mapping[str, Any], seed: int = 0, cache_dir: str | Path | No
     parsed = parse_spec(spec)
     if isinstance(parsed, FolderData):
         return _folder(parsed, seed, cache_dir)
+    if isinstance(parsed, StreetsData):
+        from .streets import CLASSES, DOMAINS as STREETS, load_streets_benchmark
+
+        if parsed.source not in STREETS:
+            raise ConfigError(f"data.source: expected one of {', '.join(STREETS)}, got {parsed.source!r}")
+        bench = load_streets_benchmark(seed=seed, source=parsed.source, targets=parsed.targets, cache_dir=cache_dir)
+        bench.spec = {**dataclasses.asdict(parsed), "targets": list(bench.targets)}
+        bench.classes = list(CLASSES)
+        return bench
     if parsed.source not in DOMAINS:
         raise ConfigError(f"data.source: expected one of {', '.join(DOMAINS)}, got {parsed.source!r}")
     bench = load_digits_benchmark(seed=seed, targets=parsed.targets, source=parsed.source)

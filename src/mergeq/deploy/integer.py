@@ -53,12 +53,13 @@ from ..nn.qmodule import QuantModule
 from ..quant import ActQuantizer, qrange, quantize_int
 from .groups import is_grouped
 from .pack import ExportError
+from .resize import is_resize, resize_spec
 from .trace import Facts, node_facts, trace
 
 log = logging.getLogger(__name__)
 _ADDS = (operator.add, operator.iadd, torch.add, "add")
 _RELUS = (F.relu, torch.relu, "relu")
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool2d)  # act on uint8 codes as on values
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d)  # act on uint8 codes as on values
 INT16_MAX = 32767
 TARGET_CPUS = ("any", "vnni", "native")  # what the int8 export's weight types must be exact on
 
@@ -364,6 +365,8 @@ class IntegerSimulation(nn.Module):
         self.plan = plan
         facts = node_facts(self.gm, plan.input_shape)
         self._roles = _Roles(self.gm, facts)
+        self._code_resizes = {n: spec for n in self.gm.graph.nodes if is_resize(self.gm, n)
+                              and n.args[0].name in plan.grids and (spec := resize_spec(self.gm, n, facts)).exact_on_codes()}
         missing = [k for k in plan.grids if k not in facts]
         if missing:
             raise ExportError(f"the integer plan names nodes this model does not have: {missing[:5]}")
@@ -389,6 +392,11 @@ class IntegerSimulation(nn.Module):
         ga, gb, gc = (self.plan.grids[v.name] for v in (*n.args, n))
         return gc.dequantize(qadd_codes(ga.codes(a), ga, gb.codes(b), gb, gc))
 
+    def _resize(self, n: fx.Node, x: torch.Tensor) -> torch.Tensor:
+        """Interpolation of the integer codes ``c - z``, exact, then one rounding: ``· s`` (:mod:`.resize`)."""
+        grid = self.plan.grids[n.args[0].name]
+        return self._code_resizes[n].torch(grid.codes(x) - grid.zero_point) * grid.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self
 
@@ -396,6 +404,8 @@ class IntegerSimulation(nn.Module):
             def run_node(self, n: fx.Node) -> Any:
                 if n in sim._roles.layers:
                     return sim._layer(n, self.env[n.args[0]])
+                if n in sim._code_resizes:
+                    return sim._resize(n, self.env[n.args[0]])
                 if n.name in sim.plan.grids and sim._roles.kind(n) == "add":
                     return sim._add(n, self.env[n.args[0]], self.env[n.args[1]])
                 return super().run_node(n)

@@ -64,6 +64,7 @@ from .onnx_integer import dequantize, integer_layer, matmul_nbits, qlinear_add
 from .onnx_ops import Static, translate_call, translate_module
 from .pack import ExportError
 from .packed import check_exportable, packed_metadata
+from .resize import codes_resize_onnx, is_resize, resize_spec
 from .trace import node_facts, trace
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ def weight_storage(w_bits: int, opset: int, int4: bool = True) -> str:
 def infer_input_shape(gm: fx.GraphModule) -> list[int | str]:
     """``[N, C, H, W]`` (or ``[N, F]``) from the layer that consumes the input directly."""
     ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    users = [u for u in ph.users if u.op == "call_module"]
-    if len(ph.users) == 1 and users:
+    readers = [u for u in ph.users if not (u.op == "call_function" and u.target is getattr)]  # x.shape: no data
+    users = [u for u in readers if u.op == "call_module"]
+    if len(readers) == 1 and users:
         m = gm.get_submodule(users[0].target)
         if isinstance(m, QuantModule) and m.kind == "conv":
             return ["N", m.weight.shape[1] * m.conv_kwargs["groups"], "H", "W"]
@@ -200,6 +202,18 @@ class _Exporter:
             y = g.op("MatMul", ins, y) if matmul else g.op("Gemm", ins, y, transB=1)
         return y if bias is None or inline else g.op("Add", [y, g.const(f"{base}_b", bias)], out)
 
+    def resize(self, node: fx.Node, integer: bool) -> str:
+        """``Resize``; on the integer codes where that is exact (:mod:`.resize`)."""
+        spec, src = resize_spec(self.gm, node, self.facts), node.args[0]
+        if integer and src.name in self.grids:
+            grid = self.grids[src.name]
+            if spec.exact_on_codes():
+                return codes_resize_onnx(self.g, self.env[src.name], grid.scale, grid.zero_point, spec, node.name,
+                                         node.name)
+            log.warning("kernels='int8': resize %s from %s to %s is not a power-of-two ratio; it runs in float "
+                        "and may differ from the simulation in the last bit", node.name, spec.in_size, spec.out_size)
+        return spec.onnx(self.g, self.float_arg(src), node.name)
+
     # -- one node ------------------------------------------------------------------------------------
     def translate(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
@@ -210,6 +224,8 @@ class _Exporter:
         if not self.facts[node.name].is_tensor:
             return Static(self.facts[node.name].values)
         integer = self.kernels == "int8"
+        if is_resize(self.gm, node):
+            return self.resize(node, integer)
         m = self.gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(m, (QuantModule, nn.Conv2d, nn.Linear)):
             if integer and is_integer_layer(m):
@@ -325,6 +341,7 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
             if not isinstance(res, fx.Node) or not facts[res.name].is_tensor:
                 raise ExportError("only models returning a single tensor can be exported")
             output = g.op("Identity", [ex.float_arg(res)], g.name("logits"))
+            out_facts = facts[res.name]
         else:
             ex.env[node.name] = ex.translate(node)
     if kernels == "int8":
@@ -349,8 +366,10 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
 
     # the output's shape comes from ONNX shape inference on the graph (e.g. [N, num_classes])
     inferred = onnx.shape_inference.infer_shapes(build([]))
-    known = {v.name: v for v in inferred.graph.value_info}
-    proto = build([known.get(output) or helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", "D"])])
+    known = {v.name: v for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")}
+    traced_out = ["N" if i in out_facts.batch_dims() else int(d) if g.static_input else f"d{i}"
+                  for i, d in enumerate(out_facts.values[0])]
+    proto = build([known.get(output) or helper.make_tensor_value_info(output, TensorProto.FLOAT, traced_out)])
     info: dict[str, Any] = {"onnx_opset": opset, "kernels": kernels, "layer_ops": ex.layer_ops}
     if quantized:
         info.update(packed_metadata(model, meta))

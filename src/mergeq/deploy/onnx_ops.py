@@ -24,7 +24,7 @@ from .onnx_graph import f32
 from .pack import ExportError
 
 SUPPORTED = ("Conv2d, Linear, ReLU, GELU, add/sub/mul/div, BatchNorm, LayerNorm, softmax, matmul, "
-             "scaled_dot_product_attention, Identity, Dropout, MaxPool2d, flatten, view/reshape, permute, "
+             "scaled_dot_product_attention, Identity, Dropout, MaxPool2d, interpolate / Upsample, flatten, view/reshape, permute, "
              "transpose, expand, cat, indexing with ints and slices, global average pooling, mean over dims")
 
 
@@ -187,7 +187,7 @@ def translate_module(ex, node: fx.Node, m: nn.Module, x: str, out: str) -> str:
         return g.op("Relu", [x], out)
     if isinstance(m, nn.GELU):
         return _gelu(ex, x, m.approximate, out)
-    if isinstance(m, (nn.Identity, nn.Dropout)):
+    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)):
         return g.op("Identity", [x], out)
     if isinstance(m, nn.Flatten):
         return _flatten(ex, x, node, m.start_dim, m.end_dim, out)

@@ -1,6 +1,7 @@
-"""Evaluation: per-domain accuracy, harmonic mean, error barriers and loss surfaces."""
+"""Evaluation: per-domain score (accuracy, or mIoU for per-pixel labels), harmonic mean, error
+barriers and loss surfaces."""
 from .landscape import error_barrier, linear_path, loss_and_accuracy, loss_surface
-from .metrics import accuracy, evaluate, harmonic_mean
+from .metrics import accuracy, evaluate, harmonic_mean, is_dense, score
 
-__all__ = ["accuracy", "error_barrier", "evaluate", "harmonic_mean", "linear_path", "loss_and_accuracy",
-           "loss_surface"]
+__all__ = ["accuracy", "error_barrier", "evaluate", "harmonic_mean", "is_dense", "linear_path", "loss_and_accuracy",
+           "loss_surface", "score"]

@@ -4,19 +4,22 @@ A thin layer over :func:`mergeq.experiments.bench.run_grid`: the grid ``ptq.meth
 ``ptq.bits`` x ``grid.seeds`` (each seed its own source model and experts) or, cheaper, x
 ``grid.ptq_seeds`` (the experts of ``runtime.seed``, only the PTQ seed and the calibration subset
 vary) runs into ``OUT/grid`` on bench's executors, resumably. Then, per bit pair, each method's
-merged hmean (mean over seeds with its 95% bootstrap interval) and, for each pair of methods in
-the order given, the paired difference (same seed; :func:`mergeq.eval.intervals.paired_diff_ci`)
-with its interval and the sentence :func:`~mergeq.eval.intervals.verdict` writes from it.
+merged hmean (mean over seeds with its 95% Student's t interval, clipped to [0, 100]) and, for
+each pair of methods in the order given, the paired difference (same seed;
+:func:`mergeq.eval.intervals.paired_diff_ci`, clipped to [-100, 100]) with its interval, the
+paired t-test's p and the sentence :func:`~mergeq.eval.intervals.verdict` writes from it (no
+verdict below :data:`~mergeq.eval.intervals.MIN_VERDICT_SEEDS` paired seeds). The intervals and
+why t: :mod:`mergeq.eval.intervals`.
 
 OUT gets ``config.yaml`` (the resolved request: rerun it to reproduce), ``results.json``,
 ``results.md`` and ``compare.png``. results.json: {"experiment": "compare", "benchmark",
-"targets", "confidence", "units": [[seed, ptq_seed], ...], "fp_merged": interval, "bits": {bits:
-{"methods": {method: interval + "values"}, "pairs": [{"a", "b", **interval, "t": {"low", "high", "p"} or
-null, "sentence"}]}},
-"sentences"}; an interval is {"n", "mean", "low", "high", "predict": {"low", "high"}} in points (low/high
-and predict null below 2 seeds): ``low``/``high`` bound the mean, ``predict`` one new seed's value
-(:func:`mergeq.eval.intervals.prediction_interval`), the range a rerun on another seed or machine
-should land in.
+"targets", "confidence", "interval": "student-t", "units": [[seed, ptq_seed], ...], "fp_merged":
+interval, "bits": {bits: {"methods": {method: interval + "values"}, "pairs": [{"a", "b",
+**interval, "p" (null below 2 seeds or for equal differences), "sentence"}]}}, "sentences"}; an
+interval is {"n", "mean", "low", "high", "predict": {"low", "high"}} in points (low/high and
+predict null below 2 seeds): ``low``/``high`` bound the mean, ``predict`` one new seed's value
+(:func:`mergeq.eval.intervals.prediction_interval`, clipped likewise), the range a rerun on
+another seed or machine should land in.
 """
 from __future__ import annotations
 
@@ -25,18 +28,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..eval.intervals import (CONFIDENCE, Interval, mean_ci, paired_diff_ci, paired_t, prediction_interval, signed,
-                              verdict)
+from ..eval.intervals import (CONFIDENCE, MIN_VERDICT_SEEDS, Bounds, Interval, mean_ci, paired_diff_ci, paired_t,
+                              prediction_interval, signed, verdict)
 from ..io import atomic_write_text, check_out_dir, write_json
 from .bench import cells_of, run_grid, with_axes
 from .config import Config, resolve
 
 PNG = "compare.png"
+ACCURACY, DIFFERENCE = (0.0, 100.0), (-100.0, 100.0)  # the range of a merged hmean and of a paired difference
 
 
-def _interval(ci: Interval, values: list[float]) -> dict[str, Any]:
+def _interval(ci: Interval, values: list[float], bounds: Bounds) -> dict[str, Any]:
     """The interval of the mean and, as ``predict``, where one new seed's value would fall."""
-    new = prediction_interval(values)
+    new = prediction_interval(values, bounds=bounds)
     return {"n": ci.n, "mean": ci.estimate, "low": ci.low, "high": ci.high,
             "predict": None if new is None else {"low": new[0], "high": new[1]}}
 
@@ -51,21 +55,22 @@ def summarize(cells: list[dict], methods: list[str], bits: list[str]) -> dict[st
     hmean = {(c["method"], c["bits"], _unit(c)): 100 * c["merged"]["hmean"] for c in cells}
     units = sorted({_unit(c) for c in cells}, key=lambda u: (u[0], -1 if u[1] is None else u[1]))
     fp = {_unit(c): 100 * c["fp_merged"]["hmean"] for c in cells}
-    out: dict[str, Any] = {"units": [list(u) for u in units], "fp_merged": _interval(mean_ci(list(fp.values())),
-                                                                                      list(fp.values())),
+    fps = list(fp.values())
+    out: dict[str, Any] = {"units": [list(u) for u in units], "fp_merged": _interval(mean_ci(fps, bounds=ACCURACY),
+                                                                                      fps, ACCURACY),
                            "bits": {}, "sentences": []}
     for b in bits:
         values = {m: {u: hmean[(m, b, u)] for u in units if (m, b, u) in hmean} for m in methods}
-        per_method = {m: {**_interval(mean_ci(list(v.values())), list(v.values())),
+        per_method = {m: {**_interval(mean_ci(list(v.values()), bounds=ACCURACY), list(v.values()), ACCURACY),
                           "values": [[*u, x] for u, x in v.items()]}
                       for m, v in values.items()}
         pairs = []
         for a, z in itertools.combinations(methods, 2):
             shared = [u for u in units if u in values[a] and u in values[z]]
             xa, xz = [values[a][u] for u in shared], [values[z][u] for u in shared]
-            ci, t = paired_diff_ci(xa, xz), paired_t(xa, xz)
-            pairs.append({"a": a, "b": z, **_interval(ci, [x - y for x, y in zip(xa, xz)]), "t": None if t is None else dict(zip(("low", "high", "p"), t)),
-                          "sentence": verdict(a, z, b, ci)})
+            ci, t = paired_diff_ci(xa, xz, bounds=DIFFERENCE), paired_t(xa, xz)
+            pairs.append({"a": a, "b": z, **_interval(ci, [x - y for x, y in zip(xa, xz)], DIFFERENCE),
+                          "p": None if t is None else t[2], "sentence": verdict(a, z, b, ci)})
         out["bits"][b] = {"methods": per_method, "pairs": pairs}
         out["sentences"] += [p["sentence"] for p in pairs]
     return out
@@ -79,17 +84,14 @@ def _ci_text(iv: dict) -> str:
 
 def _diff_text(p: dict) -> str:
     text = signed(p["mean"])
-    return text + (" (no interval)" if p["low"] is None else f" [{signed(p['low'])}, {signed(p['high'])}]")
+    if p["low"] is None:
+        return text + " (no interval)"
+    return text + f" [{signed(p['low'])}, {signed(p['high'])}]" + ("" if p["p"] is None else f", p = {p['p']:.2f}")
 
 
 def _predict_text(iv: dict) -> str:
     p = iv.get("predict")
     return "–" if p is None else f"[{p['low']:.1f}, {p['high']:.1f}]"
-
-
-def _t_text(p: dict) -> str:
-    t = p.get("t")
-    return "–" if t is None else f"[{signed(t['low'])}, {signed(t['high'])}], p = {t['p']:.2f}"
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -99,28 +101,27 @@ def markdown(res: dict[str, Any]) -> str:
     pairs = [(p["a"], p["b"]) for p in res["bits"][bits[0]]["pairs"]]
     n = len(res["units"])
     lines = [f"# {', '.join(methods)} on {res['benchmark']} ({', '.join(res['targets'])}): {n} {res['unit']}s", "",
-             f"Merged hmean in %: mean over the {res['unit']}s [{100 * res['confidence']:.0f}% percentile-bootstrap "
-             f"interval]. Full-precision merge of the same experts: {_ci_text(res['fp_merged'])}.", "",
+             f"Merged hmean in %: mean over the {res['unit']}s [{100 * res['confidence']:.0f}% Student's t interval, "
+             f"clipped to [0, 100]]. Full-precision merge of the same experts: {_ci_text(res['fp_merged'])}.", "",
              "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
     lines += [f"| {m} | " + " | ".join(_ci_text(res["bits"][b]["methods"][m]) for b in bits) + " |" for m in methods]
     lines += ["", f"Paired differences in points (a minus b on the same {res['unit']}) [{100 * res['confidence']:.0f}% "
-              "bootstrap interval of the mean difference]:", "",
+              "Student's t interval of the mean difference], paired t-test's p:", "",
               "| a − b | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
     for i, (a, z) in enumerate(pairs):
         lines.append(f"| {a} − {z} | " + " | ".join(_diff_text(res["bits"][b]["pairs"][i]) for b in bits) + " |")
-    lines += ["", "The same differences with Student's t interval and the paired t-test's p (over few seeds the "
-              "bootstrap interval is too narrow: read a verdict whose t interval includes 0 as borderline):", "",
-              "| a − b | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
-    for i, (a, z) in enumerate(pairs):
-        lines.append(f"| {a} − {z} | " + " | ".join(_t_text(res["bits"][b]["pairs"][i]) for b in bits) + " |")
     lines += ["", f"Where one new {res['unit']} (or a rerun on another CPU kind) should land, {100 * res['confidence']:.0f}% "
-              "prediction interval (Student's, wider than the interval of the mean):", "",
+              "prediction interval (Student's, wider than the interval of the mean; clipped to the possible range):",
+              "",
               "| | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
     lines += [f"| {m} | " + " | ".join(_predict_text(res["bits"][b]["methods"][m]) for b in bits) + " |" for m in methods]
     lines += [f"| {a} − {z} | " + " | ".join(_predict_text(res["bits"][b]["pairs"][i]) for b in bits) + " |"
               for i, (a, z) in enumerate(pairs)]
     if n < 2:
         lines += ["", f"One {res['unit']}: no interval can be given; run at least 2 (--seeds N or --ptq-seeds N)."]
+    elif n < MIN_VERDICT_SEEDS:
+        lines += ["", f"{n} {res['unit']}s: too few for a verdict; run at least {MIN_VERDICT_SEEDS} (below that no "
+                  "test reaches 95% without assuming normal differences)."]
     lines += ["", *(f"- {s}" for s in res["sentences"]), "", f"![merged hmean and paired differences]({PNG})", ""]
     return "\n".join(lines)
 
@@ -138,7 +139,7 @@ def compare(config: Config, out: str | Path, executor: str = "local", workers: i
     cells = run_grid(request, out / "grid", executor, workers, address, progress)
     wanted = {c.key for c in cells_of(request)}
     res = {"experiment": "compare", "benchmark": cells[0]["benchmark"], "targets": request.grid.target_sets[0],
-           "unit": "PTQ seed" if request.grid.ptq_seeds else "seed", "confidence": CONFIDENCE,
+           "unit": "PTQ seed" if request.grid.ptq_seeds else "seed", "confidence": CONFIDENCE, "interval": "student-t",
            **summarize([c for c in cells if c["key"] in wanted], request.ptq.methods, request.ptq.bits)}
     atomic_write_text(out / "config.yaml", request.to_yaml())
     write_json(out / "results.json", res)

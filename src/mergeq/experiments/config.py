@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import re
 import types
 import typing
@@ -47,12 +48,13 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from ..adapt.segmentation import DACSConfig, SegSourceConfig
 from ..adapt.shot import ShotConfig
 from ..adapt.source import SourceConfig
 from ..adapt.tta import ABLConfig, TentConfig
-from ..data.spec import DataSpec, DigitsData, FolderData
+from ..data.spec import DataSpec, DigitsData, FolderData, StreetsData, task_of
 from ..errors import ConfigError
-from ..io import load_yaml
+from ..io import dump_yaml, load_yaml
 from ..models.spec import ModelSpec
 from ..typed import check_keys, check_unique, check_value, from_mapping, hints_of
 from . import presets
@@ -67,8 +69,14 @@ def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSIN
 
 @dataclass
 class Adapt:
-    source: SourceConfig | None = opt(None, help="source training (None: the preset's)")
-    shot: ShotConfig | None = opt(None, help="SHOT adaptation of each expert (None: the preset's)")
+    """How the source model and the experts are trained: ``source`` + ``shot`` for classification,
+    ``seg_source`` + ``dacs`` for segmentation data (:func:`mergeq.data.spec.task_of`); the preset
+    fills the pair the data need and leaves the other null."""
+
+    source: SourceConfig | None = opt(None, help="source training, classification (None: the preset's)")
+    shot: ShotConfig | None = opt(None, help="SHOT adaptation of each expert, classification (None: the preset's)")
+    seg_source: SegSourceConfig | None = opt(None, help="source training, segmentation (None: the preset's)")
+    dacs: DACSConfig | None = opt(None, help="DACS self-training of each expert, segmentation (None: the preset's)")
 
 
 @dataclass
@@ -197,7 +205,9 @@ class Config:
         return asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML that :func:`load_config` reads back to the same values (names like
+        ``1e1`` or ``yes`` quoted: :func:`mergeq.io.dump_yaml`)."""
+        return dump_yaml(self.to_dict())
 
     def updated(self, changes: Mapping[str, Any]) -> "Config":
         """A validated copy with ``changes`` (dotted paths, e.g. ``{"ptq.options.hdrq.iters": 100}``) set."""
@@ -214,6 +224,7 @@ class Config:
     def validate(self) -> None:
         """Registered names, options, cross-field rules and the device (types and numeric ranges
         were checked when the config was built); every error names the key path."""
+        from ..bounds import MAX_CELLS, MAX_SEEDS, check_count
         from ..data.folder import check_name
         from ..merge import MERGE_METHODS, check_rounding_options
         from ..merge.rounding import ROUNDINGS
@@ -245,9 +256,16 @@ class Config:
                 check_unique(f"grid.target_sets[{i}]", s)
                 for name in s:  # cell file names hold them
                     _check(f"grid.target_sets[{i}]", lambda: check_name(name))
+        g = self.grid
         for name in ("seeds", "ptq_seeds"):
-            if getattr(self.grid, name) is not None:
-                check_unique(f"grid.{name}", getattr(self.grid, name))
+            if getattr(g, name) is not None:
+                check_count(f"grid.{name}", len(getattr(g, name)), MAX_SEEDS, "seeds")
+                check_unique(f"grid.{name}", getattr(g, name))
+        axes = {"ptq.methods": p.methods, "ptq.bits": p.bits, "grid.target_sets": g.target_sets,
+                "grid.seeds": g.seeds, "grid.ptq_seeds": g.ptq_seeds}
+        sizes = {k: len(v or [None]) for k, v in axes.items()}
+        check_count("grid", math.prod(sizes.values()), MAX_CELLS, "cells (each a run of the pipeline)",
+                    f" ({' x '.join(f'{n} {k}' for k, n in sizes.items())})")
         _check("runtime.device", lambda: check_device(r.device))
 
 
@@ -291,11 +309,21 @@ def _bits(where: str, specs: list[str]) -> None:
     check_unique(where, parsed, specs)
 
 
-def _validate_data(data: DigitsData | FolderData) -> None:
+def _validate_data(data: DigitsData | FolderData | StreetsData) -> None:
     from ..data.digits import DOMAINS
 
     if data.targets is not None:
         check_unique("data.targets", data.targets)
+    if isinstance(data, StreetsData):
+        from ..data.streets import DOMAINS as STREETS
+
+        if data.source not in STREETS:
+            raise ConfigError(f"data.source: expected one of {', '.join(STREETS)}, got {data.source!r}")
+        bad = [d for d in data.targets or [] if d not in STREETS or d == data.source]
+        if bad:
+            raise ConfigError(f"data.targets: {bad} are not streets domains other than the source {data.source!r}; "
+                              f"known: {', '.join(d for d in STREETS if d != data.source)}")
+        return
     if isinstance(data, DigitsData):
         if data.source not in DOMAINS:
             raise ConfigError(f"data.source: expected one of {', '.join(DOMAINS)}, got {data.source!r}")
@@ -472,14 +500,25 @@ def resolve(cfg: Config) -> Config:
     from ..data.digits import DOMAINS
 
     data = cfg.data
-    model = parse_model_spec(cfg.model or copy.deepcopy(presets.MODEL))
+    task = task_of(data)
+    model = parse_model_spec(cfg.model or copy.deepcopy(presets.model(task)))
     _check_builds(model)
     if isinstance(data, FolderData):
         data = _model_input(dataclasses.replace(data, root=str(Path(data.root).expanduser().resolve())), model)
+    elif isinstance(data, StreetsData):
+        from ..data.streets import DOMAINS as STREETS
+
+        if data.targets is None:
+            data = dataclasses.replace(data, targets=[d for d in STREETS if d != data.source])
     elif data.targets is None:
         data = dataclasses.replace(data, targets=[d for d in DOMAINS if d != data.source])
-    standardized = isinstance(data, DigitsData) or data.normalize == "standardize"
-    source, shot = presets.adapt(cfg.preset, standardized)
+    if task == "segmentation":
+        seg_source, dacs = presets.seg_adapt(cfg.preset)
+        adapt = Adapt(None, None, cfg.adapt.seg_source or seg_source, cfg.adapt.dacs or dacs)
+    else:
+        standardized = isinstance(data, DigitsData) or data.normalize == "standardize"
+        source, shot = presets.adapt(cfg.preset, standardized)
+        adapt = Adapt(cfg.adapt.source or source, cfg.adapt.shot or shot)
     options = {name: {**presets.ptq_options(name, cfg.preset), **cfg.ptq.options.get(name, {})}
                for name in cfg.methods_named()}
     from ..data.corruptions import check_corruptions
@@ -489,7 +528,7 @@ def resolve(cfg: Config) -> Config:
         tta = dataclasses.replace(tta, cifar10c=str(Path(tta.cifar10c).expanduser().resolve()))
     return dataclasses.replace(
         cfg, data=data, model=from_mapping(ModelSpec, resolved_spec(model), "model"),
-        adapt=Adapt(cfg.adapt.source or source, cfg.adapt.shot or shot),
+        adapt=adapt,
         ptq=dataclasses.replace(cfg.ptq, calib_size=cfg.ptq.calib_size or presets.calib_size(cfg.preset),
                                 options={**cfg.ptq.options, **options}),
         merge=dataclasses.replace(cfg.merge, recalibrate=cfg.merge.recalibrate or presets.recalibrate(cfg.preset)),

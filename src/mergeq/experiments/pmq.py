@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..eval import accuracy, evaluate
+from ..eval import evaluate, score
 from ..merge import merge
 from ..ptq import quantize
 from ..quant.config import parse_bits
@@ -54,7 +54,7 @@ def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict]
     experts = [pool.fold(pool.expert(d)) for d in targets]
     share = max(1, pool.cfg.ptq.calib_size // len(targets))
     calib = [pool.calib(d, share) for d in targets]
-    fp_experts = {d: accuracy(e, tests[d], device=device) for d, e in zip(targets, experts)}
+    fp_experts = {d: score(e, tests[d], device=device) for d, e in zip(targets, experts)}
     results: dict[str, Any] = {**header(pool), "setting": "merge-then-quantize", "fp_experts": fp_experts, "rows": []}
     merged: dict[str, tuple[torch.nn.Module, dict]] = {}
 

@@ -35,14 +35,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..adapt.segmentation import dacs, train_seg_source
 from ..adapt.shot import shot
 from ..adapt.source import train_source, train_steps
 from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import load_data
-from ..data.spec import DigitsData
+from ..data.spec import DigitsData, task_of
 from ..data_utils import as_tensor, take
 from ..errors import CheckpointError
-from ..eval import accuracy, evaluate
+from ..eval import evaluate, score
+from ..eval.strips import preview, preview_inputs
 from ..io import file_lock
 from ..merge import merge
 from ..merge.recalibrate import recalibrate
@@ -76,6 +78,7 @@ class Pool:
             torch.set_num_threads(cfg.runtime.threads)
         self.progress, self.device, self.seed = progress, cfg.runtime.device, cfg.runtime.seed
         self.seeds = {w: cfg.runtime.seed_of(w) for w in ("split", "source", "shot", "ptq")}
+        self.task = task_of(cfg.data)
         torch.manual_seed(self.seed)
         self.bench = load_data(dataclasses.asdict(cfg.data), self.seeds["split"], cfg.runtime.cache_dir)
         self.cfg = with_data(cfg, self.bench.spec)
@@ -93,7 +96,7 @@ class Pool:
         code = code_digest(self.cfg.model)  # None for registered models: their keys stay as they were
         self._source_key = _key({**self._meta, **({"code": code} if code else {}), "compute": compute,
                                  **self._split(self.bench.source.name),
-                                 "source": dataclasses.asdict(self.cfg.adapt.source),
+                                 "source": dataclasses.asdict(self.source_config),
                                  **self._own_seeds("split", "source")})
         self._source: nn.Module | None = None
         self._experts: dict[str, nn.Module] = {}
@@ -102,11 +105,21 @@ class Pool:
         log.info("optimizer steps: source %d, SHOT %s", steps["source"],
                  ", ".join(f"{d} {n}" for d, n in steps["shot"].items()))
 
+    @property
+    def source_config(self):
+        """How the source model trains: ``adapt.source`` (classification) or ``adapt.seg_source``."""
+        return self.cfg.adapt.seg_source if self.task == "segmentation" else self.cfg.adapt.source
+
+    @property
+    def expert_config(self):
+        """How each expert adapts: ``adapt.shot`` (classification) or ``adapt.dacs`` (segmentation)."""
+        return self.cfg.adapt.dacs if self.task == "segmentation" else self.cfg.adapt.shot
+
     def steps(self) -> dict[str, Any]:
-        """Optimizer steps of source training and of each target's SHOT (``train_steps`` on the splits)."""
-        a = self.cfg.adapt
-        return {"source": train_steps(a.source, len(self.bench.source.train)),
-                "shot": {d: train_steps(a.shot, len(self.bench.targets[d].train)) for d in self.targets}}
+        """Optimizer steps of source training and of each target's adaptation (SHOT, or DACS for
+        segmentation; ``train_steps`` on the splits), under the key ``shot``."""
+        return {"source": train_steps(self.source_config, len(self.bench.source.train)),
+                "shot": {d: train_steps(self.expert_config, len(self.bench.targets[d].train)) for d in self.targets}}
 
     def _own_seeds(self, *sources: str) -> dict[str, Any]:
         """The seeds of ``sources`` that differ from ``runtime.seed``, for a cache key (none: the key
@@ -150,26 +163,31 @@ class Pool:
 
             def make() -> nn.Module:
                 torch.manual_seed(self.seeds["source"])
-                return train_source(self.new_model(), self.bench.source.train, self.cfg.adapt.source,
-                                    seed=self.seeds["source"],
-                                    device=self.device, progress=self.progress)
+                train = train_seg_source if self.task == "segmentation" else train_source
+                return train(self.new_model(), self.bench.source.train, self.source_config, seed=self.seeds["source"],
+                             device=self.device, progress=self.progress)
 
             meta = self.checkpoint_meta(domain=self.bench.source.name, role="source",
-                                        config=dataclasses.asdict(self.cfg.adapt.source))
+                                        config=dataclasses.asdict(self.source_config))
             self._source = self._cached(path, make, meta, self._source_key)
         return self._source
 
     def expert(self, domain: str) -> nn.Module:
-        """The SHOT expert of target ``domain``, adapted from the source on its unlabeled split."""
+        """The expert of target ``domain``, adapted from the source on its unlabeled split: SHOT, or
+        DACS self-training with the labelled source data for segmentation."""
         if domain not in self._experts:
-            shot_cfg = self.cfg.adapt.shot
+            shot_cfg = self.expert_config
             key = _key({"source": self._source_key, "domain": domain, "shot": dataclasses.asdict(shot_cfg),
                         **self._split(domain), **self._own_seeds("shot")})
             path = self.cache_dir / f"expert-{domain}-{key}.safetensors"
 
             def make() -> nn.Module:
-                return shot(self.source, self.bench.targets[domain].train, shot_cfg, seed=self.seeds["shot"],
-                            device=self.device, progress=self.progress)
+                target = self.bench.targets[domain].train
+                if self.task == "segmentation":
+                    return dacs(self.source, self.bench.source.train, target, shot_cfg, seed=self.seeds["shot"],
+                                device=self.device, progress=self.progress)
+                return shot(self.source, target, shot_cfg, seed=self.seeds["shot"], device=self.device,
+                            progress=self.progress)
 
             meta = self.checkpoint_meta(domain=domain, role="expert", config=dataclasses.asdict(shot_cfg))
             self._experts[domain] = self._cached(path, make, meta, key)
@@ -187,7 +205,19 @@ class Pool:
         """Accuracy of the BN-folded full-precision experts, averaged and recalibrated like the quantized
         ones (``merge.recalibrate``; activation steps aside): the reference of every row."""
         experts = [self.fold(self.expert(d)) for d in self.targets]
-        return evaluate(self.recalibrate(merge(experts), experts), self.tests, self.device)
+        return self.evaluate(self.recalibrate(merge(experts), experts))
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """:func:`mergeq.eval.evaluate` on every target; for segmentation also ``preview``: the
+        model's prediction on the first test images of each target (:mod:`mergeq.eval.strips`)."""
+        result = evaluate(model, self.tests, self.device)
+        if self.task == "segmentation":
+            result["preview"] = {d: preview(model, self.tests[d], self.device) for d in self.targets}
+        return result
+
+    def preview_inputs(self) -> dict[str, Any]:
+        """The images and labels the previews of :meth:`evaluate` predict, per target."""
+        return {d: preview_inputs(self.tests[d]) for d in self.targets}
 
     def recalibrate(self, merged: nn.Module, models: list[nn.Module]) -> nn.Module:
         """``merged`` re-estimated with ``merge.recalibrate`` on each target's calibration images
@@ -216,7 +246,7 @@ class Pool:
         (:func:`health.check_expert`)."""
         if "experts" not in self._accuracy:
             source = self.check_source()
-            experts = {d: accuracy(self.expert(d), self.tests[d], device=self.device) for d in self.targets}
+            experts = {d: score(self.expert(d), self.tests[d], device=self.device) for d in self.targets}
             for d in self.targets:
                 health.check_expert(d, source[d], experts[d])
             self._accuracy["experts"] = experts
@@ -226,8 +256,13 @@ class Pool:
         """The full-precision references of a run: source, experts, their merges (checked, logged)."""
         experts, merged = self.check_experts(), self.fp_merged()
         health.check_merged("full precision", experts, merged)
-        return {"source": self.check_source(), "steps": self.steps(), "fp": {"experts": experts, "merged": merged},
-                "fp_bn_mixture": evaluate(merge(list(self.experts.values())), self.tests, self.device)}
+        out = {"source": self.check_source(), "steps": self.steps(), "fp": {"experts": experts, "merged": merged},
+               "fp_bn_mixture": evaluate(merge(list(self.experts.values())), self.tests, self.device)}
+        if self.task == "segmentation":  # Table 1's rows name every class; the strips show the images
+            out["fp"]["experts_iou"] = {d: evaluate(self.expert(d), {d: self.tests[d]}, self.device)["iou"][d]
+                                        for d in self.targets}
+            out.update(task="segmentation", classes=self.bench.classes, preview=self.preview_inputs())
+        return out
 
     def calib(self, domain: str, n: int | None = None) -> torch.Tensor:
         """``n`` (default ``ptq.calib_size``) inputs of ``domain``'s unlabeled training split: its first
@@ -274,15 +309,20 @@ class Pool:
         deviation (the HDRQ paper reports the mean of 30 sampled merges)."""
         rounding = rounding or self.cfg.merge.rounding
         if not rounding.startswith("noise"):
-            return evaluate(self.merged(models, rounding, **options), self.tests, self.device)
+            return self.evaluate(self.merged(models, rounding, **options))
         base = options.pop("seed", self.cfg.merge.rounding_options.get("seed", self.seed))
         seeds = [base + k for k in range(self.cfg.merge.repeats)]
-        runs = [evaluate(self.merged(models, rounding, **options, seed=s), self.tests, self.device) for s in seeds]
+        runs = [self.evaluate(self.merged(models, rounding, **options, seed=s)) for s in seeds]
         if len(runs) == 1:
             return runs[0]
         hmeans = [r["hmean"] for r in runs]
         mean = {d: statistics.mean(r[d] for r in runs) for d in self.targets}
-        return {**mean, "hmean": statistics.mean(hmeans),
+        extra = {}
+        if "iou" in runs[0]:  # per class: the mean over the merges (None where the class is absent)
+            extra["iou"] = {d: [None if runs[0]["iou"][d][c] is None else statistics.mean(r["iou"][d][c] for r in runs)
+                                for c in range(len(runs[0]["iou"][d]))] for d in self.targets}
+            extra["preview"] = runs[0]["preview"]
+        return {**mean, "hmean": statistics.mean(hmeans), **extra,
                 "repeats": {"seeds": seeds, "hmeans": hmeans, "std": statistics.stdev(hmeans)}}
 
 def qconfig(cfg: Config, bits: tuple[int, int | None], fold_bn: bool = True) -> QuantConfig:

@@ -2,7 +2,9 @@
 
 What a preset fills in when the config leaves it unset (``None``):
 
-* ``model``: ResNet-8 of width 16 (all presets);
+* ``model``: ResNet-8 of width 16 (all presets); for segmentation data ``deeplab_mini`` of width 16;
+* ``adapt.seg_source`` / ``adapt.dacs`` (segmentation): source training and DACS self-training
+  checked on the embedded ``streets`` benchmark with ``benchmarks/seg_adaptation_check.py``;
 * ``adapt.source`` / ``adapt.shot``: the source-training and SHOT settings below, checked on
   the digits benchmark (3 targets) with ``benchmarks/adaptation_check.py``. Budgets: ``quick``
   (source + all experts <= 40 s on 2 cores) and ``default`` (<= 3 min); ``paper`` uses
@@ -25,16 +27,32 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..adapt.segmentation import DACSConfig, SegSourceConfig
 from ..adapt.shot import ShotConfig
 from ..adapt.source import SourceConfig
 from ..ptq.presets import calib_size, ptq_options  # noqa: F401  (the single source of those numbers)
 
 PRESET_NAMES = ("quick", "default", "paper")
 MODEL = {"name": "resnet8", "kwargs": {"width": 16}}
+SEG_MODEL = {"name": "deeplab_mini", "kwargs": {"width": 16}}
+_SEG_ADAPT = {
+    "quick": (SegSourceConfig(), DACSConfig()),
+    "default": (SegSourceConfig(), DACSConfig()),
+}
 _ADAPT = {
     "quick": (SourceConfig(epochs=6), ShotConfig(epochs=4)),
     "default": (SourceConfig(epochs=15), ShotConfig(epochs=8)),
 }
+
+
+def model(task: str) -> dict:
+    """The model spec of ``task`` (classification or segmentation)."""
+    return SEG_MODEL if task == "segmentation" else MODEL
+
+
+def seg_adapt(preset: str) -> tuple[SegSourceConfig, DACSConfig]:
+    """Segmentation source-training and DACS settings of ``preset``."""
+    return _SEG_ADAPT["default" if preset == "paper" else preset]
 
 
 def recalibrate(preset: str) -> str:

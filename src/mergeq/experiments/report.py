@@ -82,10 +82,56 @@ def run_markdown(results: dict[str, Any]) -> str:
             + " | ".join(_pct(r["merged"][d]) for d in targets)
             + f" | {_merged(r['merged'])} | {r.get('seconds_per_expert', r['seconds'] / len(targets)):.1f} |"
         )
-    src_name = next(k for k in src if k not in targets and k != "hmean")
+    src_name = next(k for k in src if k not in targets and k not in ("hmean", "iou"))
     lines += ["", f"Source model on its own test split ({src_name}): {_pct(src[src_name])}%.", "",
               f"![merged hmean against bit width]({HMEAN_PNG})", "",
               f"![merged model against the experts per domain and bit width]({EXPERTS_PNG})", ""]
+    return "\n".join(lines)
+
+
+def _iou(x: float | None) -> str:
+    return "–" if x is None else _pct(x)
+
+
+def seg_run_markdown(results: dict[str, Any]) -> str:
+    """The HDRQ paper's Table 1 in shape: per target, every class's IoU and the mIoU of the source
+    model, the full-precision experts and merge and each method's merged model; then the mIoU per
+    target and their harmonic mean H, the quantized experts beside them."""
+    targets, classes = results["targets"], results.get("classes") or []
+    src, fp = results["source"], results["fp"]
+    mode = (results.get("config") or {}).get("merge", {}).get("recalibrate") or "none"
+    recal = ("without data (`merge.recalibrate: none`)" if mode == "none" else
+             f"then re-estimated on the targets' unlabeled calibration images (`merge.recalibrate: {mode}`)")
+    rounding = (results.get("config") or {}).get("merge", {}).get("rounding", "float")
+    lines = [f"# {results['benchmark']}: quantize each expert, then merge (segmentation, seed {results['seed']}, "
+             f"preset {results.get('preset', '?')})", "",
+             f"IoU and mIoU in % (mmsegmentation's data-set mIoU, ignore label 255; – = class absent from the "
+             f"domain). Merged {recal}, rounding `{rounding}`; a sampling rounding's numbers are the mean over its "
+             "merges (± their SD). First convolution and classifier at 8 bits, classifier output in float.", ""]
+    for d in targets:
+        head = [c[:6] for c in classes] or [str(k) for k in range(len(fp["experts_iou"][d]))]
+        lines += [f"## {d}", "", "| model | bits | " + " | ".join(head) + " | mIoU |", "|---|---|" + "---:|" * (len(head) + 1)]
+        table = [("source (no adaptation)", "FP32", src["iou"][d], src[d]),
+                 ("expert (DACS)", "FP32", fp["experts_iou"][d], fp["experts"][d]),
+                 ("experts merged", "FP32", fp["merged"]["iou"][d], fp["merged"][d])]
+        table += [(f"{r['method']} merged", _bits(r), r["merged"]["iou"][d], r["merged"][d]) for r in results["rows"]]
+        for name, bits, iou, miou in table:
+            lines.append(f"| {name} | {bits} | " + " | ".join(_iou(x) for x in iou) + f" | **{_pct(miou)}** |")
+        lines.append("")
+    lines += ["## mIoU per target and H", "",
+              "| model | bits | " + " | ".join(f"{d} expert" for d in targets) + " | "
+              + " | ".join(f"{d} merged" for d in targets) + " | H (merged) | s/expert |",
+              "|---|---|" + "---:|" * (2 * len(targets) + 2)]
+    srow = " | ".join(_pct(src[d]) for d in targets)
+    lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(harmonic_mean([src[d] for d in targets]))} | |")
+    lines.append("| experts merged | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
+                 + " | ".join(_pct(fp["merged"][d]) for d in targets) + f" | {_pct(fp['merged']['hmean'])} | |")
+    for r in results["rows"]:
+        lines.append(f"| {r['method']} | {_bits(r)} | " + " | ".join(_pct(r["experts"][d]) for d in targets) + " | "
+                     + " | ".join(_pct(r["merged"][d]) for d in targets)
+                     + f" | {_merged(r['merged'])} | {r.get('seconds_per_expert', r['seconds'] / len(targets)):.1f} |")
+    lines += ["", f"![merged H against bit width]({HMEAN_PNG})", ""]
+    lines += [f"![{d}: images, labels, predictions](strip_{d}.png)" for d in targets] + [""]
     return "\n".join(lines)
 
 
@@ -183,8 +229,11 @@ MARKDOWN = {"run": run_markdown, "pmq": pmq_markdown, "tta": tta_markdown, "benc
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """``results.md`` of any experiment."""
-    return MARKDOWN[results.get("experiment", "run")](results)
+    """``results.md`` of any experiment (a segmentation run: :func:`seg_run_markdown`)."""
+    kind = results.get("experiment", "run")
+    if kind == "run" and results.get("task") == "segmentation":
+        return seg_run_markdown(results)
+    return MARKDOWN[kind](results)
 
 
 def hmean_panels(results: dict[str, Any]) -> dict[str, dict]:
@@ -240,6 +289,13 @@ def pictures(results: dict[str, Any], out: Path) -> None:
         return
     if results["experiment"] == "bench":
         atomic_write_text(out / "bench.csv", bench_csv(results["rows"]))
+    if results["experiment"] == "run" and results.get("preview"):
+        from ..eval.strips import plot_strips
+
+        preds = {d: {"FP merged": results["fp"]["merged"]["preview"][d],
+                     **{f"{r['method']} {_bits(r)}": r["merged"]["preview"][d] for r in results["rows"]
+                        if "preview" in r["merged"]}} for d in results["targets"]}
+        plot_strips(results["preview"], preds, out, results.get("classes"))
     if results["experiment"] == "run":
         plot_merged_vs_experts(expert_panels(results), results["targets"], out / EXPERTS_PNG,
                                f"{results.get('benchmark', '')}: merged model (bars) against each expert on its own "

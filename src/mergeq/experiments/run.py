@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..eval import accuracy
+from ..eval import score
 from ..quant.config import parse_bits
 from ..sysinfo import environment
 from . import health
@@ -46,7 +46,7 @@ def row(pool: Pool, method: str, bits: tuple[int, int | None], **overrides: Any)
     seconds = time.perf_counter() - t0
     return {
         "method": method, "w_bits": bits[0], "a_bits": bits[1],
-        "experts": {d: accuracy(q, pool.tests[d], device=pool.device) for d, q in qexperts.items()},
+        "experts": {d: score(q, pool.tests[d], device=pool.device) for d, q in qexperts.items()},
         "ptq": {d: ptq_report(q) for d, q in qexperts.items()},
         "merged": pool.merge_and_evaluate(list(qexperts.values())),
         "seconds": seconds, "seconds_per_expert": seconds / len(qexperts),

@@ -23,9 +23,9 @@ from ..adapt.shot import shot
 from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import Benchmark, load_data
 from ..data_utils import as_tensor, take
-from ..errors import MergeqError
-from ..eval import accuracy, evaluate, linear_path, loss_surface
-from ..io import atomic_write_text, check_out_dir, check_out_file, write_json
+from ..errors import IncompatibleModelsError, MergeqError
+from ..eval import evaluate, linear_path, loss_surface, score
+from ..io import atomic_write_text, check_out_dir, check_out_file, config_diff, read_checkpoint_header, write_json
 from ..merge import MERGE_METHODS, check_rounding_options, merge
 from ..merge.recalibrate import recalibrate
 from ..ptq import quantize
@@ -184,7 +184,7 @@ def adapt(config: Config, source: str | Path, domain: str, out: str | Path, prog
     bench, seed = checkpoint_data(meta, cfg, [domain])
     dom = bench.targets[domain]
     expert = shot(model, dom.train, cfg.adapt.shot, seed=seed, device=cfg.runtime.device, progress=progress)
-    before, after = (accuracy(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
+    before, after = (score(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
     health.check_expert(domain, before, after)
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                              "domain": domain, "role": "expert", "config": dataclasses.asdict(cfg.adapt.shot),
@@ -213,7 +213,7 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
     qcfg = qconfig(cfg, bits)
     q = quantize(model, method, calib=dom.train, config=qcfg, source=src, calib_size=cfg.ptq.calib_size,
                  device=device, seed=cfg.runtime.seed, progress=progress, **cfg.ptq.options.get(method, {}))
-    acc = accuracy(q, dom.test, device=device)
+    acc = score(q, dom.test, device=device)
     save_model(q, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                         "domain": domain, "role": "quantized expert", "method": method, "bits": qcfg.tag,
                         "accuracy": acc}, template)
@@ -246,6 +246,7 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     check_outputs(out, [*paths, base], report_path)
     check_out_file(out)
     check_out_file(report_path)
+    check_same_origin([(p, read_checkpoint_header(p)[1]) for p in [*paths, *([base] if base else [])]])
     device = cfg.runtime.device
     loaded = [load_checkpoint_model(p, config, device, trust_builder) for p in paths]
     models, metas = [mdl for mdl, _, _ in loaded], [meta for _, meta, _ in loaded]
@@ -256,16 +257,14 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     meta = {k: metas[0][k] for k in (*ARCH_KEYS, "benchmark", "data", "seed") if k in metas[0]}
     result: dict[str, Any] = {"experts": [str(p) for p in paths], "domains": domains, "method": method,
                               "options": {k: v for k, v in options.items() if k != "base"}, "base": base}
-    known = ("data" in meta or "benchmark" in meta) and all(domains)
-    bench = checkpoint_data(meta, cfg, domains)[0] if known else None
+    bench, unread = _merge_data(meta, cfg, domains)
     mode = cfg.merge.recalibrate
     if mode != "none" and bench is None:
         if config.merge.recalibrate is not None:  # asked for by the user, not the preset
             raise MergeqError(f"merge.recalibrate {mode} re-estimates the merge on each expert's calibration "
-                              "images, but the checkpoints do not name their data and domains: pass --set "
-                              "merge.recalibrate=none")
-        log.warning("merge.recalibrate: the checkpoints do not name their data and domains; merged without "
-                    "recalibration (the preset's %s needs each expert's calibration images)", mode)
+                              f"images, but {unread}: pass --set merge.recalibrate=none")
+        log.warning("merge.recalibrate: %s; merged without recalibration (the preset's %s needs each expert's "
+                    "calibration images)", unread, mode)
         mode = "none"
         cfg = cfg.updated({"merge.recalibrate": "none"})
     if mode != "none":
@@ -274,10 +273,64 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     result["recalibrate"] = mode
     if bench is not None:
         result["accuracy"] = evaluate(merged, {d: _domain(bench, d).test for d in domains}, device)
+    else:
+        result["not_evaluated"] = unread
+        log.warning("the merged model is not evaluated: %s", unread)
     save_model(merged, out, {**meta, "role": "merged", "domains": domains, "merge": result}, loaded[0][2])
     write_json(report_path, result)
     _record(cfg, out)
     return result
+
+
+def _merge_data(meta: dict, cfg: Config, domains: list[str | None]) -> tuple[Benchmark | None, str | None]:
+    """The data of the checkpoints to merge, or None and why not: they name none, or it cannot be
+    read (a data-free merge, ``merge.recalibrate: none``, needs no data: it is then not evaluated)."""
+    if not (("data" in meta or "benchmark" in meta) and all(domains)):
+        return None, "the checkpoints do not name their data and domains"
+    try:
+        return checkpoint_data(meta, cfg, domains)[0], None
+    except (MergeqError, OSError) as e:
+        return None, f"the checkpoints' data cannot be read ({' '.join(str(e).split())})"
+
+
+def _origin(meta: dict, shared: set[str]) -> dict[str, Any]:
+    """What the experts of one merge must share: the split seed and the data (its ``splits``
+    restricted to the ``shared`` domains; ``targets`` differ by expert)."""
+    data = meta.get("data")
+    if isinstance(data, dict):
+        data = {k: ({d: v for d, v in data[k].items() if d in shared} if k == "splits" and isinstance(data[k], dict)
+                    else data[k]) for k in data if k != "targets"}
+    return {k: v for k, v in {"seed": meta.get("seed"), "benchmark": meta.get("benchmark"), "data": data}.items()
+            if v is not None}
+
+
+def check_same_origin(checkpoints: list[tuple[str | Path, dict]]) -> None:
+    """Refuse, before any work, checkpoints to merge (experts and base) made from other seeds or
+    data splits (their ``seed``, ``data`` or ``benchmark`` metadata): their merge mixes unrelated
+    models, and evaluating it on one file's split would test on the other's training images. The
+    error names the two files and what differs; metadata one file lacks is not compared."""
+    first, meta0 = checkpoints[0]
+    for path, meta in checkpoints[1:]:
+        splits = [set(m.get("data", {}).get("splits") or {}) if isinstance(m.get("data"), dict) else set()
+                  for m in (meta0, meta)]
+        a, b = _origin(meta0, splits[0] & splits[1]), _origin(meta, splits[0] & splits[1])
+        keys = a.keys() & b.keys()
+        diff = config_diff({k: a[k] for k in keys}, {k: b[k] for k in keys})
+        if diff:
+            shown = []
+            for name in diff:
+                va, vb = (_at(x, name) for x in (a, b))
+                plain = all(v is None or isinstance(v, (str, int, float, bool)) for v in (va, vb))
+                shown.append(f"{name} ({va!r} vs {vb!r})" if plain else name)
+            raise IncompatibleModelsError(
+                f"{first} and {path} come from different runs ({', '.join(shown)} differ): merge experts of one "
+                "source model, seed and data split")
+
+
+def _at(d: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
 
 
 def _apply(config: Config) -> Config:

@@ -105,7 +105,7 @@ def _scale_layer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> 
 def repair_statistics(merged: nn.Module, experts: Sequence[nn.Module], calib: Sequence[torch.Tensor],
                       alphas: Sequence[float], batch_size: int = 256) -> None:
     """``bn``: the REPAIR correction of every layer but the last, in place (module docstring)."""
-    names = _layers(merged, calib[0][:2])[:-1]
+    names = _layers(merged, calib[0][:2].to(next(merged.parameters()).device))[:-1]
     targets = [_moments(e, names, x, batch_size) for e, x in zip(experts, calib)]
     for name in names:
         mean_t, std_t = _mixture([t[name] for t in targets], alphas)

@@ -9,10 +9,12 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from .deeplab import DeepLab, deeplab_mini, deeplab_r101
 from .resnet import BasicBlock, ResNet, resnet8, resnet20
 from .vit import ViT, vit_tiny
 
-ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {"resnet8": resnet8, "resnet20": resnet20, "vit_tiny": vit_tiny}
+ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {"resnet8": resnet8, "resnet20": resnet20, "vit_tiny": vit_tiny,
+                                                     "deeplab_mini": deeplab_mini, "deeplab_r101": deeplab_r101}
 
 
 def build_model(arch: str, num_classes: int = 10, **kw) -> nn.Module:
@@ -34,5 +36,5 @@ def get_classifier(model: nn.Module) -> nn.Linear:
 
 from .spec import ModelSpec, load_weights, resolve_model, resolved_spec  # noqa: E402  (spec uses build_model)
 
-__all__ = ["ARCHITECTURES", "BasicBlock", "ModelSpec", "ResNet", "ViT", "build_model", "get_classifier", "load_weights",
+__all__ = ["ARCHITECTURES", "BasicBlock", "DeepLab", "ModelSpec", "ResNet", "ViT", "build_model", "deeplab_mini", "deeplab_r101", "get_classifier", "load_weights",
            "resnet8", "resnet20", "resolve_model", "resolved_spec", "vit_tiny"]

@@ -21,7 +21,9 @@ refuses a weights file that changed since a config was written.
 ``output``: ``None`` when the forward returns the logits tensor; otherwise the logits selector
 of :mod:`mergeq.nn.output` (``"auto"``, a key / attribute name, or a tuple index) and the model
 comes back wrapped in a ``LogitsAdapter``. With ``example_input``, ``resolve_model`` runs one
-forward pass and checks that the model yields ``N x num_classes`` logits.
+forward pass and checks that the model yields ``N x num_classes`` logits (or dense ``N x num_classes
+x H x W`` logits: segmentation). torchvision builders that take ``weights_backbone`` (segmentation,
+detection) get ``weights_backbone=None`` unless ``kwargs`` sets it, so nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -111,8 +113,11 @@ def build(spec: ModelSpec, num_classes: int) -> nn.Module:
         model = fn(**kw)
     elif spec.name.startswith("torchvision:"):
         torchvision = _import_extra("torchvision")
+        name = spec.name.partition(":")[2]
         kw = {"num_classes": num_classes, **kw}
-        model = torchvision.models.get_model(spec.name.partition(":")[2], weights=None, **kw)
+        if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+            kw.setdefault("weights_backbone", None)  # segmentation / detection: the default downloads ImageNet weights
+        model = torchvision.models.get_model(name, weights=None, **kw)
     elif spec.name.startswith("timm:"):
         timm = _import_extra("timm")
         name = spec.name.partition(":")[2]
@@ -203,7 +208,8 @@ def load_weights(model: nn.Module, path: str | Path, ignore: list[str] | tuple[s
 
 @torch.no_grad()
 def check_logits(model: nn.Module, example_input: torch.Tensor, num_classes: int, what: str = "model") -> None:
-    """Raise :class:`ModelError` unless ``model(example_input)`` is an ``N x num_classes`` tensor."""
+    """Raise :class:`ModelError` unless ``model(example_input)`` is an ``N x num_classes`` tensor
+    (classification) or ``N x num_classes x H x W`` (dense logits: segmentation)."""
     was_training = model.training
     try:
         out = model.eval()(example_input)
@@ -214,12 +220,13 @@ def check_logits(model: nn.Module, example_input: torch.Tensor, num_classes: int
         raise ModelError(f"{what} returns {describe_output(out)}, not a logits tensor: set model.output to pick "
                          "the logits ('auto', a key or attribute name, or an index)")
     n = len(example_input)
-    if out.dim() != 2 or out.shape != (n, num_classes):
+    if out.dim() not in (2, 4) or out.shape[:2] != (n, num_classes):
         fits = logits_like(raw, n, num_classes)
         hint = (f"; item {fits[0]!r} of its output ({describe_output(raw)}) has that shape: set model.output: "
                 f"{fits[0]!r}") if fits else ""
+        want = f"({n}, {num_classes}, H, W)" if out.dim() == 4 else f"({n}, {num_classes})"
         raise ModelError(f"{what} returns logits of shape {tuple(out.shape)} for {n} inputs; "
-                         f"expected ({n}, {num_classes}) for {num_classes} classes{hint}")
+                         f"expected {want} for {num_classes} classes{hint}")
 
 
 def resolve_model(spec: ModelSpec | Mapping[str, Any] | str, num_classes: int,

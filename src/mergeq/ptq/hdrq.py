@@ -94,22 +94,26 @@ class HDRQOptions(ReconOptions):
     train_w_step: bool = False  # reference code: the weight step Δ trained with the weights
 
     def __post_init__(self) -> None:
+        if self.noise not in (True, False, *NOISE_KINDS):
+            raise ValueError(f"hdrq: noise must be True, False or one of {NOISE_KINDS}, got {self.noise!r}")
+        if self.act_noise and self.noise_kind is None:
+            raise ValueError("hdrq: act_noise needs weight noise on (noise='empirical' or 'uniform')")
         if self.anchor not in ANCHORS:
             raise ValueError(f"hdrq: anchor must be one of {ANCHORS}, got {self.anchor!r}")
         if self.dist_relative and self.dist_squared:
             raise ValueError("hdrq: dist_relative sets the size of the distance gradient itself; dist_squared "
                              "has no meaning with it (set one of them)")
 
+    @property
+    def noise_kind(self) -> str | None:
+        """The weight noise (:data:`NOISE_KINDS`), None without noise."""
+        return "empirical" if self.noise is True else (self.noise or None)
+
 
 class HDRQHooks(ReconHooks):
     def __init__(self, opts: HDRQOptions, source: nn.Module | None) -> None:
         self.o, self.source = opts, source
-        kind = "empirical" if opts.noise is True else (opts.noise or None)
-        if kind is not None and kind not in NOISE_KINDS:
-            raise ValueError(f"hdrq: noise must be True, False or one of {NOISE_KINDS}, got {opts.noise!r}")
-        if opts.act_noise and kind is None:
-            raise ValueError("hdrq: act_noise needs weight noise on (noise='empirical' or 'uniform')")
-        self.kind, self.src, self.handles = kind, {}, []
+        self.kind, self.src, self.handles = opts.noise_kind, {}, []
 
     def setup(self, layers: Layers) -> list[torch.Tensor]:
         for name, m in layers:

@@ -113,15 +113,17 @@ class TTAQOptions(AdaRoundOptions):
     pcr_sigma: float = 0.1
     pcr_kind: str = "auto"
 
+    def __post_init__(self) -> None:
+        if self.pcr_kind not in PCR_KINDS:
+            raise ValueError(f"ttaq: pcr_kind must be one of {PCR_KINDS}, got {self.pcr_kind!r}")
+        if self.pem_lambda < 0 or self.pcr_weight < 0 or self.pcr_sigma < 0:
+            raise ValueError(f"ttaq: pem_lambda, pcr_weight and pcr_sigma must be >= 0, got {self}")
+
 
 class TTAQHooks(AdaRoundHooks):
     def __init__(self, opts: TTAQOptions, learn_act: bool = True, device: torch.device | str = "cpu") -> None:
         super().__init__(opts, learn_act=learn_act)
         self._device, self._state = torch.device(device), None
-        if opts.pcr_kind not in PCR_KINDS:
-            raise ValueError(f"ttaq: pcr_kind must be one of {PCR_KINDS}, got {opts.pcr_kind!r}")
-        if opts.pem_lambda < 0 or opts.pcr_weight < 0 or opts.pcr_sigma < 0:
-            raise ValueError(f"ttaq: pem_lambda, pcr_weight and pcr_sigma must be >= 0, got {opts}")
 
     def penalty(self, t: int, iters: int, layers: Layers):
         loss = super().penalty(t, iters, layers)
