@@ -14,6 +14,8 @@ differ). Kinds::
                                                                           # (size, normalize: null = the model's)
     {kind: office_home, root: PATH, source: R}                            # folder + Office-Home's names
     {kind: streets, source: synthetic, targets: [city, india]}            # embedded segmentation benchmark
+    {kind: segmentation, source: gta5, size: [512, 1024], domains: {gta5: {dataset: gta5, root: PATH},
+     cityscapes: {dataset: cityscapes, root: PATH}, idd: {dataset: idd, root: PATH}}}   # real data sets by path
 
 ``load_stream(spec, seed)`` does the same for a test-time-adaptation stream::
 
@@ -56,6 +58,36 @@ class StreetsData:
 
 
 @dataclass
+class SegDomainData:
+    """One segmentation domain read from its own folder layout (:mod:`mergeq.data.segfolders`)."""
+
+    dataset: Literal["cityscapes", "gta5", "idd", "pair"]
+    root: str | None = None  # cityscapes, gta5, idd: the data set's root folder
+    train_split: str = "train"  # cityscapes, idd: the split adapted / calibrated on (source: trained on)
+    test_split: str = "val"  # cityscapes, idd: the split evaluated on
+    split_file: str | None = None  # gta5: image names of the training split (None: every image)
+    test_split_file: str | None = None  # gta5: image names of the test split (None: every 20th image held out)
+    images: str | None = None  # pair: the image folder (train)
+    labels: str | None = None  # pair: the label folder, train ids (train)
+    test_images: str | None = None  # pair: the test image folder (None: images)
+    test_labels: str | None = None  # pair: the test label folder (None: labels)
+
+
+@dataclass
+class SegmentationData:
+    """Semantic segmentation from real data sets by path, e.g. GTA5 -> Cityscapes + IDD (19
+    Cityscapes classes, ignore 255): one :class:`SegDomainData` per domain name."""
+
+    domains: dict[str, SegDomainData]
+    source: str
+    kind: Literal["segmentation"] = "segmentation"
+    targets: list[str] | None = None  # None: every other domain
+    size: list[int] | None = None  # [H, W] every image and label is resized to (None: their own)
+    crop: list[int] | None = None  # [H, W] random crop of the training splits (None: whole images)
+    normalize: Literal["imagenet", "none"] = "imagenet"
+
+
+@dataclass
 class FolderData:
     """One folder per domain, one subfolder per class (Office-Home / DomainNet / PACS layout)."""
 
@@ -90,8 +122,8 @@ class Cifar10CData:
     normalize: Literal["standardize", "none"] = "standardize"
 
 
-DataSpec = DigitsData | FolderData | StreetsData  # tagged by ``kind`` (mergeq.typed): the config's ``data:`` section
-SEGMENTATION_KINDS = ("streets",)
+DataSpec = DigitsData | FolderData | StreetsData | SegmentationData  # tagged by ``kind``: the ``data:`` section
+SEGMENTATION_KINDS = ("streets", "segmentation")
 
 
 def task_of(spec) -> str:
@@ -141,12 +173,66 @@ def _folder(spec: FolderData, seed: int, cache_dir: str | Path | None) -> Benchm
     return bench
 
 
+def _seg_domain(name: str, d: SegDomainData, spec: SegmentationData, seed: int):
+    """(train, test) of one real segmentation domain."""
+    from torch.utils.data import Subset
+
+    from . import segfolders
+
+    size, crop = (tuple(v) if v else None for v in (spec.size, spec.crop))
+    kw = dict(size=size, seed=seed, normalize=spec.normalize)
+    where = f"data.domains.{name}"
+    if d.dataset in ("cityscapes", "idd"):
+        if d.root is None:
+            raise ConfigError(f"{where}.root: {d.dataset} needs its root folder")
+        load = getattr(segfolders, d.dataset)
+        return load(d.root, d.train_split, crop=crop, **kw), load(d.root, d.test_split, **kw)
+    if d.dataset == "gta5":
+        if d.root is None:
+            raise ConfigError(f"{where}.root: gta5 needs its root folder")
+        if d.test_split_file is not None:
+            return (segfolders.gta5(d.root, crop=crop, split_file=d.split_file, **kw),
+                    segfolders.gta5(d.root, split_file=d.test_split_file, **kw))
+        train, test = segfolders.gta5(d.root, crop=crop, split_file=d.split_file, **kw), \
+            segfolders.gta5(d.root, split_file=d.split_file, **kw)
+        held = set(range(0, len(test), 20))
+        return Subset(train, [i for i in range(len(train)) if i not in held]), Subset(test, sorted(held))
+    if d.images is None or d.labels is None:
+        raise ConfigError(f"{where}: a pair domain needs images and labels folders")
+    return (segfolders.image_label_pair(d.images, d.labels, crop=crop, **kw),
+            segfolders.image_label_pair(d.test_images or d.images, d.test_labels or d.labels, **kw))
+
+
+def _segmentation(spec: SegmentationData, seed: int) -> Benchmark:
+    from .digits import Domain
+    from .segfolders import CITYSCAPES_CLASSES
+
+    if spec.source not in spec.domains:
+        raise ConfigError(f"data.source: {spec.source!r} is not one of data.domains ({', '.join(spec.domains)})")
+    targets = spec.targets or [d for d in spec.domains if d != spec.source]
+    unknown = [d for d in targets if d not in spec.domains or d == spec.source]
+    if unknown:
+        raise ConfigError(f"data.targets: {unknown} are not domains of data.domains other than the source")
+    doms = {n: Domain(n, *_seg_domain(n, spec.domains[n], spec, seed)) for n in [spec.source, *targets]}
+    bench = Benchmark("segmentation", doms[spec.source], {t: doms[t] for t in targets}, len(CITYSCAPES_CLASSES),
+                      classes=list(CITYSCAPES_CLASSES))
+    domains = {n: {**dataclasses.asdict(d), **{k: str(Path(v).expanduser().resolve()) for k, v in
+                                                dataclasses.asdict(d).items()
+                                                if k in ("root", "images", "labels", "test_images", "test_labels",
+                                                         "split_file", "test_split_file") and v}}
+               for n, d in spec.domains.items()}
+    bench.spec = {**dataclasses.asdict(spec), "domains": domains, "targets": targets}
+    return bench
+
+
 def load_data(spec: Mapping[str, Any], seed: int = 0, cache_dir: str | Path | None = None) -> Benchmark:
     """The benchmark a ``data:`` spec describes (see the module docstring), ``bench.spec`` resolved;
     folder images decoded once and cached under ``cache_dir`` when given (:mod:`mergeq.data.decoded`)."""
     parsed = parse_spec(spec)
     if isinstance(parsed, FolderData):
         return _folder(parsed, seed, cache_dir)
+    if isinstance(parsed, SegmentationData):
+        return _segmentation(parsed, seed)
     if isinstance(parsed, StreetsData):
         from .streets import CLASSES, DOMAINS as STREETS, load_streets_benchmark
 

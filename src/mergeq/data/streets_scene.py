@@ -92,7 +92,7 @@ def layout(n: int, g: torch.Generator, size: tuple[int, int]) -> dict[str, torch
         "road": _u((n, 2), 0.45, 1.1, g),  # left / right half-width per pixel below the horizon
         "walk": _u((n, 2), 0.2, 0.6, g),  # sidewalk width per pixel below the horizon
         "outer_terrain": torch.rand((n, 2), generator=g) < 0.6,  # beyond the sidewalk: terrain, else sidewalk
-        "breaks": torch.sort(_u((n, k - 1), -0.2 * w, 1.2 * w, g), dim=1).values,
+        "breaks": -0.1 * w + torch.cumsum(_u((n, k - 1), 0.12 * w, 0.45 * w, g), dim=1),  # segments >= 0.12 W wide
         "building": torch.rand((n, k), generator=g) < 0.6,  # else a tree line
         "height": _u((n, k), 0.1 * h, 0.42 * h, g),
         "phase": _u((n, 2), 0.0, 2 * math.pi, g),

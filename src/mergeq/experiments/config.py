@@ -52,7 +52,7 @@ from ..adapt.segmentation import DACSConfig, SegSourceConfig
 from ..adapt.shot import ShotConfig
 from ..adapt.source import SourceConfig
 from ..adapt.tta import ABLConfig, TentConfig
-from ..data.spec import DataSpec, DigitsData, FolderData, StreetsData, task_of
+from ..data.spec import DataSpec, DigitsData, FolderData, SegmentationData, StreetsData, task_of
 from ..errors import ConfigError
 from ..io import dump_yaml, load_yaml
 from ..models.spec import ModelSpec
@@ -102,6 +102,8 @@ class Merge:
         None, help="the merged model re-estimated on the targets' unlabeled calibration images: act (activation "
                    "steps), bn (per-channel statistics, REPAIR), bn+act, none (data-free); preset: paper none, "
                    "else bn+act")
+    data_free_row: bool = opt(False, help="run: each row also reports the merge without recalibration "
+                                          "(merged_data_free), beside the recalibrated one")
 
 
 @dataclass
@@ -309,11 +311,23 @@ def _bits(where: str, specs: list[str]) -> None:
     check_unique(where, parsed, specs)
 
 
-def _validate_data(data: DigitsData | FolderData | StreetsData) -> None:
+def _validate_data(data: DataSpec) -> None:
     from ..data.digits import DOMAINS
 
     if data.targets is not None:
         check_unique("data.targets", data.targets)
+    if isinstance(data, SegmentationData):
+        if data.source not in data.domains:
+            raise ConfigError(f"data.source: {data.source!r} is not one of data.domains ({', '.join(data.domains)})")
+        bad = [d for d in data.targets or [] if d not in data.domains or d == data.source]
+        if bad:
+            raise ConfigError(f"data.targets: {bad} are not domains of data.domains other than the source "
+                              f"{data.source!r}")
+        for key in ("size", "crop"):
+            v = getattr(data, key)
+            if v is not None and (len(v) != 2 or min(v) < 1):
+                raise ConfigError(f"data.{key}: expected [H, W] of two positive integers, got {v}")
+        return
     if isinstance(data, StreetsData):
         from ..data.streets import DOMAINS as STREETS
 
@@ -510,6 +524,9 @@ def resolve(cfg: Config) -> Config:
 
         if data.targets is None:
             data = dataclasses.replace(data, targets=[d for d in STREETS if d != data.source])
+    elif isinstance(data, SegmentationData):
+        if data.targets is None:
+            data = dataclasses.replace(data, targets=[d for d in data.domains if d != data.source])
     elif data.targets is None:
         data = dataclasses.replace(data, targets=[d for d in DOMAINS if d != data.source])
     if task == "segmentation":

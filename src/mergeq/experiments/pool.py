@@ -219,10 +219,10 @@ class Pool:
         """The images and labels the previews of :meth:`evaluate` predict, per target."""
         return {d: preview_inputs(self.tests[d]) for d in self.targets}
 
-    def recalibrate(self, merged: nn.Module, models: list[nn.Module]) -> nn.Module:
-        """``merged`` re-estimated with ``merge.recalibrate`` on each target's calibration images
-        (:meth:`calib`; ``models`` are the experts in target order), in place."""
-        mode = self.cfg.merge.recalibrate
+    def recalibrate(self, merged: nn.Module, models: list[nn.Module], mode: str | None = None) -> nn.Module:
+        """``merged`` re-estimated with ``mode`` (default ``merge.recalibrate``) on each target's
+        calibration images (:meth:`calib`; ``models`` are the experts in target order), in place."""
+        mode = mode or self.cfg.merge.recalibrate
         if mode == "none":
             return merged
         if len(models) != len(self.targets):
@@ -288,19 +288,20 @@ class Pool:
                             progress=self.progress, **options)
                 for d, m in self.experts.items()}
 
-    def merged(self, models: list[nn.Module], rounding: str | None = None, **options: Any) -> nn.Module:
+    def merged(self, models: list[nn.Module], rounding: str | None = None, recalibrate: str | None = None,
+               **options: Any) -> nn.Module:
         """``models`` averaged (quantized experts stay on a grid, merged with ``rounding``, default
         ``merge.rounding`` with ``merge.rounding_options``; a sampling rounding draws with ``seed``,
-        default ``runtime.seed``), then recalibrated (:meth:`recalibrate`)."""
+        default ``runtime.seed``), then recalibrated (:meth:`recalibrate` with ``recalibrate``)."""
         m = self.cfg.merge
         rounding = rounding or m.rounding
         opts = {**m.options.get("average", {}), **(m.rounding_options if rounding == m.rounding else {}), **options}
         if rounding.startswith("noise"):
             opts.setdefault("seed", self.seed)
-        return self.recalibrate(merge(models, rounding=rounding, **opts), models)
+        return self.recalibrate(merge(models, rounding=rounding, **opts), models, recalibrate)
 
     def merge_and_evaluate(self, models: list[nn.Module], rounding: str | None = None,
-                           **options: Any) -> dict[str, Any]:
+                           recalibrate: str | None = None, **options: Any) -> dict[str, Any]:
         """Merge ``models`` (:meth:`merged`) and evaluate on every target.
 
         A sampling rounding (``noise``, ``noise-ties``) merges ``merge.repeats`` times with seeds
@@ -309,10 +310,10 @@ class Pool:
         deviation (the HDRQ paper reports the mean of 30 sampled merges)."""
         rounding = rounding or self.cfg.merge.rounding
         if not rounding.startswith("noise"):
-            return self.evaluate(self.merged(models, rounding, **options))
+            return self.evaluate(self.merged(models, rounding, recalibrate, **options))
         base = options.pop("seed", self.cfg.merge.rounding_options.get("seed", self.seed))
         seeds = [base + k for k in range(self.cfg.merge.repeats)]
-        runs = [self.evaluate(self.merged(models, rounding, **options, seed=s)) for s in seeds]
+        runs = [self.evaluate(self.merged(models, rounding, recalibrate, **options, seed=s)) for s in seeds]
         if len(runs) == 1:
             return runs[0]
         hmeans = [r["hmean"] for r in runs]

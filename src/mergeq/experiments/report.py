@@ -118,18 +118,22 @@ def seg_run_markdown(results: dict[str, Any]) -> str:
         for name, bits, iou, miou in table:
             lines.append(f"| {name} | {bits} | " + " | ".join(_iou(x) for x in iou) + f" | **{_pct(miou)}** |")
         lines.append("")
+    free = any("merged_data_free" in r for r in results["rows"])
     lines += ["## mIoU per target and H", "",
               "| model | bits | " + " | ".join(f"{d} expert" for d in targets) + " | "
-              + " | ".join(f"{d} merged" for d in targets) + " | H (merged) | s/expert |",
-              "|---|---|" + "---:|" * (2 * len(targets) + 2)]
+              + " | ".join(f"{d} merged" for d in targets) + " | H (merged) |" + (" H (data-free merge) |" if free else "")
+              + " s/expert |", "|---|---|" + "---:|" * (2 * len(targets) + 2 + free)]
     srow = " | ".join(_pct(src[d]) for d in targets)
-    lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(harmonic_mean([src[d] for d in targets]))} | |")
+    blank = " |" if free else ""
+    lines.append(f"| source (no adaptation) | FP32 | {srow} | {srow} | {_pct(harmonic_mean([src[d] for d in targets]))} |"
+                 f"{blank} |")
     lines.append("| experts merged | FP32 | " + " | ".join(_pct(fp["experts"][d]) for d in targets) + " | "
-                 + " | ".join(_pct(fp["merged"][d]) for d in targets) + f" | {_pct(fp['merged']['hmean'])} | |")
+                 + " | ".join(_pct(fp["merged"][d]) for d in targets) + f" | {_pct(fp['merged']['hmean'])} |{blank} |")
     for r in results["rows"]:
+        extra = f" {_merged(r['merged_data_free'])} |" if "merged_data_free" in r else blank
         lines.append(f"| {r['method']} | {_bits(r)} | " + " | ".join(_pct(r["experts"][d]) for d in targets) + " | "
                      + " | ".join(_pct(r["merged"][d]) for d in targets)
-                     + f" | {_merged(r['merged'])} | {r.get('seconds_per_expert', r['seconds'] / len(targets)):.1f} |")
+                     + f" | {_merged(r['merged'])} |{extra} {r.get('seconds_per_expert', r['seconds'] / len(targets)):.1f} |")
     lines += ["", f"![merged H against bit width]({HMEAN_PNG})", ""]
     lines += [f"![{d}: images, labels, predictions](strip_{d}.png)" for d in targets] + [""]
     return "\n".join(lines)

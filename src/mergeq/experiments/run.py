@@ -10,7 +10,8 @@ model before adaptation, every domain), "steps" ({"source": n, "shot": {d: n}}: 
 "fp": {"experts": {d: acc}, "merged": {d: acc, "hmean"}},
 "fp_bn_mixture" (merge of unfolded experts with mixed BN statistics), "rows": [{"method",
 "w_bits", "a_bits", "experts": {d: acc}, "ptq": {d: {"changed_codes", "recon_loss": {unit: err}}},
-"merged": {d: acc, "hmean"[, "repeats": {"seeds", "hmeans", "std"}]}, "seconds",
+"merged": {d: acc, "hmean"[, "repeats": {"seeds", "hmeans", "std"}]}[, "merged_data_free": the same
+without recalibration (``merge.data_free_row``)], "seconds",
 "seconds_per_expert"}], "compute": {"threads", "workers", "row_threads"} (of the rows computed in
 the latest run)}; accuracies are fractions.
 """
@@ -49,6 +50,8 @@ def row(pool: Pool, method: str, bits: tuple[int, int | None], **overrides: Any)
         "experts": {d: score(q, pool.tests[d], device=pool.device) for d, q in qexperts.items()},
         "ptq": {d: ptq_report(q) for d, q in qexperts.items()},
         "merged": pool.merge_and_evaluate(list(qexperts.values())),
+        **({"merged_data_free": pool.merge_and_evaluate(list(qexperts.values()), recalibrate="none")}
+           if pool.cfg.merge.data_free_row and pool.cfg.merge.recalibrate != "none" else {}),
         "seconds": seconds, "seconds_per_expert": seconds / len(qexperts),
     }
 

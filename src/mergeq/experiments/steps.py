@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 
+from ..adapt.segmentation import dacs
 from ..adapt.shot import shot
 from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import Benchmark, load_data
+from ..data.spec import task_of
 from ..data_utils import as_tensor, take
 from ..errors import IncompatibleModelsError, MergeqError
 from ..eval import evaluate, linear_path, loss_surface, score
@@ -176,18 +178,27 @@ def train_source(config: Config, out: str | Path, progress: bool = False) -> dic
 
 def adapt(config: Config, source: str | Path, domain: str, out: str | Path, progress: bool = False,
           trust_builder: bool = False) -> tuple[float, float]:
-    """SHOT-adapt the source checkpoint to ``domain``, save the expert; (source, expert) accuracy there."""
+    """Adapt the source checkpoint to ``domain`` (SHOT; DACS with the source's labelled data for
+    segmentation), save the expert; (source, expert) score there."""
     check_outputs(out, [source])
     check_out_file(out)
     cfg = _apply(config)
     model, meta, template = load_checkpoint_model(source, config, cfg.runtime.device, trust_builder)
     bench, seed = checkpoint_data(meta, cfg, [domain])
+    if task_of(bench.spec) != task_of(cfg.data):  # the checkpoint's data decide the adaptation's preset
+        cfg = _apply(with_data(config, {k: v for k, v in bench.spec.items() if k != "targets"}))
     dom = bench.targets[domain]
-    expert = shot(model, dom.train, cfg.adapt.shot, seed=seed, device=cfg.runtime.device, progress=progress)
+    if task_of(bench.spec) == "segmentation":
+        how = cfg.adapt.dacs
+        expert = dacs(model, bench.source.train, dom.train, how, seed=seed, device=cfg.runtime.device,
+                      progress=progress)
+    else:
+        how = cfg.adapt.shot
+        expert = shot(model, dom.train, how, seed=seed, device=cfg.runtime.device, progress=progress)
     before, after = (score(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
     health.check_expert(domain, before, after)
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
-                             "domain": domain, "role": "expert", "config": dataclasses.asdict(cfg.adapt.shot),
+                             "domain": domain, "role": "expert", "config": dataclasses.asdict(how),
                              "accuracy": {"source": before, "expert": after}}, template)
     _record(with_data(cfg, bench.spec), out)
     return before, after
@@ -288,7 +299,7 @@ def _merge_data(meta: dict, cfg: Config, domains: list[str | None]) -> tuple[Ben
     if not (("data" in meta or "benchmark" in meta) and all(domains)):
         return None, "the checkpoints do not name their data and domains"
     try:
-        return checkpoint_data(meta, cfg, domains)[0], None
+        return checkpoint_data(meta, cfg, list(dict.fromkeys(domains)))[0], None
     except (MergeqError, OSError) as e:
         return None, f"the checkpoints' data cannot be read ({' '.join(str(e).split())})"
 
