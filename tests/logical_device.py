@@ -226,11 +226,11 @@ class LogicalCuda(TorchFunctionMode):
         0-dim CPU tensors (CUDA's CPU scalars)."""
         dev = other = None
         for t in tensors:
-            d = logical_device(t)
-            if d is not None:
+            if type(t) in _PLAIN:
+                d = t.__dict__["_ldev"]
                 if dev is None:
                     dev = d
-                elif d != dev:
+                elif d is not dev and d != dev:
                     raise _mismatch(_name(where), dev, d)
             elif other is None and (t.dim() != 0 or t.device.type != "cpu"):
                 other = t.device
@@ -257,13 +257,14 @@ class LogicalCuda(TorchFunctionMode):
             return special(self, func, args, kwargs)
         tensors = _tensors(args, kwargs)
         dev = self._common(func, tensors)
-        explicit = "device" in kwargs and kwargs["device"] is not None
+        explicit = pinned = False
+        if kwargs:
+            explicit, pinned = kwargs.get("device") is not None, kwargs.get("pin_memory") is True
         if explicit:
             target = self.norm(kwargs["device"])
             if target is not None:
                 kwargs = {**kwargs, "device": "cpu"}
             dev = target
-        pinned = kwargs.get("pin_memory") is True
         if pinned:
             if dev is not None:
                 raise RuntimeError("pin_memory: only dense CPU tensors can be pinned (logical CUDA harness)")
@@ -292,7 +293,7 @@ class LogicalCuda(TorchFunctionMode):
             if attr == "is_cpu":
                 return dev is None and func(*args)
             out = func(*args)
-            if dev is not None:
+            if dev is not None and isinstance(out, torch.Tensor):
                 _tag(out, dev, {id(x)})
             return out
         value = args[1]

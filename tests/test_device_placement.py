@@ -1,7 +1,7 @@
 """Issue 30, item 2: every command on a logical CUDA device (tests/logical_device.py) that computes
 on the CPU and raises where a real GPU would (a CPU tensor meeting a CUDA one, ``.numpy()`` of a
 CUDA tensor, a CPU generator drawing CUDA numbers). Data and budgets are the smallest the suite
-uses (a 3-domain folder of 8 images per class at 16 px, ResNet-8 of width 4, 2 steps per unit)."""
+uses (a 3-domain folder of 8 images per class at 32 px, ResNet-8 of width 4, 2 steps per unit)."""
 import json
 
 import pytest
@@ -90,11 +90,11 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("gpu")
     root = make_tree(base / "data", {"Art": "png", "Clipart": "jpg", "Real_World": "png"})
     cfg = {"preset": "quick",
-           "data": {"kind": "folder", "root": str(root), "source": "Real_World", "image_size": 16,
+           "data": {"kind": "folder", "root": str(root), "source": "Real_World", "image_size": 32,
                     "normalize": "standardize", "in_memory": True},
            "model": {"name": "resnet8", "kwargs": {"width": 4}},
            "adapt": {"source": {"steps": 4}, "shot": {"steps": 2}},
-           "ptq": {"methods": METHODS, "bits": ["W3A3"], "calib_size": 16,
+           "ptq": {"methods": METHODS, "bits": ["W3A3"], "calib_size": 16, "step_method": "absmax",
                    "options": {m: {"iters": 2} for m in RECON}},
            "merge": {"rounding": "noise", "rounding_options": {"samples": 2}},
            "pmq": {"merges": ["task_arithmetic"], "methods": ["rtn", "gptq", "epmq"], "bits": ["W4"]},
@@ -145,7 +145,7 @@ def test_step_commands_and_export_of_checkpoints_written_on_cuda(setup, tmp_path
         assert main(["train-source", *common, "--out", str(src)]) == 0
         assert main(["adapt", *common, "--source", str(src), "--domain", "Art", "--out", str(expert)]) == 0
         assert main(["quantize", *common, "--model", str(expert), "--method", "hdrq", "--bits", "W4A4",
-                     "--source", str(src), "--out", str(q)]) == 0
+                     "--step-method", "mse", "--source", str(src), "--out", str(q)]) == 0
         assert main(["merge", str(q), str(q), "--device", "cuda", "--rounding", "noise", "--samples", "2",
                      "--out", str(merged)]) == 0
         assert main(["export", "--model", str(merged), "--out", str(tmp_path / "packed.safetensors"), "--quiet"]) == 0
