@@ -101,20 +101,21 @@ def setup(model_name: str, seed: int = 0):
     return fp, q, calib
 
 
-def unit_jobs(method: str, fp, q, calib, only: str | None = None):
-    """(name, unit copy, layers, data, fp unit) for every unit of ``method``'s partition."""
-    for name, unit in partition(q, calib[:2], layerwise=method == "adaround"):
+def unit_jobs(method: str, fp, q, calib, only: str | None = None, device="cpu"):
+    """(name, unit copy, layers, data, fp unit) for every unit of ``method``'s partition (the
+    models on ``device``, the captured data on the CPU)."""
+    for name, unit in partition(q, calib[:2].to(device), layerwise=method == "adaround"):
         if only is not None and name != only and not name.startswith(only + "."):
             continue
-        x_q, _ = capture(q, name, calib, 128, "cpu", output=False)
-        x_fp, y_fp = capture(fp, name, calib, 128, "cpu", output=True)
+        x_q, _ = capture(q, name, calib, 128, device, output=False)
+        x_fp, y_fp = capture(fp, name, calib, 128, device, output=True)
         yield name, copy.deepcopy(unit), (x_q, x_fp, y_fp), fp.get_submodule(name)
 
 
-def run_unit(method: str, name: str, unit, data, iters: int, bs: int, source) -> None:
+def run_unit(method: str, name: str, unit, data, iters: int, bs: int, source, device="cpu") -> None:
     hooks, opts = hooks_for(method, iters, bs, source)
     layers = [(f"{name}.{n}" if n else name, m) for n, m in quant_modules(unit)]
-    reconstruct_unit(unit, layers, data, hooks, opts, "cpu")
+    reconstruct_unit(unit, layers, data, hooks, opts, device)
 
 
 def measure(method: str, fp, q, calib, iters: int, bs: int, repeat: int):

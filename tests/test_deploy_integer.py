@@ -309,7 +309,8 @@ def test_fp32_export_and_kernel_errors(fp_resnet, tmp_path):
 
 # -- the command line, for every registered architecture ------------------------------------------------
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "resnet20" else a
-                                  for a in sorted(ARCHITECTURES)])  # resnet20: as resnet8, 4x the compute
+                                  for a in sorted(ARCHITECTURES) if a != "deeplab_r101"])
+# resnet20: as resnet8, 4x the compute; deeplab_r101: deeplab_mini's code at the paper's scale (45M parameters)
 def test_cli_exports_every_architecture(arch, tmp_path, capsys):
     kwargs = {"patch": 8, "depth": 1} if arch == "vit_tiny" else {}
     torch.manual_seed(0)
@@ -332,7 +333,9 @@ def test_cli_exports_every_architecture(arch, tmp_path, capsys):
         assert info["arch"] == arch and info["kernels"] == kernels
         ref = q if kernels == "qdq" else IntegerSimulation(q, IntegerPlan.from_json(info["integer_plan"]))
         out = _run(out_path, x)
-        assert (out.argmax(1) == _predict(ref, x).argmax(1)).mean() >= (1.0 if arch != "vit_tiny" else 0.95)
+        dense_float = kernels == "qdq" and out.ndim == 4  # float rounding may flip a near-tie among 32k pixels
+        assert (out.argmax(1) == _predict(ref, x).argmax(1)).mean() >= (
+            0.95 if arch == "vit_tiny" else 0.999 if dense_float else 1.0)
     if arch == "resnet8":  # auto: the faster of the two forms that compute the evaluated model here
         assert main(["export", "--model", str(ckpt), "--format", "onnx", "--kernels", "auto", "--calib-size", "64",
                      "--out", str(tmp_path / "auto.onnx")]) == 0

@@ -186,6 +186,8 @@ def test_experts_of_other_seeds_or_splits_are_refused_naming_both_files(tmp_path
                     "runs (")
     assert differs in err and err.rstrip().endswith("merge experts of one source model, seed and data split")
     assert not out.exists()
+    if "seed" not in change:
+        return
     # experts of one run (other domains, their own targets) merge; so does a base of that run
     same = _fp_experts(tmp_path / "same", [first, {**first, "domain": "C"}, {**first, "domain": "A"}])
     assert main(["merge", *same[:2], "--method", "ties", "--base", same[2], "--set", "merge.recalibrate=none",
@@ -198,15 +200,16 @@ def test_experts_of_other_seeds_or_splits_are_refused_naming_both_files(tmp_path
 # --- item 4: configs read back to the values written -------------------------------------------
 
 TRICKY = ["1e1", "1E5", "+1e3", "-2e-4", "1.0e5", ".5", "1_000", "0x1f", "0o17", "012", "1:20", "yes", "No", "on",
-          "OFF", "y", "n", "true", "False", "~", "null", "Null", "NULL", "", " ", "2001-01-01", "2001-12-14t21:59:43.10-05:00",
-          ".inf", "-.Inf", ".nan", "<<", "=", "- a", "a: b", "#x", "'q'", '"q"', "x\ny", "\x85", "\u2028", "é", "!!int 3"]
+          "OFF", "y", "n", "true", "False", "~", "null", "Null", "NULL", "", " ", "2001-01-01",
+          "2001-12-14t21:59:43.10-05:00", ".inf", "-.Inf", ".nan", "<<", "=", "- a", "a: b", "#x", "'q'", '"q"', "x\ny",
+          "\x85", "\u2028", "é", "!!int 3"]
 names = st.sampled_from(TRICKY) | st.text(max_size=8)
 scalars = names | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.booleans() | st.none()
 configs = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(names, inner, max_size=4),
                        max_leaves=20)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(configs)
 def test_anything_written_as_yaml_reads_back_the_same(value):
     assert load_yaml(dump_yaml(value)) == value
@@ -293,14 +296,14 @@ def test_clipped_accuracy_intervals_stay_in_range_and_keep_their_coverage(n):
     """Accuracies near the ceiling (100 x Beta(30, 1.5)): intervals and prediction intervals
     clipped to [0, 100] never pass 100 and cover as often as unclipped ones."""
     rng = np.random.default_rng(10 + n)
-    x = 100 * rng.beta(30, 1.5, (1000, n + 1))
+    x = 100 * rng.beta(30, 1.5, (300, n + 1))
     mu = 100 * 30 / 31.5
     cis = [mean_ci(row[:n], bounds=(0, 100)) for row in x]
     preds = [prediction_interval(row[:n], bounds=(0, 100)) for row in x]
     assert all(0 <= c.low <= c.high <= 100 for c in cis) and all(0 <= lo <= hi <= 100 for lo, hi in preds)
     half = t_half_width(x[:, :n])
     assert np.mean([c.low <= mu <= c.high for c in cis]) == np.mean(np.abs(x[:, :n].mean(1) - mu) <= half)
-    assert max(mean_ci(row).high for row in x[:200, :n]) > 100  # without the bounds they would pass 100
+    assert max(mean_ci(row).high for row in x[:, :n]) > 100  # without the bounds they would pass 100
 
 
 def test_the_issues_two_seed_case_gets_student_t_and_no_verdict():

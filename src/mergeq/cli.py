@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import MergeqError
+from .gpu import memory_errors
 
 PREFIX = "config:"  # dests of flags bound to a config path
 COMMON = {"--preset": "preset", "--seed": "runtime.seed", "--device": "runtime.device",
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _log_above_bars():
+        with _log_above_bars(), memory_errors():  # CUDA out of memory: one line, what was asked and is free
             return args.func(args)
     except (MergeqError, ValueError, KeyError, OSError, TypeError) as e:
         # bad input, a missing or unwritable file: one line; --debug shows where a real bug is

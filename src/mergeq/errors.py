@@ -34,3 +34,7 @@ class ModelError(MergeqError):
 class UntrustedCodeError(CheckpointError):
     """A model file whose metadata names code to run (a ``builder``): mergeq never runs code named
     in a file unless the user asks for it (``trust_builder=True`` / ``--trust-builder``)."""
+
+
+class DeviceMemoryError(MergeqError):
+    """A model or batch that does not fit the GPU's free memory (what was asked, what is free)."""

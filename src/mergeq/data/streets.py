@@ -65,7 +65,7 @@ IMAGE_SIZE = (64, 64)  # H x W
 DOMAINS = ("synthetic", "city", "india")
 SPLITS = {"synthetic": (600, 300), "city": (450, 750), "india": (300, 590)}  # (train, test) images
 _DIGITS_FROM = {"synthetic": "mnist", "city": "mnist", "india": "uci"}
-_VERSION = 1  # bump when the rendering changes: old cache entries are then ignored
+_VERSION = 2  # bump when the rendering changes: old cache entries are then ignored
 PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35), (152, 251, 152), (70, 130, 180),
            (220, 20, 60), (0, 0, 142))  # Cityscapes colours of the classes; 255 is drawn white
 

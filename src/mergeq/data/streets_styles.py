@@ -14,7 +14,7 @@
   garage shelves and wall of ``motorcycle_left.png``, vegetation the foliage of ``flower.jpg``,
   terrain the grass field of ``camera.png`` (tinted dry), road ``gravel.png`` (unpaved),
   sidewalk the right half of ``brick.png`` (terracotta tint, larger scale); things are UCI 8x8
-  digits upsampled (blurry, blocky), filled with crops of ``coffee.png``. Camera: warm colour
+  digits upsampled 4x and contrast-stretched (blocky), filled with crops of ``coffee.png``. Camera: warm colour
   cast, gamma 1.3, vignetting, sensor noise (std 0.04).
 
 Per-image, per-channel standardisation (what the model sees) removes a global colour cast or
@@ -56,9 +56,12 @@ def _periodic(n: int, g: torch.Generator, coord: torch.Tensor, lo: int, hi: int,
 
 
 def synth_sky(n, g, size):
+    """A vertical gradient, from clear blue to overcast white-grey (weather drawn per image)."""
     v, _ = _coords(size)
     t = (v / (0.6 * size[0])).clamp(0, 1)
-    top, low = _colour(n, g, (0.15, 0.35, 0.85), 0.08), _colour(n, g, (0.65, 0.8, 1.0), 0.06)
+    overcast = _u((n, 1, 1, 1), 0.0, 1.0, g) ** 2
+    top = _colour(n, g, (0.15, 0.35, 0.85), 0.08) * (1 - overcast) + 0.75 * overcast
+    low = _colour(n, g, (0.65, 0.8, 1.0), 0.06) * (1 - overcast) + 0.9 * overcast
     clouds = 0.12 * (_noise(n, g, size, 4) - 0.5)
     return top * (1 - t) + low * t + clouds
 
@@ -75,15 +78,15 @@ def synth_building(n, g, size):
 
 def synth_vegetation(n, g, size):
     blobs = 0.6 * _noise(n, g, size, 8) + 0.4 * _noise(n, g, size, 16)
-    return _colour(n, g, (0.22, 0.62, 0.15), 0.06) * (0.45 + 0.9 * blobs)
+    return _colour(n, g, (0.22, 0.55, 0.15), 0.1) * (0.45 + 0.9 * blobs)
 
 
 def synth_terrain(n, g, size):
-    return _colour(n, g, (0.6, 0.62, 0.3), 0.06) * (0.8 + 0.4 * _noise(n, g, size, 32))
+    return _colour(n, g, (0.55, 0.58, 0.3), 0.1) * (0.75 + 0.5 * _noise(n, g, size, 32))
 
 
 def synth_road(n, g, size):
-    grey = _u((n, 1, 1, 1), 0.25, 0.38, g)
+    grey = _u((n, 1, 1, 1), 0.2, 0.5, g)
     return grey.expand(n, 3, 1, 1) + 0.08 * (_noise(n, g, size, 32) - 0.5)
 
 
@@ -153,6 +156,13 @@ def identity_glyph(digit: torch.Tensor) -> torch.Tensor:
     return digit
 
 
+def upsampled_glyph(digit: torch.Tensor) -> torch.Tensor:
+    """A UCI 8x8 digit (0-16 ink levels, mid-grey over whole strokes) upsampled 4x (bilinear)
+    and contrast-stretched (0.3-0.7 -> 0-1) into a blocky, blurry stroke with a solid core."""
+    up = F.interpolate(digit[None, None], scale_factor=4, mode="bilinear", align_corners=False)[0, 0]
+    return ((up - 0.3) / 0.4).clamp(0, 1)
+
+
 # --------------------------------------------------------------------------- cameras
 
 
@@ -209,5 +219,5 @@ STYLES = {
                                    ("sklearn", "datasets/images/flower.jpg", (480, 0, 640, 200))), (64, 160)),
                     photo_texture((_SKI("camera.png", (410, 310, 512, 512)),), (64, 100), (0.9, 0.8, 0.55)),
                     photo_texture((_SKI("rocket.jpg", (100, 0, 550, 115)),), (64, 115))),
-                   identity_glyph, photo_fill("skimage", "data/coffee.png"), india_camera),
+                   upsampled_glyph, photo_fill("skimage", "data/coffee.png"), india_camera),
 }

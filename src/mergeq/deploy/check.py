@@ -3,7 +3,8 @@ is it faster than onnxruntime's FP32 model of the same weights?
 
 ``mergeq export --kernels int8`` prints this (:meth:`ExportCheck.report`): the integer model's
 top-1 agreement with its PyTorch simulation (100% wherever the kernels are exact) and with the
-fake-quant model that mergeq evaluated (below :data:`MIN_AGREEMENT` a warning), and the median
+fake-quant model that mergeq evaluated (below :data:`MIN_AGREEMENT` a warning; for dense outputs,
+logits ``[N, C, H, W]``, the agreements are over every pixel's argmax), and the median
 latency at batch 64 on one thread of the integer file against the FP32 twin (the quantized
 weights as float layers, ``kernels="fp32"``) and the QDQ form of the same model (run in float,
 the evaluated model to float rounding), measured side by side on this CPU. ``--kernels auto``
@@ -41,6 +42,7 @@ class ExportCheck:
     ms_fp32: float
     ms_qdq: float
     cpu: str
+    dense: bool = False  # per-pixel predictions (logits [N, C, H, W]): agreements are over pixels
 
     @property
     def speedup(self) -> float:
@@ -56,10 +58,11 @@ class ExportCheck:
 
     def report(self) -> tuple[list[str], list[str]]:
         """``(lines, warnings)`` in plain words."""
+        of = " of pixels" if self.dense else ""
         lines = [f"integer model on this CPU ({self.cpu}), {self.images} calibration images: "
-                 f"agrees with its simulation on {100 * self.agree_simulation:.2f}% "
+                 f"agrees with its simulation on {100 * self.agree_simulation:.2f}%{of} "
                  f"(max output difference {self.max_diff_simulation:.2g}), with the evaluated fake-quant model "
-                 f"on {100 * self.agree_model:.2f}%",
+                 f"on {100 * self.agree_model:.2f}%{of}",
                  f"latency at batch 64, 1 thread: integer {self.ms_int8:.2f} ms, onnxruntime FP32 of the same "
                  f"weights {self.ms_fp32:.2f} ms ({self.speedup:.2f}x), QDQ form {self.ms_qdq:.2f} ms"]
         warnings = []
@@ -67,8 +70,9 @@ class ExportCheck:
             warnings.append("onnxruntime's integer kernels on this CPU do not compute the simulated model "
                             "exactly; export with --target-cpu any (exact on every x86 kind)")
         if self.agree_model < MIN_AGREEMENT:
+            what = "pixels" if self.dense else "images"
             warnings.append(f"the integer model agrees with the evaluated model on less than "
-                            f"{100 * MIN_AGREEMENT:.0f}% of images: its 8-bit requantization changes the model; "
+                            f"{100 * MIN_AGREEMENT:.0f}% of {what}: its 8-bit requantization changes the model; "
                             f"deploy --kernels qdq (float kernels, the evaluated model) or calibrate on more images")
         if self.speedup < 1.0:
             hint = ("--target-cpu native (this CPU has VNNI: int8 weights everywhere)"
@@ -134,4 +138,4 @@ def check_int8_export(model: nn.Module, path: str | Path, plan: IntegerPlan, ima
                         for k, s in {"int8": sess, "fp32": fp32, "qdq": qdq}.items()}, rounds)
     return ExportCheck(len(images), float((out.argmax(1) == sim.argmax(1)).mean()), float(np.abs(out - sim).max()),
                        float((out.argmax(1) == ref.argmax(1)).mean()), ms["int8"], ms["fp32"], ms["qdq"],
-                       cpu()["model"])
+                       cpu()["model"], dense=out.ndim > 2)

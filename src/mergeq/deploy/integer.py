@@ -16,7 +16,10 @@ Its output is
   grid seen by the residual path, a second rounding where a layer's b-bit grid differs from
   the tensor's) are what the fake-quant model does not have, and :class:`IntegerSimulation`
   has them too. A residual add of two uint8 tensors that an integer
-  op consumes is QLinearAdd (requantized likewise); other ops take the dequantized value.
+  op consumes is QLinearAdd (requantized likewise); other ops take the dequantized value. A
+  resize (``F.interpolate``, ``nn.Upsample``) of a uint8 tensor by power-of-two ratios
+  interpolates its codes, which is exact (:mod:`.resize`); a concatenation joins dequantized
+  values, and the consuming layer's one input quantizer puts them on one grid (DAFormer's head).
   (ConvInteger would give a float output without requantization, but onnxruntime 1.32 runs it
   several times slower than QLinearConv.)
 * for a Linear, float (MatMulIntegerToFloat: ``acc · s_x s_w`` plus the float bias): what
@@ -365,8 +368,9 @@ class IntegerSimulation(nn.Module):
         self.plan = plan
         facts = node_facts(self.gm, plan.input_shape)
         self._roles = _Roles(self.gm, facts)
-        self._code_resizes = {n: spec for n in self.gm.graph.nodes if is_resize(self.gm, n)
-                              and n.args[0].name in plan.grids and (spec := resize_spec(self.gm, n, facts)).exact_on_codes()}
+        resizes = {n: resize_spec(self.gm, n, facts) for n in self.gm.graph.nodes
+                   if is_resize(self.gm, n) and n.args[0].name in plan.grids}
+        self._code_resizes = {n: spec for n, spec in resizes.items() if spec.exact_on_codes()}
         missing = [k for k in plan.grids if k not in facts]
         if missing:
             raise ExportError(f"the integer plan names nodes this model does not have: {missing[:5]}")
@@ -395,7 +399,7 @@ class IntegerSimulation(nn.Module):
     def _resize(self, n: fx.Node, x: torch.Tensor) -> torch.Tensor:
         """Interpolation of the integer codes ``c - z``, exact, then one rounding: ``· s`` (:mod:`.resize`)."""
         grid = self.plan.grids[n.args[0].name]
-        return self._code_resizes[n].torch(grid.codes(x) - grid.zero_point) * grid.scale
+        return self._code_resizes[n].interpolate(grid.codes(x) - grid.zero_point) * grid.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self

@@ -21,7 +21,8 @@ axes may grow; anything else that differs is refused). A cell is computed under 
 lock (``.locks/<key>.lock``, released by the OS when its holder dies), so runs started side by
 side on one ``out`` split the cells: a cell locked by another process is put off, then waited
 for (and computed if that process died). Pool workers exit when their parent process dies.
-``local`` runs cells in a process pool (``runtime.workers``, default 1; changes no number);
+``local`` runs cells in a process pool (``runtime.workers``, default 1; on ``cuda`` one process
+per visible GPU, each pinned to its own: :func:`mergeq.gpu.worker_devices`; changes no number);
 ``ray`` submits each cell as a Ray task (to ``address``, or a local Ray instance) holding one
 CPU, or one GPU when ``runtime.device`` is cuda; ``out`` and ``runtime.cache_dir`` are made absolute on the driver, so they must name the
 same (shared) folder on every node. ``results.json`` / ``results.md`` (paper Table 2 form),
@@ -39,12 +40,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import MergeqError
+from ..gpu import memory_errors, worker_devices
 from ..io import file_lock, read_json, write_json
 from ..quant.config import parse_bits
 from ..sysinfo import environment
 from ..data import load_data
 from .config import Config, resolve
-from .pool import Pool, exit_with_parent
+from .pool import Pool, start_worker
 from .store import RunDir
 
 log = logging.getLogger(__name__)
@@ -109,10 +111,11 @@ def compute_cell(cfg: Config) -> dict[str, Any]:
 
     threads = torch.get_num_threads()
     try:
-        pool = Pool(cfg)
-        result = row(pool, cfg.ptq.methods[0], parse_bits(cfg.ptq.bits[0]))
-        return {"benchmark": pool.bench.name, **result, "fp_merged": pool.fp_merged(), "config": pool.cfg.to_dict(),
-                "machine": environment()}
+        with memory_errors(cfg.runtime.device):  # said in the worker, whose GPU it is
+            pool = Pool(cfg)
+            result = row(pool, cfg.ptq.methods[0], parse_bits(cfg.ptq.bits[0]))
+            return {"benchmark": pool.bench.name, **result, "fp_merged": pool.fp_merged(),
+                    "config": pool.cfg.to_dict(), "machine": environment()}
     finally:
         torch.set_num_threads(threads)  # a cell run in-process leaves the caller's setting alone
 
@@ -153,19 +156,26 @@ def _split_with_others(runner: Runner, cells: list[Cell]) -> Iterable[dict]:
         yield from (res for _, res in runner(busy, True))
 
 
-def _local(grid: dict, out: str, workers: int, started: Callable[[str], None]) -> Runner:
+def _local(grid: dict, out: str, workers: int | None, started: Callable[[str], None]) -> Runner:
+    devices = worker_devices(str(grid["runtime"]["device"]), workers)  # one process per GPU on cuda
+
     def runner(cells: list[Cell], wait: bool):
-        if workers <= 1:
+        if len(devices) <= 1:
             for c in cells:
                 started(c.key)
                 yield c, run_cell(grid, c, out, wait)
             return
-        started(f"{min(workers, len(cells))} cells in parallel")
+        started(f"{min(len(devices), len(cells))} cells in parallel"
+                + (f" on {len(set(devices))} GPUs" if devices[0] else ""))
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()  # each worker process takes its GPU (None: not pinned)
+        for device in devices:
+            queue.put(device)
+        with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=start_worker,
+                                 initargs=(os.getpid(), queue)) as pool:
             futures = {pool.submit(run_cell, grid, c, out, wait): c for c in cells}
             for f in as_completed(futures):
                 yield futures[f], f.result()
@@ -178,6 +188,9 @@ def _ray(grid: dict, out: str, address: str | None, started: Callable[[str], Non
         import ray
     except ImportError:
         raise ValueError("the ray executor needs Ray: pip install 'mergeq[ray]'") from None
+    device = str(grid["runtime"]["device"])
+    if device.startswith("cuda:"):
+        raise ValueError(f"the ray executor gives each cell the GPU Ray picks: set runtime.device to cuda, not {device}")
     # a local instance (no address): no usage-stats reporting, no dashboard; nothing needs the network
     local = {} if address not in (None, "local") else {"include_dashboard": False}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -186,7 +199,7 @@ def _ray(grid: dict, out: str, address: str | None, started: Callable[[str], Non
     out = str(Path(out).resolve())
     grid = {**grid, "runtime": {**grid["runtime"], "cache_dir": str(Path(grid["runtime"]["cache_dir"]).resolve())}}
     # a cuda cell holds one GPU (Ray then sets CUDA_VISIBLE_DEVICES for it); other cells one CPU
-    task = ray.remote(num_gpus=1 if str(grid["runtime"]["device"]).startswith("cuda") else 0)(run_cell)
+    task = ray.remote(num_gpus=1 if device == "cuda" else 0)(run_cell)
 
     def runner(cells: list[Cell], wait: bool):
         pending = {task.remote(grid, c, out, wait): c for c in cells}
@@ -222,7 +235,7 @@ def run_grid(config: Config, out: str | Path, executor: str = "local", workers: 
     report = progress or (lambda i, n, text: None)
     started = lambda what: report(done, len(todo), f"running {what}")  # noqa: E731
     grid = requested.to_dict()
-    workers = workers or config.runtime.workers or 1
+    workers = workers or config.runtime.workers
     runner = _local(grid, str(out), workers, started) if executor == "local" else _ray(grid, str(out), address, started)
     t0 = time.perf_counter()
     for done, res in enumerate(_split_with_others(runner, todo), start=1):

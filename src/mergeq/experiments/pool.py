@@ -43,6 +43,7 @@ from ..data import load_data
 from ..data.spec import DigitsData, task_of
 from ..data_utils import as_tensor, take
 from ..errors import CheckpointError
+from ..gpu import pin_worker
 from ..eval import evaluate, score
 from ..eval.strips import preview, preview_inputs
 from ..io import file_lock
@@ -359,3 +360,11 @@ def exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def start_worker(parent: int, devices=None) -> None:
+    """Process-pool initializer: :func:`exit_with_parent`, then pin the process to the GPU it takes
+    from the queue ``devices`` (:func:`mergeq.gpu.pin_worker`; one entry per process)."""
+    exit_with_parent(parent)
+    if devices is not None:
+        pin_worker(devices)

@@ -27,11 +27,12 @@ from typing import Any, Callable
 import torch
 
 from ..eval import score
+from ..gpu import worker_devices
 from ..quant.config import parse_bits
 from ..sysinfo import environment
 from . import health
 from .config import Config, check_average_weights
-from .pool import Pool, exit_with_parent, ptq_report
+from .pool import Pool, ptq_report, start_worker
 from .store import RunDir
 
 
@@ -74,8 +75,9 @@ def _row_in_worker(config: dict[str, Any], key: tuple, threads: int, row_threads
 
 def default_workers(device: str, threads: int) -> int:
     """Row processes when ``runtime.workers`` is null: one per torch thread on a CPU, one per
-    device on a GPU (each process would hold its own CUDA context on the same device)."""
-    return threads if torch.device(device).type == "cpu" else 1
+    visible GPU on ``cuda`` (each pinned to its own: :func:`mergeq.gpu.worker_devices`), one on
+    ``cuda:N`` or another device (processes on one GPU would each hold a CUDA context there)."""
+    return threads if torch.device(device).type == "cpu" else len(worker_devices(device, None))
 
 
 def checked(on_row: Callable[[dict], None] | None) -> Callable[[dict], None]:
@@ -117,8 +119,12 @@ def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict]
     results["compute"] = {"threads": threads, "workers": workers, "row_threads": row_threads}
     if workers == 1:
         return store.fill(results, keys, done, todo, lambda key: row(pool, key[0], key[1:]), on_row)
-    executor = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=exit_with_parent,
-                                   initargs=(os.getpid(),))
+    ctx = get_context("spawn")
+    devices = ctx.SimpleQueue()  # the GPU of each worker process (None: not pinned)
+    for device in worker_devices(pool.device, workers):
+        devices.put(device)
+    executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=start_worker,
+                                   initargs=(os.getpid(), devices))
     try:
         futures = {k: executor.submit(_row_in_worker, pool.cfg.to_dict(), k, threads, row_threads) for k in pending}
         return store.fill(results, keys, done, todo, lambda key: futures[key].result(), on_row)

@@ -235,11 +235,12 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
 def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | Path, report: str | Path | None,
                       base: str | None = None, trust_builder: bool = False) -> dict[str, Any]:
     """Merge checkpoints (``average``: quantized experts stay quantized, merged with
-    ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``), recalibrate
-    (``merge.recalibrate``, on each domain's first ``ptq.calib_size`` calibration images; a mode
-    left to the preset is skipped with a warning when the checkpoints name no data), save,
-    evaluate when the checkpoints name their data and domains; the JSON report (also written to
-    ``report``, with the ``recalibrate`` mode applied)."""
+    ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``) of one seed and data split
+    (:func:`check_same_origin`), recalibrate (``merge.recalibrate``, on each domain's first
+    ``ptq.calib_size`` calibration images; a mode left to the preset is skipped with a warning when
+    the checkpoints name no data or it cannot be read), save, evaluate when their data can be read
+    (else ``not_evaluated`` says why); the JSON report (also written to ``report``, with the
+    ``recalibrate`` mode applied)."""
     cfg = _apply(config)
     MERGE_METHODS.get(method)
     m = cfg.merge

@@ -36,5 +36,6 @@ def get_classifier(model: nn.Module) -> nn.Linear:
 
 from .spec import ModelSpec, load_weights, resolve_model, resolved_spec  # noqa: E402  (spec uses build_model)
 
-__all__ = ["ARCHITECTURES", "BasicBlock", "DeepLab", "ModelSpec", "ResNet", "ViT", "build_model", "deeplab_mini", "deeplab_r101", "get_classifier", "load_weights",
-           "resnet8", "resnet20", "resolve_model", "resolved_spec", "vit_tiny"]
+__all__ = ["ARCHITECTURES", "BasicBlock", "DeepLab", "ModelSpec", "ResNet", "ViT", "build_model", "deeplab_mini",
+           "deeplab_r101", "get_classifier", "load_weights", "resnet8", "resnet20", "resolve_model", "resolved_spec",
+           "vit_tiny"]

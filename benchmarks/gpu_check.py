@@ -1,0 +1,475 @@
+"""One check of mergeq on a GPU (issue 30, item 4), one table: at most 5 minutes on one H100.
+
+1. **Commands**: every command of the CLI on ``--device`` (run with each ``merge.recalibrate``
+   mode and the float / noise roundings, pmq, tta, bench, compare, train-source, adapt, quantize,
+   merge, export of a checkpoint written there, barrier, surface), each a subprocess on a tiny
+   digits setting (ResNet-8, one epoch of source training and SHOT), and the same on the CPU with
+   the same seed, side by side: exit status, seconds, the number the command printed (or wrote:
+   a merged hmean, a mean stream error, an accuracy, a loss barrier) on each device and their
+   difference (float rounding differs between devices; the table measures by how much).
+2. **Probe**: the reconstruction step of every method against a plain FP forward+backward of the
+   same unit, summed over the units of a ResNet-50 (torchvision's if importable, random init, else
+   the built-in :class:`ResNet`, the same layers: 25,557,032 parameters), 224 px, batch 32, 256
+   calibration images, W4A4; per unit ``--warmup`` untimed steps, then ``--steps`` timed ones
+   (the step time is the difference of two ``reconstruct_unit`` runs, ``warmup`` and ``warmup +
+   steps`` long, so set-up and hardening cancel), wall clock with ``torch.cuda.synchronize``.
+   Peak GPU memory (``torch.cuda.max_memory_allocated``) per method.
+3. **Estimates** of GPU-hours for the paper preset (20,000 iterations per unit): per expert and
+   bit pair, Σ_units step × 20,000; an Office-Home source block of Table 2 (BRECQ, QDrop, HDRQ x
+   W8A8, W8A4, W4A8, W4A4, W3A3 x 3 experts) and all of Table 2 (4 sources). Segmentation
+   (Table 1: ResNetV1c-101 at output stride 8, 1024 x 1024 crops, batch 1, as the HDRQ reference
+   code; 3 methods x W6A6, W4A4 x 2 experts): the probe's step time scaled by the ratio of
+   forward multiply-accumulates (counted with hooks on the ``meta`` device) of one segmentation
+   step to one probe step. The probe is launch-bound (small kernels), large crops are not: the
+   scaled figure is an upper estimate.
+
+    python benchmarks/gpu_check.py --out runs/gpu_check                  # needs a CUDA GPU
+    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gc    # the CPU-runnable parts
+
+Writes ``gpu_check.md`` (the table) and ``gpu_check.json`` into ``--out``; exits 2 with one line
+when ``--device`` is cuda and torch sees no GPU, 1 when a command failed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recon_cost import plain_loss, run_unit  # noqa: E402
+
+PAPER_ITERS = 20_000
+OFFICE = {"methods": ["brecq", "qdrop", "hdrq"], "bits": 5, "experts": 3, "sources": 4}
+SEG = {"methods": ["brecq", "qdrop", "hdrq"], "bits": 2, "experts": 2, "crop": 1024, "batch": 1}
+METHODS = ("adaround", "brecq", "qdrop", "hdrq", "ttaq")
+
+
+# --- the built-in bottleneck ResNet (torchvision's layout; dilations for segmentation) ---------
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with bottlenecks (``layers`` 3,4,6,3: ResNet-50; 3,4,23,3: -101);
+    ``deep_stem``: ResNetV1c's three 3x3 stem convs; ``strides``/``dilations`` per stage."""
+
+    def __init__(self, layers=(3, 4, 6, 3), num_classes: int = 1000, deep_stem: bool = False,
+                 strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1)) -> None:
+        super().__init__()
+        if deep_stem:
+            self.stem = nn.Sequential(*[m for cin, cout, s in ((3, 32, 2), (32, 32, 1), (32, 64, 1)) for m in (
+                nn.Conv2d(cin, cout, 3, s, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))])
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin, stages = 64, []
+        for i, (n, s, d) in enumerate(zip(layers, strides, dilations)):
+            planes = 64 * 2 ** i
+            stages.append(nn.Sequential(*[Bottleneck(cin if k == 0 else planes * 4, planes, s if k == 0 else 1, d)
+                                          for k in range(n)]))
+            cin = planes * 4
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(cin, num_classes)
+
+    def features(self, x):
+        x = self.maxpool(self.stem(x))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class SegNet(nn.Module):
+    """The segmentation setting's model for counting: ResNetV1c-101 at output stride 8 and a 1x1
+    projection head to 19 classes (the reference code's head is a few 1x1 convs: a small share)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = ResNet((3, 4, 23, 3), deep_stem=True, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
+        self.head = nn.Sequential(nn.Conv2d(2048, 256, 1), nn.ReLU(inplace=True), nn.Conv2d(256, 19, 1))
+
+    def forward(self, x):
+        return self.head(self.backbone.features(x))
+
+
+def probe_model() -> tuple[nn.Module, str]:
+    """torchvision's ResNet-50 (random init) if importable, else the built-in one."""
+    try:
+        import torchvision
+
+        return torchvision.models.resnet50(weights=None), f"torchvision {torchvision.__version__} resnet50"
+    except Exception:  # noqa: BLE001  (absent, or built for another torch)
+        return ResNet(), "built-in ResNet-50 (torchvision's layers)"
+
+
+def forward_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of the Conv2d and Linear layers in one forward of an input ``shape``,
+    counted on the ``meta`` device (no memory, no compute)."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        k = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        total += out.numel() * k
+
+    model = copy.deepcopy(model).to("meta")
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.empty(shape, device="meta"))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+# --- 1. commands -------------------------------------------------------------------------------
+
+@dataclass
+class Command:
+    name: str
+    argv: Callable[[Path, str], list[str]]  # (work folder, device tag) -> mergeq arguments
+    number: Callable[[Path, str, str], float]  # (work folder, device tag, stdout) -> the number
+    what: str = ""
+    results: dict = field(default_factory=dict)
+
+
+def _printed(pattern: str):
+    return lambda w, dev, out: float(re.findall(pattern, out)[-1])
+
+
+def _written(rel: str, pick: Callable[[dict], float]):
+    return lambda w, dev, out: pick(json.loads((w / rel.format(dev=dev)).read_text()))
+
+
+def _hmean(res: dict) -> float:
+    return 100 * res["rows"][-1]["merged"]["hmean"]
+
+
+def commands(quick: bool) -> list[Command]:
+    """Every command on the tiny digits setting; ``{dev}`` names each device's own outputs."""
+    width, calib, iters, images = (4, 32, 5, 32) if quick else (8, 128, 50, 256)
+    base = ["--preset", "quick", "--seed", "0", "--quiet", "--set", f"model.kwargs.width={width}",
+            "--set", "adapt.source.epochs=1", "--set", "adapt.shot.epochs=1", "--set", f"ptq.calib_size={calib}",
+            "--set", f"ptq.options.hdrq.iters={iters}", "--set", f"ptq.options.ttaq.iters={iters}"]
+    cfg = lambda w, dev: ["--config", str(w / f"run-{dev}" / "config.yaml"), "--quiet"]  # noqa: E731
+    f = lambda w, dev, name: str(w / f"{name}-{dev}.safetensors")  # noqa: E731
+
+    def run(tag: str, *extra: str) -> Command:
+        return Command(tag, lambda w, dev: ["run", *base, "--targets", "uci,noisy", "--methods", "rtn,hdrq",
+                                            "--bits", "W4A4", *extra, "--cache-dir", str(w / f"cache-{dev}"),
+                                            "--out", str(w / f"{tag}-{dev}")],
+                       _written(f"{tag}-{{dev}}/results.json", _hmean), "merged hmean %, hdrq W4A4")
+
+    return [
+        run("run"),
+        run("run-noise-bn", "--rounding", "noise", "--samples", "8", "--set", "merge.recalibrate=bn"),
+        run("run-float-act", "--rounding", "float", "--set", "merge.recalibrate=act"),
+        run("run-none", "--set", "merge.recalibrate=none"),
+        Command("pmq", lambda w, dev: ["pmq", *cfg(w, dev), "--merges", "task_arithmetic", "--methods",
+                                       "rtn,gptq,epmq", "--bits", "W4", "--out", str(w / f"pmq-{dev}")],
+                _written("pmq-{dev}/results.json", _hmean), "merged hmean %, epmq W4"),
+        Command("tta", lambda w, dev: ["tta", *cfg(w, dev), "--methods", "fp+tent,ttaq", "--bits", "W4A4",
+                                       "--streams", "balanced", "--corruptions", "gaussian_noise,fog",
+                                       "--n-images", str(images), "--out", str(w / f"tta-{dev}")],
+                _written("tta-{dev}/results.json", lambda r: 100 * r["rows"][-1]["mean_error"]), "mean error %, ttaq"),
+        Command("bench", lambda w, dev: ["bench", *cfg(w, dev), "--methods", "rtn", "--bits", "W4A4",
+                                         "--out", str(w / f"bench-{dev}")],
+                _written("bench-{dev}/results.json", lambda r: 100 * r["rows"][0]["merged"]["hmean"]),
+                "merged hmean %, rtn W4A4"),
+        Command("compare", lambda w, dev: ["compare", *cfg(w, dev), "--methods", "rtn,hdrq", "--bits", "W4A4",
+                                           "--ptq-seeds", "2", "--out", str(w / f"compare-{dev}")],
+                _written("compare-{dev}/results.json", lambda r: r["bits"]["W4A4"]["methods"]["hdrq"]["mean"]),
+                "mean merged hmean %, hdrq"),
+        Command("train-source", lambda w, dev: ["train-source", *cfg(w, dev), "--out", f(w, dev, "source")],
+                _printed(r"=([0-9.]+)%"), "source accuracy % (last domain)"),
+        *[Command(f"adapt-{d}", lambda w, dev, d=d: ["adapt", *cfg(w, dev), "--source", f(w, dev, "source"),
+                                                     "--domain", d, "--out", f(w, dev, d)],
+                  _printed(r"SHOT expert ([0-9.]+)%"), f"{d} expert accuracy %") for d in ("uci", "noisy")],
+        *[Command(f"quantize-{d}", lambda w, dev, d=d: ["quantize", *cfg(w, dev), "--model", f(w, dev, d),
+                                                        "--source", f(w, dev, "source"), "--method", "hdrq",
+                                                        "--bits", "W4A4", "--out", f(w, dev, f"{d}-w4a4")],
+                  _printed(r"accuracy ([0-9.]+)%"), f"{d} hdrq W4A4 accuracy %") for d in ("uci", "noisy")],
+        Command("merge", lambda w, dev: ["merge", f(w, dev, "uci-w4a4"), f(w, dev, "noisy-w4a4"), "--rounding",
+                                         "noise", "--samples", "8", "--out", f(w, dev, "merged")],
+                _printed(r"hmean ([0-9.]+)%"), "merged hmean %"),
+        Command("export", lambda w, dev: ["export", "--model", f(w, dev, "merged"), "--out",
+                                          str(w / f"packed-{dev}.safetensors"), "--quiet"],
+                _printed(r", ([0-9.]+) KiB;"), "packed file KiB"),
+        *[Command(name, lambda w, dev, name=name: [name, *cfg(w, dev), "--methods", "rtn", "--bits", "W4A4",
+                                                   "--points", "3", "--out", str(w / f"{name}-{dev}")],
+                  _printed(pattern), what)
+          for name, pattern, what in (("barrier", r"loss barrier ([-0-9.]+)", "rtn loss barrier"),
+                                      ("surface", r"centre loss ([-0-9.]+)", "rtn centre loss"))],
+    ]
+
+
+def run_commands(cmds: list[Command], work: Path, dev: str, device: str, threads: int, timeout: float,
+                 deadline: float) -> None:
+    """Each command as ``python -m mergeq.cli ... --device DEVICE --threads T`` (where it takes
+    them) in order, into ``cmd.results[dev]``: exit status, seconds, the number (None if none)."""
+    for cmd in cmds:
+        args = cmd.argv(work, dev)
+        args += [] if args[0] == "export" else ["--device", device] + ([] if args[0] == "merge" else
+                                                                       ["--threads", str(threads)])
+        if time.monotonic() > deadline:
+            cmd.results[dev] = {"exit": None, "seconds": 0.0, "number": None, "error": "skipped: out of time"}
+            continue
+        t = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, "-m", "mergeq.cli", *args], capture_output=True, text=True,
+                               timeout=max(1.0, min(timeout, deadline - time.monotonic())))
+            code, out, err = p.returncode, p.stdout, p.stderr
+        except subprocess.TimeoutExpired:
+            code, out, err = 124, "", "timed out"
+        res = {"exit": code, "seconds": time.perf_counter() - t, "number": None}
+        try:
+            res["number"] = cmd.number(work, dev, out) if code == 0 else None
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            res["error"] = f"no number: {e}"
+        if code != 0:
+            res["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
+        cmd.results[dev] = res
+
+
+# --- 2. the probe ------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def fp_seconds(fp_unit: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, steps: int, warmup: int,
+               device: torch.device) -> float:
+    """Seconds per plain FP forward + backward (squared error) of ``fp_unit`` on batches of ``bs``."""
+    unit = copy.deepcopy(fp_unit).requires_grad_(True)
+    nb = max(1, min(4, len(x) // bs))
+    x, y = x[:nb * bs].to(device), y[:nb * bs].to(device)
+
+    def run(n: int) -> None:
+        for i in range(n):
+            j = (i % nb) * bs
+            unit.zero_grad(set_to_none=True)
+            plain_loss(unit(x[j:j + bs]), y[j:j + bs]).backward()
+
+    run(warmup)
+    return _timed(lambda: run(steps), device) / steps
+
+
+def probe(device: str, methods=METHODS, size: int = 224, batch: int = 32, n_calib: int = 256, steps: int = 50,
+          warmup: int = 5, model: nn.Module | None = None) -> dict:
+    """Per method: Σ_units step and FP forward+backward seconds, their ratio, peak GPU memory."""
+    from mergeq.nn import calibrate_activations, fold_bn, prepare
+    from mergeq.nn.blocks import partition
+    from mergeq.ptq.recon import capture
+    from mergeq.quant.config import QuantConfig
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    name = "given"
+    if model is None:
+        model, name = probe_model()
+    calib = torch.randn(n_calib, 3, size, size)
+    fp = fold_bn(model.eval(), calib[:2]).to(dev).requires_grad_(False)
+    q = prepare(model, QuantConfig(w_bits=4, a_bits=4), calib[:2]).to(dev)
+    calibrate_activations(q, calib)
+    out = {"model": name, "size": size, "batch": batch, "calib": n_calib, "steps": steps, "warmup": warmup,
+           "macs": forward_macs(model, (batch, 3, size, size)), "methods": {}}
+    for method in methods:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        rows = []
+        for unit_name, unit in partition(q, calib[:2].to(dev), layerwise=method == "adaround"):
+            x_q, _ = capture(q, unit_name, calib, 64, dev, output=False)
+            x_fp, y_fp = capture(fp, unit_name, calib, 64, dev, output=True)
+            data = (x_q, x_fp, y_fp)
+            run = lambda n: run_unit(method, unit_name, copy.deepcopy(unit), data, n, batch, fp, dev)  # noqa: E731
+            step = (_timed(lambda: run(warmup + steps), dev) - _timed(lambda: run(warmup), dev)) / steps
+            rows.append((unit_name, max(step, 0.0), fp_seconds(fp.get_submodule(unit_name), x_fp, y_fp, batch,
+                                                               steps, warmup, dev)))
+        step_s, fp_s = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        out["methods"][method] = {
+            "units": len(rows), "step_ms": 1e3 * step_s, "fp_ms": 1e3 * fp_s, "ratio": step_s / fp_s,
+            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "per_unit": [[n, 1e3 * a, 1e3 * b] for n, a, b in rows]}
+    return out
+
+
+# --- 3. estimates ------------------------------------------------------------------------------
+
+def gpu_hours(step_ms: float, iters: int = PAPER_ITERS) -> float:
+    """Hours for ``iters`` steps of every unit when one step of all units takes ``step_ms``."""
+    return iters * step_ms / 1e3 / 3600
+
+
+def estimates(probe_res: dict, seg_macs: int, office: dict = OFFICE, seg: dict = SEG,
+              iters: int = PAPER_ITERS) -> dict:
+    """GPU-hours of the paper preset from the probe (module docstring, part 3)."""
+    per = probe_res["methods"]
+    scale = seg_macs / probe_res["macs"]
+    res = {"iters": iters, "seg_macs_ratio": scale, "office_home": {}, "segmentation": {}}
+    for m in per:
+        res["office_home"][m] = gpu_hours(per[m]["step_ms"], iters)
+        res["segmentation"][m] = gpu_hours(per[m]["step_ms"] * scale, iters)
+    known = lambda table, spec: [m for m in spec["methods"] if m in res[table]]  # noqa: E731
+    block = sum(res["office_home"][m] for m in known("office_home", office)) * office["bits"] * office["experts"]
+    res["office_home_block"], res["office_home_table"] = block, block * office["sources"]
+    res["segmentation_table"] = sum(res["segmentation"][m] for m in known("segmentation", seg)) * seg["bits"] \
+        * seg["experts"]
+    return res
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def table(result: dict) -> str:
+    """The markdown table of a result (commands, probe, memory, estimates)."""
+    dev = result["device"]
+    lines = [f"| part | item | exit ({dev} / cpu) | seconds ({dev} / cpu) | {dev} | cpu | difference |",
+             "|---|---|---|---|---:|---:|---:|"]
+    both = dev != "cpu" and any("cpu" in c for c in result["commands"])
+    for c in result["commands"]:
+        a, b = c.get(dev, {}), (c.get("cpu", {}) if both else {})
+        diff = None if a.get("number") is None or b.get("number") is None else a["number"] - b["number"]
+        exits, secs = f"{a.get('exit', '—')}", f"{a.get('seconds', 0):.1f}"
+        if both:
+            exits += f" / {b.get('exit', '—')}"
+            secs += f" / {b['seconds']:.1f}" if "seconds" in b else " / —"
+        note = f" ({a['error']})" if a.get("error") else ""
+        lines.append(f"| command | {c['name']}: {c['what']}{note} | {exits} | {secs} | {_num(a.get('number'))} | "
+                     f"{_num(b.get('number'))} | {_num(diff)} |")
+    p = result.get("probe")
+    if p:
+        for m, r in p["methods"].items():
+            peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.2f} GiB"
+            lines.append(f"| probe | {m}: step / FP f+b over {r['units']} units ({p['model']}, {p['size']} px, "
+                         f"batch {p['batch']}{peak}) | | | {r['step_ms']:.2f} / {r['fp_ms']:.2f} ms = "
+                         f"**{r['ratio']:.2f}** | | |")
+    e = result.get("estimates")
+    if e:
+        for m in e["office_home"]:
+            lines.append(f"| estimate | {m}: GPU-hours per expert and bit pair, {e['iters']:,} iterations/unit "
+                         f"(Office-Home R50 / segmentation R101-OS8 1024 px) | | | "
+                         f"{e['office_home'][m]:.2f} / {e['segmentation'][m]:.1f} | | |")
+        lines.append(f"| estimate | GPU-hours: Office-Home source block (3 methods x 5 bit pairs x 3 experts) / "
+                     f"Table 2 (x 4 sources) / segmentation Table 1 (3 methods x 2 x 2 experts; upper: MACs x "
+                     f"{e['seg_macs_ratio']:.1f}) | | | {e['office_home_block']:.1f} / {e['office_home_table']:.1f} / "
+                     f"{e['segmentation_table']:.0f} | | |")
+    return "\n".join(lines)
+
+
+def write(out: Path, result: dict) -> tuple[Path, Path]:
+    """``gpu_check.md`` (header line and table) and ``gpu_check.json`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "gpu_check.md", out / "gpu_check.json"
+    md.write_text(f"{result['title']}\n\n{table(result)}\n")
+    js.write_text(json.dumps(result, indent=1))
+    return md, js
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", help="the device to check (default cuda; cpu: a smoke run)")
+    ap.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.md / .json and the runs")
+    ap.add_argument("--quick", action="store_true", help="tiny commands and probe (a smoke run of the script)")
+    ap.add_argument("--skip-cpu", action="store_true", help="do not run the commands on the CPU as well")
+    ap.add_argument("--methods", default=",".join(METHODS), help="probe methods (comma-separated)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per unit (default 50; --quick 2)")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole check (commands stop "
+                                                                   "early enough to leave the probe its time)")
+    ap.add_argument("--timeout", type=float, default=200.0, help="seconds per command")
+    args = ap.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    return args
+
+
+def no_cuda(device: str) -> str | None:
+    """The one line to refuse with when ``device`` is CUDA and torch sees no GPU (else None)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return (f"gpu_check: no CUDA device: torch {torch.__version__} sees none (install a CUDA build of torch on "
+                "a GPU machine; --device cpu --quick runs the CPU parts)")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    refusal = no_cuda(args.device)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    t0, out = time.monotonic(), Path(args.out).resolve()
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    dev = args.device.replace(":", "")
+    name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
+    cmds = commands(args.quick)
+    cores = os.cpu_count() or 2
+    deadline = t0 + args.budget - (20 if args.quick else 110)  # the probe's share of the budget
+    chains = [threading.Thread(target=run_commands, args=(cmds, work, dev, args.device, max(1, cores // 4),
+                                                          args.timeout, deadline))]
+    if not args.skip_cpu and dev != "cpu":
+        chains.append(threading.Thread(target=run_commands, args=(cmds, work, "cpu", "cpu", max(1, cores // 2),
+                                                                  args.timeout, deadline)))
+    for c in chains:
+        c.start()
+    for c in chains:
+        c.join()
+    steps = args.steps or (2 if args.quick else 50)
+    shape = dict(size=32, batch=4, n_calib=16, warmup=1) if args.quick else {}
+    p = probe(args.device, args.methods, steps=steps, **shape)
+    with torch.device("meta"):
+        seg = forward_macs(SegNet(), (SEG["batch"], 3, SEG["crop"], SEG["crop"]))
+    result = {"title": f"mergeq GPU check: {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
+              "device": dev, "device_name": name, "torch": torch.__version__, "quick": args.quick,
+              "commands": [{"name": c.name, "what": c.what, **c.results} for c in cmds], "probe": p,
+              "estimates": estimates(p, seg), "seconds": time.monotonic() - t0}
+    md, js = write(out, result)
+    print(md.read_text())
+    print(f"wrote {md} and {js} ({result['seconds']:.0f} s)", file=sys.stderr)
+    return 0 if all(c.results.get(d, {}).get("exit") == 0 for c in cmds for d in c.results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
