@@ -21,13 +21,15 @@ import yaml
 from mergeq.bounds import BOUNDS, available_cpus, bound_of
 from mergeq.cli import build_parser, load_cli_config, main
 from mergeq.errors import ConfigError
-from mergeq.experiments.config import Config, set_path
+from mergeq.experiments.config import Config, hint_at, set_path
 from mergeq.merge import MERGE_METHODS, ROUNDINGS
 from mergeq.ptq import PTQ_METHODS
 from mergeq.typed import hints_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = {"data.kind": "folder", "data.root": ".", "data.source": "A"}  # what a data.* size needs
+SEGMENTATION = {"data.kind": "segmentation", "data.source": "A",  # what data.size / data.crop need
+                "data.domains": {"A": {"dataset": "pair", "images": ".", "labels": "."}}}
 MERGE_SKIP, ROUNDING_SKIP = ("models", "base", "rounding"), ("layers", "alphas")
 
 
@@ -58,7 +60,12 @@ def _fields(owner, hints: dict, path: str) -> list[tuple[str, type, object]]:
 def numeric_options() -> list[tuple[str, type, object, dict, str]]:
     """(config path, type, default, settings it needs, the path its error names) of every numeric
     option: the config's sections, every PTQ method's options, merge method and rounding policy."""
-    out = [(p, t, d, FOLDER if p.startswith("data.") else {}, p) for p, t, d in _numeric(Config, "")]
+    def needs(p: str) -> dict:
+        if p.startswith(("data.size", "data.crop")):
+            return SEGMENTATION
+        return FOLDER if p.startswith("data.") else {}
+
+    out = [(p, t, d, needs(p), p) for p, t, d in _numeric(Config, "")]
     for m in PTQ_METHODS:
         if PTQ_METHODS.options(m) is not None:
             out += [(p, t, d, {}, p) for p, t, d in _numeric(PTQ_METHODS.options(m), f"ptq.options.{m}")]
@@ -89,8 +96,13 @@ def _config(settings: dict, path: str, value) -> Config:
     data: dict = {}
     for key, v in settings.items():
         set_path(data, key, v)
-    if path.endswith("[0]"):
-        path, value = path[:-3], [value]
+    if path.endswith("[0]"):  # a list's item, or every item of a fixed-length tuple
+        path = path[:-3]
+        hint = hint_at(path) if not path.startswith(("ptq.", "merge.")) else list
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+        value = [value] * (len(args) if args and Ellipsis not in args else 1)
     set_path(data, path, value)
     return Config.from_dict(yaml.safe_load(yaml.safe_dump(data)), "config")
 

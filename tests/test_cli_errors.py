@@ -43,7 +43,7 @@ def _fails(capsys, argv, match, cache=None):
     ("model: {builder: no_such_module:make}", "cannot import module 'no_such_module'"),
     ("data: {kind: folder, source: Art}", "data.root: required key is missing"),
     ("data: {kind: folder, root: /no/such/folder, source: Art}", "data root /no/such/folder does not exist"),
-    ("data: {kind: imagenet}", "data.kind: expected one of ['digits', 'folder', 'office_home'], got 'imagenet'"),
+    ("data: {kind: imagenet}", "data.kind: expected one of ['digits', 'folder', 'office_home', 'streets', 'segmentation'], got 'imagenet'"),
     ("data: {source: svhn}", "data.source: expected one of mnist"),
     ("ptq: {calib_size: -5}", "ptq.calib_size: must be at least 1"),
     ("ptq: {calib_size: 0}", "ptq.calib_size: must be at least 1"),

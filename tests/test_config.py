@@ -194,7 +194,7 @@ def test_the_default_config_is_the_earlier_default_run():
 
 
 def test_docs_config_names_every_entry():
-    from mergeq.data.spec import DigitsData, FolderData
+    from mergeq.data.spec import DigitsData, FolderData, SegDomainData, SegmentationData, StreetsData
     from mergeq.experiments.config import LEGACY
     from mergeq.models.spec import ModelSpec
 
@@ -203,7 +203,7 @@ def test_docs_config_names_every_entry():
     for f in dataclasses.fields(Config):
         assert f"## {f.name}" in text, f"docs/CONFIG.md has no section {f.name}"
     for cls in [*(hints[s] for s in ("adapt", "ptq", "merge", "pmq", "tta", "grid", "runtime")),
-                DigitsData, FolderData, ModelSpec]:
+                DigitsData, FolderData, StreetsData, SegmentationData, SegDomainData, ModelSpec]:
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in text, f"docs/CONFIG.md does not name {cls.__name__}.{f.name}"
     for key in LEGACY:

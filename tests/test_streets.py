@@ -164,19 +164,20 @@ def test_things_label_follows_their_alpha(seed, digit_index):
 
 
 def test_cache_is_reused_and_a_corrupt_entry_rebuilt(tmp_path, monkeypatch, caplog):
-    first = _one_domain("india", 0, tmp_path)
+    monkeypatch.setitem(streets.SPLITS, "india", SMALL["india"])
+    first = streets._cached_build("india", 0, tmp_path)
     (entry,) = (tmp_path / "streets").glob("*.safetensors")
     assert entry.name == f"india-{streets.cache_key('india', 0)}.safetensors"
     real_build = streets._build
     monkeypatch.setattr(streets, "_build", lambda *a: pytest.fail("rebuilt although cached"))
-    cached = _one_domain("india", 0, tmp_path)
+    cached = streets._cached_build("india", 0, tmp_path)
     assert all(torch.equal(first[k], cached[k]) for k in first) and set(first) == set(cached)
     data = bytearray(entry.read_bytes())
     data[-100:] = bytes(100)  # damage the pixels
     entry.write_bytes(bytes(data))
     monkeypatch.setattr(streets, "_build", real_build)
     with caplog.at_level(logging.WARNING, logger="mergeq.data.streets"):
-        rebuilt = _one_domain("india", 0, tmp_path)
+        rebuilt = streets._cached_build("india", 0, tmp_path)
     assert "rebuilding streets cache entry" in caplog.text and "SHA-256" in caplog.text
     assert all(torch.equal(first[k], rebuilt[k]) for k in first)
     assert load_checkpoint(entry)[1]["key"] == streets.cache_key("india", 0)  # the entry was rewritten whole

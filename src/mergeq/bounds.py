@@ -99,6 +99,13 @@ BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(["weight_decay", "beta", "ent_weight", "round_weight", "dist_lambda", "pem_lambda",
                      "pcr_weight", "anchor", "percdamp", "color", "noise", "tau", "freq_power", "grad_power",
                      "weights"], NON_NEGATIVE),
+    # segmentation: source training and DACS (adapt.seg_source, adapt.dacs); data.size / data.crop
+    "head_lr_mult": POSITIVE,
+    **dict.fromkeys(["pseudo_threshold", "jitter_p", "blur_p"], FRACTION),
+    **dict.fromkeys(["jitter_strength", "rcs_min_pixels"], NON_NEGATIVE),
+    **dict.fromkeys(["rcs_temperature", "blur_sigma", "image_std"], POSITIVE),
+    "image_mean": Bound(),  # a normalisation's per-channel mean: any finite number
+    **dict.fromkeys(["size", "crop"], Bound(1, MAX_IMAGE_SIDE, why="the largest image side mergeq decodes to")),
     # a command's own flags: mergeq barrier / surface --points, --radius; mergeq data --per-domain
     "points": Bound(2, 101, why="a grid of at most 101 x 101 models"),
     "radius": POSITIVE,

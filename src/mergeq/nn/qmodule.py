@@ -50,7 +50,8 @@ class QuantModule(nn.Module):
         self.w_bits = check_bits(w_bits, "weight bits")
         self.register_buffer("w_step", search_weight_step(self.weight, w_bits, step_method))
         self.w_quantizer: nn.Module = RoundToNearest()
-        self.act_quant = ActQuantizer(a_bits) if a_bits is not None else None
+        # on the layer's device: a GPU model's activation step trains there (no host copy per step)
+        self.act_quant = ActQuantizer(a_bits).to(self.weight.device) if a_bits is not None else None
         self.quant_weight = True
         self.quant_act = True
 
