@@ -117,7 +117,7 @@ def test_strip_arrays_round_trip_and_palette_follows_class_names():
 
 
 def test_segmentation_run_writes_table_1_and_strips(seg_data, tmp_path):
-    cfg = _tiny(seg_data, tmp_path, merge={"data_free_row": True})
+    cfg = _tiny({**seg_data, "window": [16, 24]}, tmp_path, merge={"data_free_row": True})  # evaluated in windows
     results = run(cfg, tmp_path / "out")
     assert results["task"] == "segmentation" and results["classes"][:3] == ["road", "sidewalk", "building"]
     for r in results["rows"]:
@@ -133,3 +133,30 @@ def test_segmentation_run_writes_table_1_and_strips(seg_data, tmp_path):
         assert (tmp_path / "out" / f"strip_{d}.png").stat().st_size > 1000
     iou = json.loads((tmp_path / "out" / "results.json").read_text())["fp"]["experts_iou"]["dark"]
     assert len(iou) == 19 and None in iou and all(x is None or 0 <= x <= 1 for x in iou)
+
+
+def test_sliding_window_matches_mmseg_starts_and_averages_overlaps():
+    from mergeq.nn.sliding import SlidingWindow, window_starts
+
+    assert window_starts(10, 4, 3) == [0, 3, 6]  # the last window moved back to end at 10
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]
+    assert window_starts(3, 4, 2) == [0]  # a window larger than the image: the whole side
+    conv = torch.nn.Conv2d(3, 5, 1)
+    x = torch.randn(2, 3, 9, 13)
+    # a 1x1 convolution sees each pixel alone: windows give the whole-image output exactly
+    assert torch.allclose(SlidingWindow(conv, (4, 6), (3, 4))(x), conv(x), atol=1e-6)
+
+    class Position(torch.nn.Module):  # output: the window's own left edge position, per pixel
+        def forward(self, x):
+            return torch.arange(x.shape[-1], dtype=x.dtype).expand(x.shape[0], 1, *x.shape[-2:]).clone()
+
+    out = SlidingWindow(Position(), (1, 4), (1, 2))(torch.zeros(1, 1, 1, 6))
+    # windows [0,4) [2,6): pixels 2 and 3 are the mean of (2, 0) and (3, 1)
+    assert out.flatten().tolist() == [0, 1, 1, 2, 2, 3]
+
+
+def test_window_needs_a_segmentation_spec_of_two_sides(seg_data):
+    with pytest.raises(ConfigError, match="data.stride: sets the steps of data.window"):
+        Config.from_dict({"data": {**seg_data, "stride": [4, 4]}})
+    cfg = resolve(Config.from_dict({"data": {**seg_data, "window": [16, 16]}}))
+    assert cfg.data.window == [16, 16]

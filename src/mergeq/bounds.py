@@ -105,7 +105,8 @@ BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(["jitter_strength", "rcs_min_pixels"], NON_NEGATIVE),
     **dict.fromkeys(["rcs_temperature", "blur_sigma", "image_std"], POSITIVE),
     "image_mean": Bound(),  # a normalisation's per-channel mean: any finite number
-    **dict.fromkeys(["size", "crop"], Bound(1, MAX_IMAGE_SIDE, why="the largest image side mergeq decodes to")),
+    **dict.fromkeys(["size", "crop", "window", "stride"],
+                    Bound(1, MAX_IMAGE_SIDE, why="the largest image side mergeq decodes to")),
     # a command's own flags: mergeq barrier / surface --points, --radius; mergeq data --per-domain
     "points": Bound(2, 101, why="a grid of at most 101 x 101 models"),
     "radius": POSITIVE,

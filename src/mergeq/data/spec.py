@@ -85,6 +85,8 @@ class SegmentationData:
     size: list[int] | None = None  # [H, W] every image and label is resized to (None: their own)
     crop: list[int] | None = None  # [H, W] random crop of the training splits (None: whole images)
     normalize: Literal["imagenet", "none"] = "imagenet"
+    window: list[int] | None = None  # [H, W] sliding-window evaluation (mergeq.nn.sliding; None: whole images)
+    stride: list[int] | None = None  # [H, W] of the window's steps (None: half the window)
 
 
 @dataclass

@@ -323,7 +323,9 @@ def _validate_data(data: DataSpec) -> None:
         if bad:
             raise ConfigError(f"data.targets: {bad} are not domains of data.domains other than the source "
                               f"{data.source!r}")
-        for key in ("size", "crop"):
+        if data.stride is not None and data.window is None:
+            raise ConfigError("data.stride: sets the steps of data.window, which is null")
+        for key in ("size", "crop", "window", "stride"):
             v = getattr(data, key)
             if v is not None and (len(v) != 2 or min(v) < 1):
                 raise ConfigError(f"data.{key}: expected [H, W] of two positive integers, got {v}")

@@ -51,6 +51,7 @@ from ..merge import merge
 from ..merge.recalibrate import recalibrate
 from ..models.spec import code_digest, resolve_model
 from ..nn import fold_bn
+from ..nn.sliding import SlidingWindow
 from ..ptq import quantize
 from ..quant.config import QuantConfig
 from . import health
@@ -208,9 +209,23 @@ class Pool:
         experts = [self.fold(self.expert(d)) for d in self.targets]
         return self.evaluate(self.recalibrate(merge(experts), experts))
 
+    def scored(self, model: nn.Module) -> nn.Module:
+        """``model`` as it is evaluated: in ``data.window``'s sliding windows where the data set one
+        (:class:`mergeq.nn.sliding.SlidingWindow`), else as it is."""
+        window = getattr(self.cfg.data, "window", None)
+        if window is None:
+            return model
+        stride = self.cfg.data.stride or [max(1, v // 2) for v in window]
+        return SlidingWindow(model, window, stride)
+
+    def score(self, model: nn.Module, domain: str) -> float:
+        """``model``'s score on ``domain``'s test split (accuracy, or mIoU: :func:`mergeq.eval.score`)."""
+        return score(self.scored(model), self.tests[domain], device=self.device)
+
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """:func:`mergeq.eval.evaluate` on every target; for segmentation also ``preview``: the
         model's prediction on the first test images of each target (:mod:`mergeq.eval.strips`)."""
+        model = self.scored(model)
         result = evaluate(model, self.tests, self.device)
         if self.task == "segmentation":
             result["preview"] = {d: preview(model, self.tests[d], self.device) for d in self.targets}
@@ -237,7 +252,7 @@ class Pool:
         checked (:func:`health.check_source`)."""
         if "source" not in self._accuracy:
             name = self.bench.source.name
-            acc = evaluate(self.source, {name: self.bench.source.test, **self.tests}, self.device)
+            acc = evaluate(self.scored(self.source), {name: self.bench.source.test, **self.tests}, self.device)
             health.check_source(acc[name], name, self.bench.num_classes)
             self._accuracy["source"] = acc
         return self._accuracy["source"]
@@ -247,7 +262,7 @@ class Pool:
         (:func:`health.check_expert`)."""
         if "experts" not in self._accuracy:
             source = self.check_source()
-            experts = {d: score(self.expert(d), self.tests[d], device=self.device) for d in self.targets}
+            experts = {d: self.score(self.expert(d), d) for d in self.targets}
             for d in self.targets:
                 health.check_expert(d, source[d], experts[d])
             self._accuracy["experts"] = experts
@@ -258,10 +273,11 @@ class Pool:
         experts, merged = self.check_experts(), self.fp_merged()
         health.check_merged("full precision", experts, merged)
         out = {"source": self.check_source(), "steps": self.steps(), "fp": {"experts": experts, "merged": merged},
-               "fp_bn_mixture": evaluate(merge(list(self.experts.values())), self.tests, self.device)}
+               "fp_bn_mixture": evaluate(self.scored(merge(list(self.experts.values()))), self.tests, self.device)}
         if self.task == "segmentation":  # Table 1's rows name every class; the strips show the images
-            out["fp"]["experts_iou"] = {d: evaluate(self.expert(d), {d: self.tests[d]}, self.device)["iou"][d]
-                                        for d in self.targets}
+            out["fp"]["experts_iou"] = {
+                d: evaluate(self.scored(self.expert(d)), {d: self.tests[d]}, self.device)["iou"][d]
+                for d in self.targets}
             out.update(task="segmentation", classes=self.bench.classes, preview=self.preview_inputs())
         return out
 

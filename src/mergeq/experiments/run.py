@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..eval import score
 from ..gpu import worker_devices
 from ..quant.config import parse_bits
 from ..sysinfo import environment
@@ -48,7 +47,7 @@ def row(pool: Pool, method: str, bits: tuple[int, int | None], **overrides: Any)
     seconds = time.perf_counter() - t0
     return {
         "method": method, "w_bits": bits[0], "a_bits": bits[1],
-        "experts": {d: score(q, pool.tests[d], device=pool.device) for d, q in qexperts.items()},
+        "experts": {d: pool.score(q, d) for d, q in qexperts.items()},
         "ptq": {d: ptq_report(q) for d, q in qexperts.items()},
         "merged": pool.merge_and_evaluate(list(qexperts.values())),
         **({"merged_data_free": pool.merge_and_evaluate(list(qexperts.values()), recalibrate="none")}
