@@ -177,7 +177,8 @@ def _hmean(res: dict) -> float:
 def commands(quick: bool) -> list[Command]:
     """Every command on the tiny digits setting; ``{dev}`` names each device's own outputs."""
     width, calib, iters, images = (4, 32, 5, 32) if quick else (8, 128, 50, 256)
-    base = ["--preset", "quick", "--seed", "0", "--quiet", "--set", f"model.kwargs.width={width}",
+    base = ["--preset", "quick", "--seed", "0", "--quiet", "--set", "model.name=resnet8",
+            "--set", f"model.kwargs.width={width}",
             "--set", "adapt.source.epochs=1", "--set", "adapt.shot.epochs=1", "--set", f"ptq.calib_size={calib}",
             "--set", f"ptq.options.hdrq.iters={iters}", "--set", f"ptq.options.ttaq.iters={iters}"]
     cfg = lambda w, dev: ["--config", str(w / f"run-{dev}" / "config.yaml"), "--quiet"]  # noqa: E731
@@ -302,7 +303,7 @@ def probe(device: str, methods=METHODS, size: int = 224, batch: int = 32, n_cali
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    name = "given"
+    name = f"{type(model).__name__} (given)"
     if model is None:
         model, name = probe_model()
     calib = torch.randn(n_calib, 3, size, size)
@@ -457,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in chains:
         c.join()
     steps = args.steps or (2 if args.quick else 50)
-    shape = dict(size=32, batch=4, n_calib=16, warmup=1) if args.quick else {}
-    p = probe(args.device, args.methods, steps=steps, **shape)
+    small = dict(size=32, batch=4, n_calib=8, warmup=1, model=ResNet((1, 1, 1, 1))) if args.quick else {}
+    p = probe(args.device, args.methods, steps=steps, **small)
     with torch.device("meta"):
         seg = forward_macs(SegNet(), (SEG["batch"], 3, SEG["crop"], SEG["crop"]))
     result = {"title": f"mergeq GPU check: {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",

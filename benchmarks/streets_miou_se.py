@@ -96,8 +96,9 @@ def main() -> None:
             areas = per_image_areas(per_domain[dom.name], dom.test, bench.num_classes)
             pooled = areas.sum(0)
             iou = pooled[0] / np.maximum(pooled[1], 1)
+            things = float(((y >= CLASSES.index("person")) & (y != IGNORE_INDEX)).float().mean())
             print(f"{label:12s} {dom.name:10s} {len(y):5d} {float((y == IGNORE_INDEX).float().mean()):8.3f} "
-                  f"{float((y >= CLASSES.index('person')).float().mean() - (y == IGNORE_INDEX).float().mean()):7.3f} {float(miou(pooled)):7.3f} "
+                  f"{things:7.3f} {float(miou(pooled)):7.3f} "
                   f"{bootstrap_se(areas, args.resamples, args.seed):7.4f}  " + " ".join(f"{v:6.3f}" for v in iou))
 
 

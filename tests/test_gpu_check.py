@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeq.cli import build_parser
+from mergeq.cli import build_parser, load_cli_config
 
 from .conftest import randomize_bn, tiny_resnet
 from .logical_device import LogicalCuda
@@ -54,6 +54,9 @@ def test_every_command_line_parses_with_its_device_flags(gc, tmp_path):
         flags = [] if argv[0] == "export" else ["--device", "cuda"] + ([] if argv[0] == "merge" else ["--threads", "1"])
         args = parser.parse_args(argv + flags)  # an unknown flag would exit here
         assert args.command == argv[0]
+        if argv[0] == "run":  # its config is whole on the command line: valid as given
+            with LogicalCuda():
+                assert load_cli_config(args).model.name == "resnet8"
     assert {" ".join(c.argv(tmp_path, "cuda")).count("merge.recalibrate=") for c in cmds if c.name.startswith("run")} \
         == {0, 1}
 
@@ -113,10 +116,10 @@ def test_the_probe_on_the_logical_gpu(gc, one_thread):
     """The probe's CUDA path (synchronised wall clock, peak memory, units on the device), tiny."""
     torch.manual_seed(0)
     with LogicalCuda():
-        res = gc.probe("cuda", ["brecq", "hdrq"], size=16, batch=4, n_calib=8, steps=1, warmup=1,
+        res = gc.probe("cuda", ["adaround", "brecq"], size=16, batch=4, n_calib=8, steps=1, warmup=1,
                        model=randomize_bn(tiny_resnet()))
-    for m in ("brecq", "hdrq"):
+    for m, units in (("adaround", 7), ("brecq", 4)):  # adaround: layer by layer
         r = res["methods"][m]
-        assert r["units"] == 4 and len(r["per_unit"]) == 4 and r["fp_ms"] > 0 and r["peak_gib"] == 0.0
+        assert r["units"] == units and len(r["per_unit"]) == units and r["fp_ms"] > 0 and r["peak_gib"] == 0.0
         assert r["ratio"] == pytest.approx(r["step_ms"] / r["fp_ms"])
     assert res["macs"] == gc.forward_macs(tiny_resnet(), (4, 3, 16, 16))

@@ -1,9 +1,9 @@
 """The three domains of the ``streets`` benchmark: how each renders the classes.
 
 * ``synthetic`` (source, the GTA5 analogue): every stuff texture is procedural (colour
-  gradients, value noise, window grids, tile lines; no image file); things are MNIST digits
-  binarised into crisp "rendered" glyphs filled with one flat, bright, saturated colour; no
-  camera effects.
+  gradients with weather from clear blue to overcast, value noise, window grids, tile lines;
+  no image file); things are MNIST digits binarised into crisp "rendered" glyphs filled with
+  one flat, bright, saturated colour; no camera effects.
 * ``city`` (target, the Cityscapes analogue): real photo textures: sky, building (the pagoda)
   and vegetation (trees) are crops of scikit-learn's ``china.jpg``; road is scikit-image's
   ``moon.png`` (grey cratered surface, like worn asphalt), sidewalk the left half of
@@ -14,8 +14,8 @@
   garage shelves and wall of ``motorcycle_left.png``, vegetation the foliage of ``flower.jpg``,
   terrain the grass field of ``camera.png`` (tinted dry), road ``gravel.png`` (unpaved),
   sidewalk the right half of ``brick.png`` (terracotta tint, larger scale); things are UCI 8x8
-  digits upsampled 4x and contrast-stretched (blocky), filled with crops of ``coffee.png``. Camera: warm colour
-  cast, gamma 1.3, vignetting, sensor noise (std 0.04).
+  digits upsampled 4x and contrast-stretched (blocky), filled with crops of ``coffee.png``.
+  Camera: warm colour cast, gamma 1.3, vignetting, sensor noise (std 0.04).
 
 Per-image, per-channel standardisation (what the model sees) removes a global colour cast or
 contrast change, so the shifts that remain are the textures, the digits' style, blur, noise,
@@ -44,8 +44,9 @@ def _noise(n: int, g: torch.Generator, size: tuple[int, int], cells: int) -> tor
 
 
 def _coords(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    h, w = size
-    return torch.arange(h, dtype=torch.float32).view(1, 1, -1, 1), torch.arange(w, dtype=torch.float32).view(1, 1, 1, -1)
+    """Row and column indices, shaped to broadcast over ``n x 3 x H x W``."""
+    rows, cols = (torch.arange(k, dtype=torch.float32) for k in size)
+    return rows.view(1, 1, -1, 1), cols.view(1, 1, 1, -1)
 
 
 def _periodic(n: int, g: torch.Generator, coord: torch.Tensor, lo: int, hi: int, duty: float) -> torch.Tensor:

@@ -165,9 +165,9 @@ class Runtime:
     threads: int | None = opt(None, help="torch CPU threads, at most the CPUs there are (None: torch's); a "
                                          "seeded CPU run repeats bit for bit per thread count")
     workers: int | None = opt(None, help="processes computing rows (run: each with threads // workers torch "
-                                         "threads; None: one per torch thread on a CPU, one on a GPU, up to the rows "
-                                         "to compute) or cells "
-                                         "(bench; None: 1) side by side")
+                                         "threads; None: one per torch thread on a CPU, one per visible GPU on "
+                                         "cuda, up to the rows to compute) or cells (bench; None: 1, on cuda one "
+                                         "per visible GPU) side by side")
     cache_dir: str = opt(".mergeq-cache", help="where trained source and expert models are cached")
 
     def seed_of(self, what: str) -> int:
