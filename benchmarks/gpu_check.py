@@ -9,7 +9,7 @@
    difference (float rounding differs between devices; the table measures by how much).
 2. **Probe**: the reconstruction step of every method against a plain FP forward+backward of the
    same unit, summed over the units of a ResNet-50 (torchvision's if importable, random init, else
-   the built-in :class:`ResNet`, the same layers: 25,557,032 parameters), 224 px, batch 32, 256
+   ``bottleneck_resnet.ResNet``, the same layers: 25,557,032 parameters), 224 px, batch 32, 256
    calibration images, W4A4; per unit ``--warmup`` untimed steps, then ``--steps`` timed ones
    (the step time is the difference of two ``reconstruct_unit`` runs, ``warmup`` and ``warmup +
    steps`` long, so set-up and hardening cancel), wall clock with ``torch.cuda.synchronize``.
@@ -20,8 +20,8 @@
    (Table 1: ResNetV1c-101 at output stride 8, 1024 x 1024 crops, batch 1, as the HDRQ reference
    code; 3 methods x W6A6, W4A4 x 2 experts): the probe's step time scaled by the ratio of
    forward multiply-accumulates (counted with hooks on the ``meta`` device) of one segmentation
-   step to one probe step. The probe is launch-bound (small kernels), large crops are not: the
-   scaled figure is an upper estimate.
+   step to one probe step. On an H100 the probe is launch-bound (issue 30: many small kernels),
+   1024-pixel crops far less: the scaled figure is an upper estimate.
 
     python benchmarks/gpu_check.py --out runs/gpu_check                  # needs a CUDA GPU
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gc    # the CPU-runnable parts
@@ -48,78 +48,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bottleneck_resnet import ResNet, SegNet, forward_macs  # noqa: E402
 from recon_cost import plain_loss, run_unit  # noqa: E402
 
 PAPER_ITERS = 20_000
 OFFICE = {"methods": ["brecq", "qdrop", "hdrq"], "bits": 5, "experts": 3, "sources": 4}
 SEG = {"methods": ["brecq", "qdrop", "hdrq"], "bits": 2, "experts": 2, "crop": 1024, "batch": 1}
 METHODS = ("adaround", "brecq", "qdrop", "hdrq", "ttaq")
-
-
-# --- the built-in bottleneck ResNet (torchvision's layout; dilations for segmentation) ---------
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin: int, planes: int, stride: int = 1, dilation: int = 1) -> None:
-        super().__init__()
-        cout = planes * self.expansion
-        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet with bottlenecks (``layers`` 3,4,6,3: ResNet-50; 3,4,23,3: -101);
-    ``deep_stem``: ResNetV1c's three 3x3 stem convs; ``strides``/``dilations`` per stage."""
-
-    def __init__(self, layers=(3, 4, 6, 3), num_classes: int = 1000, deep_stem: bool = False,
-                 strides=(1, 2, 2, 2), dilations=(1, 1, 1, 1)) -> None:
-        super().__init__()
-        if deep_stem:
-            self.stem = nn.Sequential(*[m for cin, cout, s in ((3, 32, 2), (32, 32, 1), (32, 64, 1)) for m in (
-                nn.Conv2d(cin, cout, 3, s, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))])
-        else:
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin, stages = 64, []
-        for i, (n, s, d) in enumerate(zip(layers, strides, dilations)):
-            planes = 64 * 2 ** i
-            stages.append(nn.Sequential(*[Bottleneck(cin if k == 0 else planes * 4, planes, s if k == 0 else 1, d)
-                                          for k in range(n)]))
-            cin = planes * 4
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nn.Linear(cin, num_classes)
-
-    def features(self, x):
-        x = self.maxpool(self.stem(x))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward(self, x):
-        return self.fc(self.features(x).mean((2, 3)))
-
-
-class SegNet(nn.Module):
-    """The segmentation setting's model for counting: ResNetV1c-101 at output stride 8 and a 1x1
-    projection head to 19 classes (the reference code's head is a few 1x1 convs: a small share)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = ResNet((3, 4, 23, 3), deep_stem=True, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
-        self.head = nn.Sequential(nn.Conv2d(2048, 256, 1), nn.ReLU(inplace=True), nn.Conv2d(256, 19, 1))
-
-    def forward(self, x):
-        return self.head(self.backbone.features(x))
 
 
 def probe_model() -> tuple[nn.Module, str]:
@@ -130,25 +65,6 @@ def probe_model() -> tuple[nn.Module, str]:
         return torchvision.models.resnet50(weights=None), f"torchvision {torchvision.__version__} resnet50"
     except Exception:  # noqa: BLE001  (absent, or built for another torch)
         return ResNet(), "built-in ResNet-50 (torchvision's layers)"
-
-
-def forward_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers in one forward of an input ``shape``,
-    counted on the ``meta`` device (no memory, no compute)."""
-    total = 0
-
-    def hook(m, inp, out):
-        nonlocal total
-        k = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        total += out.numel() * k
-
-    model = copy.deepcopy(model).to("meta")
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(torch.empty(shape, device="meta"))
-    for h in hooks:
-        h.remove()
-    return total
 
 
 # --- 1. commands -------------------------------------------------------------------------------
@@ -365,9 +281,10 @@ def _num(x) -> str:
 def table(result: dict) -> str:
     """The markdown table of a result (commands, probe, memory, estimates)."""
     dev = result["device"]
-    lines = [f"| part | item | exit ({dev} / cpu) | seconds ({dev} / cpu) | {dev} | cpu | difference |",
-             "|---|---|---|---|---:|---:|---:|"]
     both = dev != "cpu" and any("cpu" in c for c in result["commands"])
+    pair = f"{dev} / cpu" if both else dev
+    lines = [f"| part | item | exit ({pair}) | seconds ({pair}) | {dev} | cpu | difference |",
+             "|---|---|---|---|---:|---:|---:|"]
     for c in result["commands"]:
         a, b = c.get(dev, {}), (c.get("cpu", {}) if both else {})
         diff = None if a.get("number") is None or b.get("number") is None else a["number"] - b["number"]
@@ -400,11 +317,11 @@ def table(result: dict) -> str:
 
 def write(out: Path, result: dict) -> tuple[Path, Path]:
     """``gpu_check.md`` (header line and table) and ``gpu_check.json`` in ``out``."""
+    from mergeq.io import atomic_write_text, write_json
+
     out.mkdir(parents=True, exist_ok=True)
-    md, js = out / "gpu_check.md", out / "gpu_check.json"
-    md.write_text(f"{result['title']}\n\n{table(result)}\n")
-    js.write_text(json.dumps(result, indent=1))
-    return md, js
+    md = atomic_write_text(out / "gpu_check.md", f"{result['title']}\n\n{table(result)}\n")
+    return md, write_json(out / "gpu_check.json", result)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -462,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p = probe(args.device, args.methods, steps=steps, **small)
     with torch.device("meta"):
         seg = forward_macs(SegNet(), (SEG["batch"], 3, SEG["crop"], SEG["crop"]))
-    result = {"title": f"mergeq GPU check: {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
+    title = f"mergeq GPU check: {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    result = {"title": title + (" (--quick: a smoke run of the script, not a measurement)" if args.quick else ""),
               "device": dev, "device_name": name, "torch": torch.__version__, "quick": args.quick,
               "commands": [{"name": c.name, "what": c.what, **c.results} for c in cmds], "probe": p,
               "estimates": estimates(p, seg), "seconds": time.monotonic() - t0}

@@ -14,6 +14,7 @@ from torch import nn
 
 from mergeq.cli import main
 from mergeq.eval import evaluate
+from mergeq.gpu import out_of_memory
 from mergeq.experiments import Pool, load_config, run
 from mergeq.experiments.compare import compare
 from mergeq.experiments.pmq import run_pmq
@@ -91,7 +92,7 @@ def test_repair_statistics_moves_its_example_batch_to_the_model():
 # --- the commands ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def gpu_setup(tmp_path_factory):
     """A folder benchmark and its config (device cuda), and ``run`` on it (noise rounding, bn+act), models
     trained on the logical GPU (the cache key holds the device kind: nothing comes from a CPU run)."""
     base = tmp_path_factory.mktemp("gpu")
@@ -116,8 +117,8 @@ def setup(tmp_path_factory):
     return base, path, config, results
 
 
-def test_run_on_cuda_with_noise_rounding(setup):
-    base, _, config, res = setup
+def test_run_on_cuda_with_noise_rounding(gpu_setup):
+    base, _, config, res = gpu_setup
     assert [r["method"] for r in res["rows"]] == METHODS
     assert all(0.0 <= v <= 1.0 for r in res["rows"] for v in r["merged"].values())
     assert yaml.safe_load((base / "run" / "config.yaml").read_text())["runtime"]["device"] == "cuda"
@@ -128,10 +129,10 @@ def off_device(model: nn.Module) -> list[str]:
     return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_cuda]
 
 
-def test_every_recalibration_and_the_float_merge_on_cuda(setup):
+def test_every_recalibration_and_the_float_merge_on_cuda(gpu_setup):
     """Every model the pool makes lives wholly on the GPU (a parameter left on the CPU, e.g. an
     activation step, costs a host copy per training step), merged with each mode and rounding."""
-    _, _, config, _ = setup
+    _, _, config, _ = gpu_setup
     with LogicalCuda():
         pool = Pool(config)
         q = list(pool.quantize_experts("rtn", pool.qconfig((4, 4))).values())
@@ -145,9 +146,9 @@ def test_every_recalibration_and_the_float_merge_on_cuda(setup):
                 assert 0.0 <= evaluate(merged, pool.tests, "cuda")["hmean"] <= 1.0
 
 
-def test_step_commands_and_export_of_checkpoints_written_on_the_second_gpu(setup, tmp_path):
+def test_step_commands_and_export_of_checkpoints_written_on_the_second_gpu(gpu_setup, tmp_path):
     """On ``cuda:1`` of two GPUs: a tensor made on the current device (``cuda``, i.e. cuda:0) fails."""
-    _, path, _, _ = setup
+    _, path, _, _ = gpu_setup
     common = ["--config", str(path), "--device", "cuda:1", "--quiet"]
     src, expert, q, merged = (tmp_path / f"{n}.safetensors" for n in ("source", "art", "art-w4a4", "merged"))
     with LogicalCuda(devices=2):
@@ -165,8 +166,8 @@ def test_step_commands_and_export_of_checkpoints_written_on_the_second_gpu(setup
     assert report["recalibrate"] == "bn+act" and 0.0 <= report["accuracy"]["hmean"] <= 1.0
 
 
-def test_pmq_tta_and_compare_on_cuda(setup, tmp_path):
-    _, _, config, _ = setup
+def test_pmq_tta_and_compare_on_cuda(gpu_setup, tmp_path):
+    _, _, config, _ = gpu_setup
     with LogicalCuda():
         pmq = run_pmq(config, tmp_path / "pmq")
         tta = run_tta(config, tmp_path / "tta")
@@ -225,15 +226,18 @@ def test_reconstruction_through_pinned_host_memory_on_cuda():
     assert all(torch.isfinite(torch.tensor(v)) for v in q.mergeq_meta["recon_loss"].values())
 
 
-def test_out_of_gpu_memory_is_one_line(setup, tmp_path, capsys):
+def test_out_of_gpu_memory_is_one_line(gpu_setup, tmp_path, capsys):
     """A batch that does not fit: ``mergeq`` prints what was asked and what is free, exit 2."""
-    _, path, _, _ = setup
+    _, path, _, _ = gpu_setup
     with LogicalCuda(max_alloc=64 << 10, free=3 << 30):  # nothing above 64 KiB fits
         code = main(["train-source", "--config", str(path), "--quiet", "--out", str(tmp_path / "s.safetensors")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
     assert err.startswith("mergeq train-source: error: out of GPU memory on cuda:0: asked for ") and \
         "MiB with 3.00 GiB free of 80.00 GiB" in err and "--device cpu" in err
+    host = out_of_memory(torch.OutOfMemoryError("DefaultCPUAllocator: not enough memory: you tried to allocate "
+                                                "4000000000000 bytes."))
+    assert str(host).startswith("out of host memory: asked for 4000000000000 bytes; lower the batch sizes")
 
 
 # --- devices of worker processes and configs ---------------------------------------------------

@@ -96,11 +96,12 @@ def test_estimates(gc):
 
 def test_table_and_json(gc, tmp_path):
     probe = _probe({"hdrq": 180.0})
+    run = {"name": "run", "what": "merged hmean %", "cuda": {"exit": 0, "seconds": 3.0, "number": 81.5},
+           "cpu": {"exit": 0, "seconds": 9.0, "number": 81.25}}
+    tta = {"name": "tta", "what": "mean error %", "cuda": {"exit": 2, "seconds": 1.0, "number": None, "error": "boom"},
+           "cpu": {}}
     result = {"title": "mergeq GPU check: X", "device": "cuda", "probe": probe, "estimates": gc.estimates(probe, 2000),
-              "commands": [{"name": "run", "what": "merged hmean %", "cuda": {"exit": 0, "seconds": 3.0, "number": 81.5},
-                            "cpu": {"exit": 0, "seconds": 9.0, "number": 81.25}},
-                           {"name": "tta", "what": "mean error %", "cuda": {"exit": 2, "seconds": 1.0, "number": None,
-                                                                          "error": "boom"}, "cpu": {}}]}
+              "commands": [run, tta]}
     md, js = gc.write(tmp_path / "out", result)
     assert json.loads(js.read_text()) == result
     lines = md.read_text().splitlines()

@@ -125,6 +125,11 @@ def test_bad_domains_are_refused():
         streets.load_streets_benchmark(targets=["synthetic"])
 
 
+def test_a_missing_package_file_names_what_to_install():
+    with pytest.raises(ImportError, match="streets benchmark reads data/none.png .* pip install scikit-image"):
+        scene._package_file("skimage", "scikit-image", "data", "none.png")
+
+
 def test_labels_from_coverage_take_the_class_covering_three_quarters():
     cov = torch.zeros(1, scene.NUM_STUFF, 1, 4)
     cov[0, scene.SKY, 0] = torch.tensor([1.0, 0.75, 0.7, 0.5])

@@ -2,9 +2,9 @@
 processes spread over the visible GPUs.
 
 * :func:`out_of_memory` turns ``torch.OutOfMemoryError`` (CUDA's "CUDA out of memory. Tried to
-  allocate ...") into a :class:`~mergeq.errors.DeviceMemoryError` that says what was asked and
-  what is free (``torch.cuda.mem_get_info``) and what to lower; the CLI and the bench cells use it
-  (:func:`memory_errors`).
+  allocate ...", or the host allocator's) into a :class:`~mergeq.errors.DeviceMemoryError` that
+  says what was asked, what is free (``torch.cuda.mem_get_info``) and what to lower; the CLI and
+  the bench cells use it (:func:`memory_errors`).
 * :func:`worker_devices` and :func:`pin_worker`: a local process pool on ``cuda`` runs one
   process per visible GPU by default, each pinned to its own device with
   ``torch.cuda.set_device`` (``cuda`` then means that GPU in the process; an explicit
@@ -19,8 +19,10 @@ from typing import Iterator
 
 from .errors import DeviceMemoryError
 
-_ASKED = re.compile(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)")
+_ASKED = re.compile(r"tried to allocate ([0-9.]+ ?(?:bytes|[KMGT]?i?B))", re.IGNORECASE)
 _GPU = re.compile(r"GPU (\d+)")
+_LOWER = ("lower the batch sizes (ptq.options.<method>.batch_size / capture_batch, tta.batch_size, "
+          "ptq.calib_size), run fewer workers")
 
 
 def _gib(n: int) -> str:
@@ -28,24 +30,26 @@ def _gib(n: int) -> str:
 
 
 def out_of_memory(error: BaseException, device: str | None = None) -> DeviceMemoryError:
-    """The one-line error of a CUDA out-of-memory ``error`` on ``device`` (default: the GPU the
-    message names, else the current one): what was asked, what is free of the total."""
+    """The one-line error of an out-of-memory ``error``: for CUDA's, on ``device`` (default: the
+    GPU the message names, else the current one), what was asked and what is free of the total;
+    for the host's (torch raises the same type), what was asked."""
     import torch
 
     text = str(error)
     asked = _ASKED.search(text)
+    asked = f"asked for {asked.group(1)}" if asked else "an allocation failed"
+    if "CUDA" not in text or not torch.cuda.is_available():
+        return DeviceMemoryError(f"out of host memory: {asked}; {_LOWER} or use a machine with more memory")
     if device is None or torch.device(device).index is None:
         gpu = _GPU.search(text)
-        device = f"cuda:{gpu.group(1)}" if gpu else f"cuda:{torch.cuda.current_device()}"
+        device = f"cuda:{gpu.group(1) if gpu else torch.cuda.current_device()}"
     try:
         free, total = torch.cuda.mem_get_info(device)
         room = f"{_gib(free)} free of {_gib(total)}"
     except (RuntimeError, AssertionError, ValueError):
         room = "free memory unknown"
-    return DeviceMemoryError(
-        f"out of GPU memory on {device}: asked for {asked.group(1) if asked else 'more'} with {room}; lower the "
-        "batch sizes (ptq.options.<method>.batch_size / capture_batch, tta.batch_size, ptq.calib_size), run fewer "
-        "workers per GPU, use a larger GPU or --device cpu")
+    return DeviceMemoryError(f"out of GPU memory on {device}: {asked} with {room}; {_LOWER} per GPU, use a larger GPU "
+                             "or --device cpu")
 
 
 @contextlib.contextmanager

@@ -2,9 +2,9 @@
 
 A scene is drawn in three steps, on a batch of images at once where it can:
 
-1. **Layout** (:func:`layout`, :func:`stuff_labels`): a camera roll, a horizon, a skyline of
-   building blocks (flat tops) and tree lines (wavy tops) standing on the horizon with sky
-   above, and below it a road that widens toward the bottom from a vanishing point, a sidewalk
+1. **Layout** (:func:`layout`, :func:`stuff_labels`): a horizon of random height and slope, a
+   skyline of building blocks (flat tops) and tree lines (wavy tops), each at least 0.12 W wide,
+   standing on the horizon with sky above, and below it a road that widens toward the bottom from a vanishing point, a sidewalk
    strip on each side and, beyond it, terrain or more sidewalk. The geometry is evaluated on a
    ``SUPERSAMPLE`` x finer grid; a pixel's coverage of class c is the share of its sub-samples
    in c. Its label is the majority class if that share is at least ``CERTAIN`` (0.75), else 255.
@@ -16,7 +16,10 @@ A scene is drawn in three steps, on a batch of images at once where it can:
    stroke intensity (resized to the thing's box, scaled to a maximum of 1), composited as
    ``x = (1 - a) x + a fill``. Label: the thing's class where ``a >= CERTAIN``, 255 where
    ``UNCERTAIN < a < CERTAIN`` (the pixel mixes the thing with what lies behind it), unchanged
-   where ``a <= UNCERTAIN``. Class: digits 0-4 are ``person``, 5-9 ``car``.
+   where ``a <= UNCERTAIN``. Class: digits 0-4 are ``person``, 5-9 ``car``; as real persons and
+   cars differ in shape, a person is drawn narrow (0.75 x the digit's width, full height) and a
+   car low and wide (0.75 x height, 1.5 x width): ``THING_SHAPE``. Shape and identity agree in
+   every domain, so a model may use either.
 
 Then the domain's camera (blur, gamma, noise, vignetting) acts on the finished image; labels
 stay those of the composition (as an annotator labels a blurred photo).
@@ -41,6 +44,7 @@ IGNORE_INDEX = 255
 SUPERSAMPLE = 4
 CERTAIN, UNCERTAIN = 0.75, 0.25
 SKYLINE_SEGMENTS = 6
+THING_SHAPE = {PERSON: (1.0, 0.75), CAR: (0.75, 1.5)}  # (height, width) factors of a thing's digit
 
 Texture = Callable[[int, torch.Generator, tuple[int, int]], torch.Tensor]  # (n, g, (H, W)) -> n x 3 x H x W
 
@@ -169,8 +173,9 @@ def add_things(x: torch.Tensor, y: torch.Tensor, horizon: torch.Tensor, counts: 
         for foot in feet:
             glyph, cls = glyphs[j], thing_class(int(digits[j]))
             j += 1
-            th = max(9, round(float(_u(1, 0.75, 1.05, g)) * (foot - hz)))
-            tw = max(2, round(th * glyph.shape[1] / glyph.shape[0]))
+            sh, sw = THING_SHAPE[cls]
+            th = max(9, round(sh * float(_u(1, 0.75, 1.05, g)) * (foot - hz)))
+            tw = max(3, round(sw / sh * th * glyph.shape[1] / glyph.shape[0]))
             a = F.interpolate(glyph[None, None], size=(th, tw), mode="bilinear", antialias=True,
                               align_corners=False)[0, 0].clamp(0, 1)
             a = a / a.max().clamp_min(1e-6)
