@@ -17,6 +17,10 @@ from mergeq.adapt.segmentation import (DACSConfig, SegSourceConfig, _RareClassSa
                                        seg_cross_entropy, train_seg_source, warmup_poly_lr)
 from mergeq.errors import ConfigError, MergeqError, ModelError
 
+from .logical_device import LogicalCuda
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _scenes(n, seed, shift=0.0, size=16):
     """Two stuff bands (0, 1), one 5x5 thing (2 or 3) per image, a 255 row at the band border."""
@@ -237,3 +241,20 @@ def test_bad_input_raises_one_line_errors(source):
         with pytest.raises(MergeqError, match=match) as err:
             call()
         assert "\n" not in str(err.value)
+
+
+def test_source_training_and_dacs_on_a_logical_gpu_match_the_cpu(source):
+    """Every tensor of both loops lands on the model's device (a CPU tensor meeting a CUDA one
+    raises under LogicalCuda); the draws come from the CPU generator, so the result is the CPU's."""
+    src, tgt = _scenes(16, 0), _scenes(12, 1, shift=0.5)
+    s_cfg = SegSourceConfig(steps=2, batch_size=4, scale=(1.0, 1.5))
+    d_cfg = DACSConfig(steps=3, batch_size=4, pseudo_threshold=0.5, jitter_p=1.0, blur_p=1.0, scale=(1.0, 1.5))
+    init = _Tiny()
+    cpu = [train_seg_source(init, src, s_cfg, seed=0), dacs(source, src, tgt, d_cfg, seed=0)]
+    with LogicalCuda():
+        gpu = [train_seg_source(init, src, s_cfg, seed=0, device="cuda"),
+               dacs(source, src, tgt, d_cfg, seed=0, device="cuda")]
+        assert all(p.is_cuda for m in gpu for p in m.parameters())
+    for a, b in zip(cpu, gpu):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(x, y.cpu(), atol=1e-6), name

@@ -34,9 +34,10 @@ import math
 import torch
 from torch.nn import functional as F
 
+from ..models.inputs import NAMED_MEAN_STD
+
 IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = NAMED_MEAN_STD["imagenet"]
 _LUMA = (0.299, 0.587, 0.114)
 
 

@@ -33,10 +33,18 @@ Source images are drawn by rare-class sampling (:func:`rcs_class_probs`, ``uda_d
 ``f_c`` = share of class ``c`` among all labelled source pixels, ``P(c) = softmax((1 - f_c) / T)``,
 ``T = 0.01``, then uniformly one of the images with more than ``rcs_min_pixels`` pixels of ``c``.
 DAFormer's 3,000 pixels are counted on 1914x1052 GTA5 labels (0.15% of an image); ``None`` scales
-them to our image size (6 pixels at 64x64). Classes no image has enough of are left out and the others' probabilities
-renormalised (DAFormer asserts). ``rcs_temperature=None`` draws source images uniformly. Target images come in shuffled
-passes. Left out: the ImageNet feature distance (needs ImageNet weights, which cannot be
-downloaded here), the pseudo-weight crop of the GTA ego-car rows (``croppl``), RCS's re-crop.
+them to our image size (6 pixels at 64x64). Classes no image has enough of are left out and the
+others' probabilities renormalised (DAFormer asserts). ``rcs_temperature=None`` draws source images
+uniformly. Target images come in shuffled passes. Left out: the ImageNet feature distance (needs
+ImageNet weights, which cannot be downloaded here), the pseudo-weight crop of the GTA ego-car rows
+(``croppl``), RCS's re-crop.
+
+Defaults, measured on ``streets`` with ``deeplab_mini`` (``benchmarks/seg_adaptation_check.py``,
+whose docstring has the numbers): lr 5e-3 for both stages (head 5e-2), ~80x DAFormer's 6e-5,
+because our network starts from scratch (no ImageNet weights) and runs hundreds of steps, not 40k;
+``alpha`` 0.99 (0.9 / 0.99 / 0.999 within a point at 200 steps); ``teacher_bn="batch"`` (an
+eval-mode teacher with the student's running statistics collapsed below the source model);
+the dataclass defaults are the ``quick`` budget (600 source steps, 400 DACS steps).
 
 Budgets count optimizer steps (:func:`mergeq.adapt.source.train_steps`). All draws come from one
 CPU ``torch.Generator(seed)``: the same seed gives a bit-identical model on the CPU.
@@ -69,7 +77,7 @@ RCS_REFERENCE = (3000, 1914 * 1052)  # DAFormer's min_pixels and the GTA5 label 
 
 @dataclass
 class SegSourceConfig:
-    epochs: int = 4  # passes over the source data, when steps is None (300 steps on streets' 600 images)
+    epochs: int = 8  # passes over the source data, when steps is None (600 steps on streets' 600 images)
     steps: int | None = None  # optimizer steps (None: train_steps' rule)
     min_steps: int = 100  # the floor of the epoch rule
     batch_size: int = 8
@@ -84,7 +92,7 @@ class SegSourceConfig:
 
 @dataclass
 class DACSConfig(SegSourceConfig):
-    steps: int | None = 200  # optimizer steps (DAFormer counts iterations; None: epochs over the target)
+    steps: int | None = 400  # optimizer steps (DAFormer counts iterations; None: epochs over the target)
     alpha: float = 0.99  # teacher EMA ceiling (DAFormer 0.999 at 40k steps; base config 0.99)
     pseudo_threshold: float = 0.968
     pseudo_weight: Literal["image", "batch"] = "image"  # share of confident pixels per image / batch
@@ -286,11 +294,17 @@ class _RareClassSampler:
         return torch.stack([self.images[c][torch.randint(len(self.images[c]), (1,), generator=g)][0] for c in cls])
 
 
-def _source_counts(dataset: Dataset, chunk: int = 256) -> torch.Tensor:
+def _rcs_sampler(dataset: Dataset, cfg: DACSConfig, chunk: int = 256) -> _RareClassSampler:
+    """The sampler of ``cfg`` over the labels of ``dataset``, read in chunks."""
     parts = [class_pixel_counts(_labeled_batch(dataset, torch.arange(i, min(i + chunk, len(dataset))), "dacs")[1])
              for i in range(0, len(dataset), chunk)]
     k = max(p.shape[1] for p in parts)
-    return torch.cat([F.pad(p, (0, k - p.shape[1])) for p in parts])
+    counts = torch.cat([F.pad(p, (0, k - p.shape[1])) for p in parts])
+    min_px = cfg.rcs_min_pixels
+    if min_px is None:
+        h, w = take(dataset, [0])[0].shape[-2:]
+        min_px = round(RCS_REFERENCE[0] * h * w / RCS_REFERENCE[1])
+    return _RareClassSampler(counts, cfg.rcs_temperature, min_px)
 
 
 @torch.no_grad()
@@ -310,10 +324,7 @@ def dacs(source_model: nn.Module, source_train: Dataset, target_train: Dataset, 
     n_src, n_tgt = len(source_train), len(target_train)
     if n_src == 0 or n_tgt == 0:
         raise MergeqError(f"dacs needs non-empty source and target data, got {n_src} source and {n_tgt} target images")
-    counts = _source_counts(source_train)
-    h, w = take(source_train, [0])[0].shape[-2:]
-    min_px = cfg.rcs_min_pixels if cfg.rcs_min_pixels is not None else round(RCS_REFERENCE[0] * h * w / RCS_REFERENCE[1])
-    sampler = _RareClassSampler(counts, cfg.rcs_temperature, min_px)
+    sampler = _rcs_sampler(source_train, cfg)
     student = copy.deepcopy(source_model).to(device).train()
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
@@ -329,8 +340,8 @@ def dacs(source_model: nn.Module, source_train: Dataset, target_train: Dataset, 
             if step > 0:
                 ema_update(teacher, student, step, cfg.alpha, buffers=cfg.teacher_bn == "running")
             xt, _ = flip_scale_crop(take(target_train, perm[i * bs:(i + 1) * bs])[0], None, g, cfg.flip, cfg.scale)
-            xs, ys = flip_scale_crop(*_labeled_batch(source_train, sampler.draw(len(xt), g), "dacs"), g, cfg.flip,
-                                     cfg.scale)
+            xs, ys = _labeled_batch(source_train, sampler.draw(len(xt), g), "dacs")
+            xs, ys = flip_scale_crop(xs, ys, g, cfg.flip, cfg.scale)
             xs, ys, xt = xs.to(device), ys.to(device), xt.to(device)
             _set_lr(opt, cfg, step, total)
             opt.zero_grad(set_to_none=True)

@@ -2,12 +2,13 @@
 
 A scene is drawn in three steps, on a batch of images at once where it can:
 
-1. **Layout** (:func:`layout`, :func:`stuff_labels`): a horizon of random height and slope, a
-   skyline of building blocks (flat tops) and tree lines (wavy tops), each at least 0.12 W wide,
-   standing on the horizon with sky above, and below it a road that widens toward the bottom from a vanishing point, a sidewalk
-   strip on each side and, beyond it, terrain or more sidewalk. The geometry is evaluated on a
-   ``SUPERSAMPLE`` x finer grid; a pixel's coverage of class c is the share of its sub-samples
-   in c. Its label is the majority class if that share is at least ``CERTAIN`` (0.75), else 255.
+1. **Layout** (:func:`layout`, :func:`stuff_labels`): a horizon of random height and slope,
+   a skyline of building blocks (flat tops) and tree lines (wavy tops), each at least 0.12 W
+   wide, standing on the horizon with sky above, and below it a road that widens toward the
+   bottom from a vanishing point, a sidewalk strip on each side and, beyond it, terrain or more
+   sidewalk. The geometry is evaluated on a ``SUPERSAMPLE`` x finer grid; a pixel's coverage of
+   class c is the share of its sub-samples in c. Its label is the majority class if that share
+   is at least ``CERTAIN`` (0.75), else 255.
 2. **Texture** (:class:`Style`): each stuff class has a texture per domain; a pixel's colour is
    the coverage-weighted blend of the class textures (so a boundary pixel is a blend, labelled
    255 when no class covers 3/4 of it).
