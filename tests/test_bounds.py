@@ -61,7 +61,7 @@ def numeric_options() -> list[tuple[str, type, object, dict, str]]:
     """(config path, type, default, settings it needs, the path its error names) of every numeric
     option: the config's sections, every PTQ method's options, merge method and rounding policy."""
     def needs(p: str) -> dict:
-        if p.startswith(("data.size", "data.crop")):
+        if p.startswith(("data.size", "data.crop", "data.window", "data.stride")):
             return SEGMENTATION
         return FOLDER if p.startswith("data.") else {}
 

@@ -117,7 +117,7 @@ def test_spec_errors_name_the_key(tree):
         load_data(_spec(tree, targets=["Art", 3]))
     with pytest.raises(ConfigError, match=r"^data\.normalize: expected one of \['imagenet', 'inception', 'standardize', 'none'\]"):
         load_data(_spec(tree, normalize="zscore"))
-    with pytest.raises(ConfigError, match=r"^data\.kind: expected one of \['digits', 'folder', 'office_home'\], got 'imagenet'"):
+    with pytest.raises(ConfigError, match=r"^data\.kind: expected one of \['digits', 'folder', 'office_home', 'streets', 'segmentation'\], got 'imagenet'"):
         load_data({"kind": "imagenet"})
     with pytest.raises(ConfigError, match=r"^data\.root: required key is missing"):
         load_data({"kind": "folder", "source": "Art"})

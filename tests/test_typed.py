@@ -84,7 +84,7 @@ def test_tagged_unions_pick_the_class_by_kind():
         check_value(DataSpec, {"image_size": 32}, "data")  # the digits kind's keys, not "expected A or B"
     with pytest.raises(ConfigError, match=r"^data\.bogus: unknown key; known: root, kind"):
         check_value(DataSpec, {"kind": "folder", "root": "r", "bogus": 1}, "data")
-    with pytest.raises(ConfigError, match=r"^data\.kind: expected one of \['digits', 'folder', 'office_home'\]"):
+    with pytest.raises(ConfigError, match=r"^data\.kind: expected one of \['digits', 'folder', 'office_home', 'streets', 'segmentation'\]"):
         check_value(DataSpec, {"kind": "imagenet"}, "data")
 
     def policy(layers, alphas, samples: int = 30, select: Literal["layer", "model"] = "layer"):
