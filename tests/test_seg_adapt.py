@@ -40,7 +40,7 @@ class _Tiny(nn.Module):
     def __init__(self, classes=4):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.2))
         self.decode_head = nn.Conv2d(8, classes, 1)
 
     def forward(self, x):
@@ -208,7 +208,10 @@ def test_source_training_learns_copies_and_is_deterministic():
     init = _Tiny()
     before = _state(init)
     cfg = SegSourceConfig(steps=5, batch_size=8, lr=1e-2, scale=(1.0, 1.5))
-    a, b = (train_seg_source(init, _scenes(24, 0), cfg, seed=1) for _ in range(2))
+    torch.manual_seed(5)
+    a = train_seg_source(init, _scenes(24, 0), cfg, seed=1)
+    torch.manual_seed(6)
+    b = train_seg_source(init, _scenes(24, 0), cfg, seed=1)
     assert _equal(_state(init), before) and _equal(_state(a), _state(b)) and not a.training
     assert not _equal(_state(a), _state(train_seg_source(init, _scenes(24, 0), cfg, seed=2)))
 
@@ -217,7 +220,12 @@ def test_dacs_is_bit_deterministic_and_leaves_the_source_untouched(source):
     before = _state(source)
     cfg = DACSConfig(steps=4, batch_size=4, lr=1e-2, pseudo_threshold=0.5, jitter_p=1.0, blur_p=1.0)
     src, tgt = _scenes(16, 0), _scenes(12, 1, shift=0.5)
-    a, b = dacs(source, src, tgt, cfg, seed=3), dacs(source, src, tgt, cfg, seed=3)
+    torch.manual_seed(11)
+    a = dacs(source, src, tgt, cfg, seed=3)
+    torch.manual_seed(12)
+    rng = torch.get_rng_state()
+    b = dacs(source, src, tgt, cfg, seed=3)  # dropout draws from a global generator seeded by ``seed``
+    assert torch.equal(torch.get_rng_state(), rng)  # ... and the caller's is left as it was
     assert _equal(_state(a), _state(b)) and not a.training
     assert _equal(_state(source), before) and not _equal(_state(a), before)
     assert not _equal(_state(a), _state(dacs(source, src, tgt, cfg, seed=4)))

@@ -47,10 +47,13 @@ eval-mode teacher with the student's running statistics collapsed below the sour
 the dataclass defaults are the ``quick`` budget (600 source steps, 400 DACS steps).
 
 Budgets count optimizer steps (:func:`mergeq.adapt.source.train_steps`). All draws come from one
-CPU ``torch.Generator(seed)``: the same seed gives a bit-identical model on the CPU.
+CPU ``torch.Generator(seed)``; dropout, which draws from torch's global generator, runs inside
+``torch.random.fork_rng`` seeded with ``seed`` (the caller's global state is restored). The same
+seed gives a bit-identical model on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -181,6 +184,15 @@ def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.
     return (loss if weight is None else loss * weight).mean()
 
 
+@contextlib.contextmanager
+def _seeded_dropout(seed: int, device: str):
+    """torch's global generators (CPU and ``device``'s) seeded with ``seed``, restored on exit."""
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _labeled_batch(data: Dataset, idx: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = take(data, idx)
     if y is None:
@@ -199,24 +211,25 @@ def train_seg_source(model: nn.Module, dataset: Dataset, cfg: SegSourceConfig, s
     model = copy.deepcopy(model).to(device).train()
     g = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, cfg)
-    total, step = train_steps(cfg, n), 0
+    total, step, bs = train_steps(cfg, n), 0, cfg.batch_size
     bar = step_bar(progress, total, "seg source")
-    for k, steps in passes(n, cfg.batch_size, total):
-        perm = torch.randperm(n, generator=g)
-        running = torch.zeros((), device=device)
-        for i in range(steps):
-            x, y = _labeled_batch(dataset, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], "train_seg_source")
-            x, y = flip_scale_crop(x, y, g, cfg.flip, cfg.scale)
-            _set_lr(opt, cfg, step, total)
-            loss = seg_cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.detach()
-            step += 1
-            if bar is not None:
-                bar.update()
-        log.debug("seg source pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
+    with _seeded_dropout(seed, device):
+        for k, steps in passes(n, bs, total):
+            perm = torch.randperm(n, generator=g)
+            running = torch.zeros((), device=device)
+            for i in range(steps):
+                x, y = flip_scale_crop(*_labeled_batch(dataset, perm[i * bs:(i + 1) * bs], "train_seg_source"), g,
+                                       cfg.flip, cfg.scale)
+                _set_lr(opt, cfg, step, total)
+                loss = seg_cross_entropy(model(x.to(device)), y.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += loss.detach()
+                step += 1
+                if bar is not None:
+                    bar.update()
+            log.debug("seg source pass %d: step %d/%d, loss %.4f", k + 1, step, total, float(running) / steps)
     if bar is not None:
         bar.close()
     log.info("segmentation source training: %d steps over %d images, last pass loss %.4f",
@@ -316,6 +329,21 @@ def _teacher_logits(teacher: nn.Module, x: torch.Tensor, bn: str) -> torch.Tenso
     return teacher(x)
 
 
+def _dacs_step(student: nn.Module, teacher: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor,
+               cfg: DACSConfig, g: torch.Generator) -> torch.Tensor:
+    """Source CE and ClassMix CE of one DACS step, both backpropagated; returns the two losses."""
+    src_loss = seg_cross_entropy(student(xs), ys)
+    src_loss.backward()
+    label, weight = pseudo_labels(_teacher_logits(teacher, xt, cfg.teacher_bn), cfg.pseudo_threshold,
+                                  cfg.pseudo_weight)
+    mixed, mix_label, mix_weight = class_mix(class_mix_masks(ys, g), xs, ys, xt, label, weight)
+    mixed = gaussian_blur(color_jitter(mixed, g, cfg.jitter_strength, cfg.jitter_p, cfg.image_mean, cfg.image_std),
+                          g, cfg.blur_p, cfg.blur_sigma)
+    mix_loss = seg_cross_entropy(student(mixed), mix_label, mix_weight)
+    mix_loss.backward()
+    return torch.stack([src_loss.detach(), mix_loss.detach()])
+
+
 def dacs(source_model: nn.Module, source_train: Dataset, target_train: Dataset, cfg: DACSConfig,
          seed: int = 0, device: str = "cpu", progress: bool = False) -> nn.Module:
     """Adapt a copy of ``source_model`` to the unlabelled ``target_train`` images by DACS self-training
@@ -333,35 +361,26 @@ def dacs(source_model: nn.Module, source_train: Dataset, target_train: Dataset, 
     opt = _optimizer(student, cfg)
     total, step, bs = train_steps(cfg, n_tgt), 0, cfg.batch_size
     bar = step_bar(progress, total, "dacs")
-    for k, steps in passes(n_tgt, bs, total):
-        perm = torch.randperm(n_tgt, generator=g)
-        running = torch.zeros(2, device=device)
-        for i in range(steps):
-            if step > 0:
-                ema_update(teacher, student, step, cfg.alpha, buffers=cfg.teacher_bn == "running")
-            xt, _ = flip_scale_crop(take(target_train, perm[i * bs:(i + 1) * bs])[0], None, g, cfg.flip, cfg.scale)
-            xs, ys = _labeled_batch(source_train, sampler.draw(len(xt), g), "dacs")
-            xs, ys = flip_scale_crop(xs, ys, g, cfg.flip, cfg.scale)
-            xs, ys, xt = xs.to(device), ys.to(device), xt.to(device)
-            _set_lr(opt, cfg, step, total)
-            opt.zero_grad(set_to_none=True)
-            src_loss = seg_cross_entropy(student(xs), ys)
-            src_loss.backward()
-            label, weight = pseudo_labels(_teacher_logits(teacher, xt, cfg.teacher_bn), cfg.pseudo_threshold,
-                                          cfg.pseudo_weight)
-            mask = class_mix_masks(ys, g)
-            mixed, mix_label, mix_weight = class_mix(mask, xs, ys, xt, label, weight)
-            mixed = gaussian_blur(color_jitter(mixed, g, cfg.jitter_strength, cfg.jitter_p, cfg.image_mean,
-                                               cfg.image_std), g, cfg.blur_p, cfg.blur_sigma)
-            mix_loss = seg_cross_entropy(student(mixed), mix_label, mix_weight)
-            mix_loss.backward()
-            opt.step()
-            running += torch.stack([src_loss.detach(), mix_loss.detach()])
-            step += 1
-            if bar is not None:
-                bar.update()
-        log.debug("dacs pass %d: step %d/%d, source loss %.4f, mix loss %.4f", k + 1, step, total,
-                  *(running / steps).tolist())
+    with _seeded_dropout(seed, device):
+        for k, steps in passes(n_tgt, bs, total):
+            perm = torch.randperm(n_tgt, generator=g)
+            running = torch.zeros(2, device=device)
+            for i in range(steps):
+                if step > 0:
+                    ema_update(teacher, student, step, cfg.alpha, buffers=cfg.teacher_bn == "running")
+                xt, _ = flip_scale_crop(take(target_train, perm[i * bs:(i + 1) * bs])[0], None, g, cfg.flip,
+                                        cfg.scale)
+                xs, ys = flip_scale_crop(*_labeled_batch(source_train, sampler.draw(len(xt), g), "dacs"), g,
+                                         cfg.flip, cfg.scale)
+                _set_lr(opt, cfg, step, total)
+                opt.zero_grad(set_to_none=True)
+                running += _dacs_step(student, teacher, xs.to(device), ys.to(device), xt.to(device), cfg, g)
+                opt.step()
+                step += 1
+                if bar is not None:
+                    bar.update()
+            log.debug("dacs pass %d: step %d/%d, source loss %.4f, mix loss %.4f", k + 1, step, total,
+                      *(running / steps).tolist())
     if bar is not None:
         bar.close()
     log.info("DACS: %d steps (%d passes over %d target images), last pass source loss %.4f, mix loss %.4f",

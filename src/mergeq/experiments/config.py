@@ -330,23 +330,16 @@ def _validate_data(data: DataSpec) -> None:
             if v is not None and (len(v) != 2 or min(v) < 1):
                 raise ConfigError(f"data.{key}: expected [H, W] of two positive integers, got {v}")
         return
-    if isinstance(data, StreetsData):
+    if isinstance(data, (StreetsData, DigitsData)):  # embedded benchmarks: their own domain names
         from ..data.streets import DOMAINS as STREETS
 
-        if data.source not in STREETS:
-            raise ConfigError(f"data.source: expected one of {', '.join(STREETS)}, got {data.source!r}")
-        bad = [d for d in data.targets or [] if d not in STREETS or d == data.source]
+        known = STREETS if isinstance(data, StreetsData) else DOMAINS
+        if data.source not in known:
+            raise ConfigError(f"data.source: expected one of {', '.join(known)}, got {data.source!r}")
+        bad = [d for d in data.targets or [] if d not in known or d == data.source]
         if bad:
-            raise ConfigError(f"data.targets: {bad} are not streets domains other than the source {data.source!r}; "
-                              f"known: {', '.join(d for d in STREETS if d != data.source)}")
-        return
-    if isinstance(data, DigitsData):
-        if data.source not in DOMAINS:
-            raise ConfigError(f"data.source: expected one of {', '.join(DOMAINS)}, got {data.source!r}")
-        bad = [d for d in data.targets or [] if d not in DOMAINS or d == data.source]
-        if bad:
-            raise ConfigError(f"data.targets: {bad} are not digits domains other than the source {data.source!r}; "
-                              f"known: {', '.join(d for d in DOMAINS if d != data.source)}")
+            raise ConfigError(f"data.targets: {bad} are not {data.kind} domains other than the source "
+                              f"{data.source!r}; known: {', '.join(d for d in known if d != data.source)}")
         return
     from ..data.folder import check_name
 
