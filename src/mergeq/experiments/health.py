@@ -40,14 +40,15 @@ def check_source(accuracy: float, domain: str, num_classes: int) -> bool:
     return False
 
 
-def check_expert(domain: str, source: float, expert: float) -> bool:
-    """Log the SHOT expert's accuracy on its target next to the source's; warn (False) if it is worse."""
-    log.info("%s: source model %.1f%% -> SHOT expert %.1f%%", domain, 100 * source, 100 * expert)
+def check_expert(domain: str, source: float, expert: float, how: str = "shot") -> bool:
+    """Log the expert's score on its target next to the source's; warn (False) if it is worse.
+    ``how``: the adaptation, ``shot`` or ``dacs`` (segmentation), as its config section is named."""
+    log.info("%s: source model %.1f%% -> %s expert %.1f%%", domain, 100 * source, how.upper(), 100 * expert)
     if expert >= source - SHOT_TOLERANCE:
         return True
-    log.warning("SHOT made the %s expert worse than the source model on %s (%.1f%% < %.1f%%); try fewer SHOT "
-                "steps or a smaller learning rate (adapt.shot.steps, adapt.shot.lr), or a better source model",
-                domain, domain, 100 * expert, 100 * source)
+    log.warning("%s made the %s expert worse than the source model on %s (%.1f%% < %.1f%%); try fewer %s "
+                "steps or a smaller learning rate (adapt.%s.steps, adapt.%s.lr), or a better source model",
+                how.upper(), domain, domain, 100 * expert, 100 * source, how.upper(), how, how)
     return False
 
 

@@ -104,7 +104,7 @@ class Pool:
         self._experts: dict[str, nn.Module] = {}
         self._accuracy: dict[str, Any] = {}
         steps = self.steps()
-        log.info("optimizer steps: source %d, SHOT %s", steps["source"],
+        log.info("optimizer steps: source %d, %s %s", steps["source"], "DACS" if self.task == "segmentation" else "SHOT",
                  ", ".join(f"{d} {n}" for d, n in steps["shot"].items()))
 
     @property
@@ -264,7 +264,7 @@ class Pool:
             source = self.check_source()
             experts = {d: self.score(self.expert(d), d) for d in self.targets}
             for d in self.targets:
-                health.check_expert(d, source[d], experts[d])
+                health.check_expert(d, source[d], experts[d], "dacs" if self.task == "segmentation" else "shot")
             self._accuracy["experts"] = experts
         return self._accuracy["experts"]
 

@@ -196,7 +196,7 @@ def adapt(config: Config, source: str | Path, domain: str, out: str | Path, prog
         how = cfg.adapt.shot
         expert = shot(model, dom.train, how, seed=seed, device=cfg.runtime.device, progress=progress)
     before, after = (score(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
-    health.check_expert(domain, before, after)
+    health.check_expert(domain, before, after, "dacs" if task_of(bench.spec) == "segmentation" else "shot")
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                              "domain": domain, "role": "expert", "config": dataclasses.asdict(how),
                              "accuracy": {"source": before, "expert": after}}, template)
