@@ -35,9 +35,9 @@ from ..ptq.presets import calib_size, ptq_options  # noqa: F401  (the single sou
 PRESET_NAMES = ("quick", "default", "paper")
 MODEL = {"name": "resnet8", "kwargs": {"width": 16}}
 SEG_MODEL = {"name": "deeplab_mini", "kwargs": {"width": 16}}
-_SEG_ADAPT = {  # streets: source 600 / 2,400 steps, DACS 400 / 1,600 (benchmarks/seg_adaptation_check.py)
+_SEG_ADAPT = {  # streets: source 600 / 1,200 steps, DACS 400 / 1,600 (benchmarks/seg_adaptation_check.py)
     "quick": (SegSourceConfig(), DACSConfig(steps=400)),
-    "default": (SegSourceConfig(steps=2400), DACSConfig(steps=1600)),
+    "default": (SegSourceConfig(steps=1200), DACSConfig(steps=1600)),
 }
 _ADAPT = {
     "quick": (SourceConfig(epochs=6), ShotConfig(epochs=4)),
