@@ -14,6 +14,7 @@ from mergeq.cli import main
 from mergeq.deploy import ExportError, IntegerPlan, IntegerSimulation, export_onnx, ort_session, plan_integer, to_onnx
 from mergeq.deploy.emulate import AVX2_CPU, qemu, run_emulated
 from mergeq.deploy.integer import Grid, qadd_codes, saturation_free
+from mergeq.deploy.requant import deployed
 from mergeq.models import ARCHITECTURES, build_model, resnet8, vit_tiny
 from mergeq.nn import quant_modules
 from mergeq.ptq import quantize
@@ -241,6 +242,10 @@ def test_export_check_chooses_the_faster_exact_form():
     assert check(1.0, 5.0, 8.0).choice()[0] == "int8" and "1.60x as fast" in check(1.0, 5.0, 8.0).choice()[1]
     assert check(1.0, 9.0, 6.0).choice() == ("qdq", "the QDQ form is 1.50x as fast as the integer kernels on this CPU")
     assert check(0.98, 1.0, 6.0).choice() == ("qdq", "the integer kernels are not exact on this CPU")
+    # exact and faster, but not the evaluated model: auto keeps the QDQ form and says why (issue 31)
+    below = ExportCheck(64, 1.0, 0.0, 0.99, 5.0, 10.0, 8.0, "cpu")
+    assert below.choice() == ("qdq", "the integer model agrees with the evaluated model on 99.00% of images, "
+                                     "under 99.5%")
     lines, warnings = check(0.98, 20.0, 6.0).report()
     assert "agrees with its simulation on 98.00%" in lines[0] and "2.00x" not in lines[1]
     assert any("not compute the simulated model exactly" in w for w in warnings)
@@ -299,8 +304,8 @@ def test_fp32_export_and_kernel_errors(fp_resnet, tmp_path):
         to_onnx(q, kernels="int4")
     with pytest.raises(ExportError, match="calibration"):
         to_onnx(q, kernels="int8")
-    with pytest.raises(ExportError, match="does not use them"):
-        to_onnx(q, calib=_images(8))  # kernels="qdq"
+    with pytest.raises(ExportError, match="kernels='fp32' has none"):
+        to_onnx(fp_resnet, kernels="fp32", calib=_images(8))
     convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))  # weight-only Conv2d: no kernel
     weight_only = quantize(convs, "rtn", calib=_images(32), w_bits=4, a_bits=None)
     with pytest.raises(ExportError, match="no layer of this model has an integer kernel"):
@@ -331,7 +336,8 @@ def test_cli_exports_every_architecture(arch, tmp_path, capsys):
             assert "onnxruntime FP32 of the same weights" in printed
         info = _metadata(out_path)
         assert info["arch"] == arch and info["kernels"] == kernels
-        ref = q if kernels == "qdq" else IntegerSimulation(q, IntegerPlan.from_json(info["integer_plan"]))
+        plan = IntegerPlan.from_json(info["integer_plan"])  # the QDQ form rounds where the integer graph does
+        ref = deployed(q, plan) if kernels == "qdq" else IntegerSimulation(q, plan)
         out = _run(out_path, x)
         dense_float = kernels == "qdq" and out.ndim == 4  # float rounding may flip a near-tie among 32k pixels
         assert (out.argmax(1) == _predict(ref, x).argmax(1)).mean() >= (
@@ -342,7 +348,7 @@ def test_cli_exports_every_architecture(arch, tmp_path, capsys):
         chosen = re.search(r"--kernels auto: (int8|qdq), ", capsys.readouterr().out).group(1)
         assert _metadata(tmp_path / "auto.onnx")["kernels"] == chosen
     if arch == "resnet8":  # options that would be ignored are refused
-        for extra in (["--format", "safetensors", "--kernels", "int8"], ["--format", "onnx", "--calib-size", "64"],
+        for extra in (["--format", "safetensors", "--kernels", "int8"], ["--format", "safetensors", "--calib-size", "64"],
                       ["--format", "onnx", "--target-cpu", "any"]):
             assert main(["export", "--model", str(ckpt), "--out", str(tmp_path / "x"), *extra]) == 2
 

@@ -291,7 +291,8 @@ def cmd_surface(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .deploy import export_onnx, plan_integer, save_packed
+    from .deploy import ExportError, export_onnx, plan_integer, save_packed
+    from .deploy.integer import DEPLOY_CALIB_SIZE, is_integer_layer
     from .deploy.onnx_export import check_opset
     from .deploy.trace import trace
     from .experiments.steps import check_outputs, export_calibration, load_checkpoint_model
@@ -305,24 +306,31 @@ def cmd_export(args: argparse.Namespace) -> int:
         require_deploy_extra()
         check_opset(args.opset)
     integer = args.kernels in ("int8", "auto")
-    if args.calib_size is not None and (not integer or args.calib_size < 1):
-        raise ValueError("--calib-size is a positive number of images, and only --kernels int8 (or auto) calibrates")
+    if args.calib_size is not None and (args.format != "onnx" or args.calib_size < 1):
+        raise ValueError("--calib-size is a positive number of images, and only --format onnx calibrates")
     check_outputs(args.out, [args.model], config=False)
     check_out_file(args.out)
     model, meta, _ = load_checkpoint_model(args.model, load_cli_config(args), trust_builder=args.trust_builder)
     if args.format == "onnx":
         trace(model)  # a model torch.fx cannot trace is refused with the reason before data is loaded
     calib = plan = None
-    if integer:
-        calib = export_calibration(meta, args.calib_size or 512)
-        plan = plan_integer(model, calib)
+    if args.format == "onnx" and any(is_integer_layer(m) for m in model.modules()):
+        try:  # the integer graph's requantizations, which the evaluated model has too (deploy.requant)
+            calib = export_calibration(meta, args.calib_size or DEPLOY_CALIB_SIZE)
+        except ExportError as e:
+            if integer:
+                raise
+            print(f"warning: {e}; the QDQ file is the fake-quant model without the requantizations of "
+                  "the integer graph, which mergeq's evaluation models", file=sys.stderr)
+        else:
+            plan = plan_integer(model, calib)
     onnx_kw = dict(opset=args.opset, int4=not args.no_int4, meta=meta)
     if args.format == "onnx":
         path = export_onnx(model, args.out, kernels="int8" if integer else args.kernels, plan=plan,
                            target_cpu=args.target_cpu or "any", **onnx_kw)
     else:
         path = save_packed(model, args.out, meta)
-    if plan is not None:
+    if plan is not None and integer:
         from .deploy.check import check_int8_export
 
         check = check_int8_export(model, path, plan, calib, opset=args.opset)
@@ -332,7 +340,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.kernels == "auto":
             print(f"--kernels auto: {kernels}, {why}")
             if kernels == "qdq":  # the warnings were about the integer file, which is not kept
-                warnings, path = [], export_onnx(model, args.out, **onnx_kw)
+                warnings, path = [], export_onnx(model, args.out, plan=plan, **onnx_kw)
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
     kib = Path(path).stat().st_size / 1024, Path(args.model).stat().st_size / 1024
@@ -511,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "requantization calibrated on the checkpoint's domains), auto (int8 where it is exact "
                         "on this CPU and faster than qdq, else qdq; measured at export) or fp32 (unquantized model)")
     p.add_argument("--calib-size", type=int, default=None,
-                   help="ONNX int8: calibration images for the requantization steps and the check (default 512)")
+                   help="ONNX: calibration images for the integer graph's requantization steps (int8, and "
+                        "the same rounding in the QDQ form) and the check (default 512)")
     p.add_argument("--target-cpu", choices=("any", "vnni", "native"), default=None,
                    help="ONNX int8: CPUs the integer graph must be exact on. any (default): every x86 kind "
                         "(8-bit weights against 8-bit inputs as uint8, U8U8 kernels); vnni: int8 weights "

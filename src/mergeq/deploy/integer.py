@@ -56,6 +56,7 @@ from ..nn.qmodule import QuantModule
 from ..quant import ActQuantizer, qrange, quantize_int
 from .groups import is_grouped
 from .pack import ExportError
+from .requant import modelable_adds
 from .resize import is_resize, resize_spec
 from .trace import Facts, node_facts, trace
 
@@ -64,7 +65,8 @@ _ADDS = (operator.add, operator.iadd, torch.add, "add")
 _RELUS = (F.relu, torch.relu, "relu")
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d)  # act on uint8 codes as on values
 INT16_MAX = 32767
-TARGET_CPUS = ("any", "vnni", "native")  # what the int8 export's weight types must be exact on
+TARGET_CPUS = ("any", "vnni", "native")
+DEPLOY_CALIB_SIZE = 512  # images an integer plan is calibrated on by default (``export``, evaluation)  # what the int8 export's weight types must be exact on
 
 
 @dataclass(frozen=True)
@@ -260,9 +262,11 @@ class _Roles:
 
 def _integer_producers(roles: _Roles) -> list[fx.Node]:
     """Producers whose output is uint8: every integer conv, and the adds of two uint8 tensors that
-    an integer op consumes (a fixed point: dropping an add can drop the adds after it)."""
+    an integer op consumes and a module returns (so that :func:`.requant.deployed` models their
+    requantization; a fixed point: dropping an add can drop the adds after it)."""
     cands = [n for n in roles.gm.graph.nodes if roles.is_producer(n)]
-    keep = {n: True for n in cands}
+    hookable = modelable_adds(roles.gm, roles, [n for n in cands if roles.kind(n) == "add"])
+    keep = {n: roles.kind(n) != "add" or n in hookable for n in cands}
     changed = True
     while changed:
         changed = False

@@ -58,11 +58,13 @@ from torch import fx, nn
 from ..io import atomic_write_bytes
 from ..nn.qmodule import QuantModule, quant_modules
 from .groups import contiguous_block, weight_groups
-from .integer import IntegerPlan, is_integer_layer, plan_integer, resolve_target_cpu, weight_codes
+from .integer import (Grid, IntegerPlan, _Roles, accumulator_scale, is_integer_layer, plan_integer,
+                      resolve_target_cpu, weight_codes)
 from .onnx_graph import Graph, f32
 from .onnx_integer import dequantize, integer_layer, matmul_nbits, qlinear_add
 from .onnx_ops import Static, translate_call, translate_module
 from .pack import ExportError
+from .requant import accumulator_bias
 from .packed import check_exportable, packed_metadata
 from .resize import codes_resize_onnx, is_resize, resize_spec
 from .trace import node_facts, trace
@@ -99,7 +101,12 @@ class _Exporter:
     def __init__(self, gm: fx.GraphModule, g: Graph, facts: dict, kernels: str, plan: IntegerPlan | None,
                  target_cpu: str = "any") -> None:
         self.gm, self.g, self.facts, self.kernels, self.target_cpu = gm, g, facts, kernels, target_cpu
-        self.grids = dict(plan.grids) if plan is not None else {}
+        self.grids = dict(plan.grids) if plan is not None and kernels == "int8" else {}
+        self.requant: dict[str, Any] = {}  # QDQ form of a plan: producer -> the grid its output is rounded to
+        if plan is not None and kernels == "qdq" and plan.grids:
+            roles = _Roles(gm, facts)
+            self.requant = {n.name: plan.grids[n.name] for n in gm.graph.nodes
+                            if n.name in plan.grids and roles.is_producer(n)}
         self.env: dict[str, Any] = {}
         self.codes_memo: dict = {}
         self._float: dict[str, str] = {}
@@ -191,6 +198,8 @@ class _Exporter:
             kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups) if conv else None
         shape = tuple(m.weight.shape)
         bias = None if m.bias is None else m.bias.detach().cpu().float().numpy()
+        if bias is not None and node.name in self.requant:  # QLinearConv's int32 bias (.requant)
+            bias = accumulator_bias(m, accumulator_scale(m, Grid.of(m.act_quant))).numpy()
         # QDQ keeps the bias a separate float Add: onnxruntime re-quantizes a Conv's bias input to int32 (lossy)
         inline = bias is not None and not quantized and not matmul
         ins = [x, w] + ([g.const(f"{base}_b", bias)] if inline else [])
@@ -247,6 +256,14 @@ class _Exporter:
         return translate_call(self, node, args, kwargs, node.name)
 
 
+def _qdq(g: Graph, x: str, grid, base: str) -> str:
+    """``x`` rounded to ``grid`` (uint8 QuantizeLinear, then DequantizeLinear)."""
+    scale = g.const(f"{base}_rq_scale", f32(grid.scale))
+    zp = g.const(f"{base}_rq_zp", np.array(grid.zero_point, np.uint8))
+    return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, scale, zp], g.name(f"{base}_rq_q")), scale, zp],
+                g.name(f"{base}_rq"))
+
+
 def _stored_as(op: str, m: QuantModule, opset: int, int4: bool) -> str:
     if op == "MatMulNBits":
         return f"{4 if m.w_bits <= 4 else 8}-bit blocks"
@@ -295,7 +312,9 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     """The ``onnx.ModelProto`` of ``model`` (checked with ``onnx.checker``).
 
     ``kernels``: ``"qdq"``, ``"int8"`` (needs ``plan`` or calibration images ``calib``) or
-    ``"fp32"`` (models without QuantModules). ``target_cpu`` (int8): ``"any"`` stores weights so
+    ``"fp32"`` (models without QuantModules). A QDQ form given a ``plan`` (or ``calib``) also
+    rounds where the integer graph requantizes (Q/DQ pairs, int32-rounded biases: the model
+    mergeq evaluates, :mod:`.requant`); without one it is the fake-quant model alone. ``target_cpu`` (int8): ``"any"`` stores weights so
     that every x86 kind computes them exactly, ``"vnni"`` int8 everywhere (exact with VNNI, and
     faster), ``"native"`` the choice for this CPU (:func:`~.integer.weight_zero_point`).
     The model's mergeq metadata (as in packed checkpoints, plus ``meta``, the integer plan, the
@@ -310,25 +329,25 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
     check_opset(opset)
     target_cpu = resolve_target_cpu(target_cpu)
     quantized = bool(quant_modules(model))
-    if kernels != "int8" and (calib is not None or plan is not None):
-        raise ExportError(f"calib and plan set up integer kernels; kernels={kernels!r} does not use them")
+    if kernels == "fp32" and (calib is not None or plan is not None):
+        raise ExportError("calib and plan set up the integer graph's requantizations; kernels='fp32' has none")
     if kernels == "fp32" and quantized:
         raise ExportError("kernels='fp32' exports an unquantized model; this one has QuantModules "
                           "(use 'qdq' or 'int8')")
     if kernels != "fp32":
         check_exportable(model)
     model = model.eval()
-    if kernels == "int8" and plan is None:
-        if calib is None and any(is_integer_layer(m) for _, m in quant_modules(model)):
-            raise ExportError("kernels='int8' needs calibration images (calib) or an integer plan")
-        plan = plan_integer(model, calib) if calib is not None else None
+    if kernels == "int8" and plan is None and calib is None and any(is_integer_layer(m) for _, m in quant_modules(model)):
+        raise ExportError("kernels='int8' needs calibration images (calib) or an integer plan")
+    if plan is None and calib is not None:
+        plan = plan_integer(model, calib)
     gm = trace(model)
     shape = list(input_shape) if input_shape is not None else infer_input_shape(gm)
     facts = node_facts(gm, shape)
     g = Graph(opset, int4)
     g.reserve([n.name for n in gm.graph.nodes])
     g.input_name = g.name("input")
-    ex = _Exporter(gm, g, facts, kernels, plan if kernels == "int8" else None, target_cpu)
+    ex = _Exporter(gm, g, facts, kernels, plan, target_cpu)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ExportError("only models with a single tensor input can be exported")
@@ -344,6 +363,8 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
             out_facts = facts[res.name]
         else:
             ex.env[node.name] = ex.translate(node)
+            if node.name in ex.requant:  # the integer graph's requantization, as Q/DQ (.requant)
+                ex.env[node.name] = _qdq(g, ex.env[node.name], ex.requant[node.name], node.name)
     if kernels == "int8":
         floats = [n for n, op in ex.layer_ops.items() if op in ("Conv", "Gemm")]
         if len(floats) == len(ex.layer_ops):
@@ -376,8 +397,9 @@ def to_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, int4: bool = True,
         info["weight_storage"] = {n: _stored_as(ex.layer_ops[n], m, opset, int4) for n, m in quant_modules(model)}
     else:
         info.update(meta or {})
-    if plan is not None and kernels == "int8":
+    if plan is not None:
         info["integer_plan"] = plan.to_json()
+    if plan is not None and kernels == "int8":
         info["target_cpu"] = target_cpu
         info["integer_weights"] = ex.weight_types
     helper.set_model_props(proto, {"mergeq": json.dumps(info, default=str)})

@@ -78,6 +78,6 @@ def _fill(store: RunDir, config: Config, progress: bool, on_row: Callable[[dict]
         q = quantize(model, method, calib=torch.cat(calib), config=pool.qconfig((w_bits, a_bits)),
                      calib_size=None, device=device, seed=pool.seeds["ptq"], progress=progress, **extra)
         return {"merge": name, "method": method, "w_bits": w_bits, "a_bits": a_bits, "fp_merged": fp,
-                "merged": evaluate(q, tests, device), "seconds": time.perf_counter() - t0}
+                "merged": evaluate(pool.deployed(q), tests, device), "seconds": time.perf_counter() - t0}
 
     return store.fill(results, plan(cfg), done, set(plan(pool.cfg)), compute, on_row)

@@ -42,6 +42,8 @@ from ..checkpoint import builder_template, model_from_checkpoint, save_model
 from ..data import load_data
 from ..data.spec import DigitsData, task_of
 from ..data_utils import as_tensor, take
+from ..deploy.integer import DEPLOY_CALIB_SIZE, is_integer_layer, plan_integer
+from ..deploy.requant import deployed
 from ..errors import CheckpointError
 from ..gpu import pin_worker
 from ..eval import evaluate, score
@@ -219,13 +221,22 @@ class Pool:
         return SlidingWindow(model, window, stride)
 
     def score(self, model: nn.Module, domain: str) -> float:
-        """``model``'s score on ``domain``'s test split (accuracy, or mIoU: :func:`mergeq.eval.score`)."""
-        return score(self.scored(model), self.tests[domain], device=self.device)
+        """The :meth:`deployed` ``model``'s score on ``domain``'s test split (accuracy, or mIoU:
+        :func:`mergeq.eval.score`), its integer plan calibrated on ``domain``'s images."""
+        return score(self.scored(self.deployed(model, [domain])), self.tests[domain], device=self.device)
+
+    def deployed(self, model: nn.Module, domains: list[str] | None = None) -> nn.Module:
+        """``model`` as its integer export computes it (:func:`mergeq.deploy.requant.deployed`), its
+        integer plan calibrated on :func:`deployment_images` of ``domains`` (default: the targets),
+        as ``mergeq export`` calibrates a checkpoint of those domains; ``model`` itself where it has
+        no integer layer (full precision, weight-only)."""
+        return deployed_model(model, self.bench, domains or self.targets)
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        """:func:`mergeq.eval.evaluate` on every target; for segmentation also ``preview``: the
-        model's prediction on the first test images of each target (:mod:`mergeq.eval.strips`)."""
-        model = self.scored(model)
+        """:func:`mergeq.eval.evaluate` of the :meth:`deployed` model on every target; for
+        segmentation also ``preview``: the model's prediction on the first test images of each
+        target (:mod:`mergeq.eval.strips`)."""
+        model = self.scored(self.deployed(model))
         result = evaluate(model, self.tests, self.device)
         if self.task == "segmentation":
             result["preview"] = {d: preview(model, self.tests[d], self.device) for d in self.targets}
@@ -342,6 +353,23 @@ class Pool:
             extra["preview"] = runs[0]["preview"]
         return {**mean, "hmean": statistics.mean(hmeans), **extra,
                 "repeats": {"seeds": seeds, "hmeans": hmeans, "std": statistics.stdev(hmeans)}}
+
+def deployment_images(bench: Any, domains: list[str], size: int = DEPLOY_CALIB_SIZE) -> torch.Tensor:
+    """The images a model of ``domains`` is planned for integer deployment on (``export``'s
+    calibration): the first ``ceil(size / len(domains))`` of each domain's training split, in order."""
+    per = -(-size // len(domains))
+    splits = [bench.source.train if d == bench.source.name else bench.targets[d].train for d in domains]
+    return torch.cat([take(split, range(min(per, len(split))))[0] for split in splits])[:size]
+
+
+def deployed_model(model: nn.Module, bench: Any, domains: list[str]) -> nn.Module:
+    """:func:`mergeq.deploy.requant.deployed` with the plan of ``export``: calibrated on
+    :func:`deployment_images` of ``domains``; ``model`` itself where it has no integer layer."""
+    if not any(is_integer_layer(m) for m in model.modules()):
+        return model
+    images = deployment_images(bench, domains)
+    return deployed(model, plan_integer(model, images.to(next(model.parameters()).device)))
+
 
 def qconfig(cfg: Config, bits: tuple[int, int | None], fold_bn: bool = True) -> QuantConfig:
     """The quantization of ``bits`` (w, a) with the config's first/last-layer bits and step search."""

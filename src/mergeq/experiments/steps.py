@@ -34,7 +34,7 @@ from ..ptq import quantize
 from ..quant.config import parse_bits
 from . import health
 from .config import Config, check_average_weights, resolve, translate_legacy, with_data
-from .pool import Pool, qconfig
+from .pool import Pool, deployed_model, deployment_images, qconfig
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
@@ -159,9 +159,7 @@ def export_calibration(meta: dict, size: int) -> torch.Tensor:
     unknown = [d for d in domains if d not in known]
     if unknown:
         raise ExportError(f"domains {unknown} are not in the checkpoint's data; known: {known}")
-    per = -(-size // len(domains))
-    parts = [take(split, range(min(per, len(split))))[0] for split in (_domain(bench, d).train for d in domains)]
-    return torch.cat(parts)[:size]
+    return deployment_images(bench, domains, size)
 
 
 def train_source(config: Config, out: str | Path, progress: bool = False) -> dict[str, float]:
@@ -224,7 +222,7 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
     qcfg = qconfig(cfg, bits)
     q = quantize(model, method, calib=dom.train, config=qcfg, source=src, calib_size=cfg.ptq.calib_size,
                  device=device, seed=cfg.runtime.seed, progress=progress, **cfg.ptq.options.get(method, {}))
-    acc = score(q, dom.test, device=device)
+    acc = score(deployed_model(q, bench, [domain]), dom.test, device=device)
     save_model(q, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                         "domain": domain, "role": "quantized expert", "method": method, "bits": qcfg.tag,
                         "accuracy": acc}, template)
@@ -284,7 +282,8 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
         recalibrate(merged, models, calib, mode, options.get("weights"))
     result["recalibrate"] = mode
     if bench is not None:
-        result["accuracy"] = evaluate(merged, {d: _domain(bench, d).test for d in domains}, device)
+        result["accuracy"] = evaluate(deployed_model(merged, bench, domains), {d: _domain(bench, d).test for d in domains},
+                                      device)
     else:
         result["not_evaluated"] = unread
         log.warning("the merged model is not evaluated: %s", unread)
