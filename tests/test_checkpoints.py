@@ -233,9 +233,9 @@ def test_bit_width_edited_below_the_stored_codes_is_refused(w4_checkpoint, tmp_p
 
 @pytest.mark.parametrize("changes, match", [
     ({"quant_layers": {"layer9.conv": [4, 4]}}, "quant_layers names 'layer9.conv'"),
-    ({"arch_kwargs": [16]}, "arch_kwargs must be a dict"),
+    ({"arch_kwargs": [16]}, "arch_kwargs must be a mapping"),
     ({"arch_kwargs": {"width": "wide"}}, "cannot be built"),
-    ({"num_classes": "ten"}, "num_classes must be a int"),
+    ({"num_classes": "ten"}, "num_classes must be an integer"),
     ({"quant_layers": {"conv1": "W4"}}, r"quant_layers\['conv1'\]"),
     ({"folded_bn": ["nosuch.bn"]}, "folded_bn names 'nosuch.bn'"),
     ({"folded_bn": ["conv1"]}, "folded_bn names 'conv1', but .* has no such BatchNorm layer"),  # was AttributeError

@@ -1,10 +1,14 @@
 """Issue 31 (hardening round 4), items 3, 4, 5, 7 (in part) and 8: checkpoints every command reads
 back, config files that round-trip, bounds on counts, options refused before training,
-mismatched experts, data-free merges without data, and intervals that keep their promise."""
+mismatched experts (seeds, splits, source models), data-free merges without data, one-line errors
+naming the file (metadata of the wrong type, names that are not UTF-8), and intervals that keep
+their promise. Item 6 (machine facts): test_sysinfo.py."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,17 +21,18 @@ from mergeq.checkpoint import save_model
 from mergeq.cli import main
 from mergeq.data import load_data
 from mergeq.deploy import load_packed
-from mergeq.errors import ConfigError, IncompatibleModelsError
+from mergeq.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from mergeq.eval.intervals import (MIN_VERDICT_SEEDS, mean_ci, paired_diff_ci, prediction_interval, t_half_width,
                                    verdict)
 from mergeq.experiments.compare import summarize
 from mergeq.experiments.config import Config, load_config
 from mergeq.experiments import steps
-from mergeq.experiments.steps import load_checkpoint_model, merge_checkpoints
-from mergeq.io import dump_yaml, load_yaml
+from mergeq.experiments.steps import check_same_origin, load_checkpoint_model, merge_checkpoints
+from mergeq.io import dump_yaml, load_yaml, read_checkpoint_header
 from mergeq.merge import MERGE_METHODS
 from mergeq.merge.recalibrate import RECALIBRATIONS
 from mergeq.models import build_model
+from mergeq.models.spec import file_sha256
 from mergeq.ptq import quantize
 from mergeq.quant import QuantConfig
 
@@ -195,6 +200,96 @@ def test_experts_of_other_seeds_or_splits_are_refused_naming_both_files(tmp_path
                  "--quiet"]) == 0
     assert main(["merge", same[0], paths[1], "--method", "ties", "--base", same[2], "--out",
                  str(tmp_path / "no.safetensors"), "--quiet"]) == 2
+
+
+def test_experts_of_other_source_models_are_refused_and_a_base_must_be_their_source(tmp_path, capsys, data,
+                                                                                      monkeypatch, one_thread):
+    """Experts adapted from two source models of one seed and split merged silently: `adapt`
+    records the source file's sha256, `quantize` and `merge` carry it, and `merge` compares it
+    (a `--base` is its own source)."""
+    monkeypatch.setattr(steps, "shot", lambda model, *a, **k: model)  # the adaptation is not what is tested
+    cfg = Config.from_dict({"preset": "quick", "runtime": {"threads": 1, "cache_dir": data["cache"]}})
+    sources = _fp_experts(tmp_path, [{"data": data["spec"], "seed": 0, "domain": "A"}] * 2)
+    experts = [str(tmp_path / f"x{k}.safetensors") for k in range(3)]
+    for src, domain, out in zip([sources[0], sources[0], sources[1]], ["B", "C", "C"], experts):
+        steps.adapt(cfg, src, domain, out)
+    assert read_checkpoint_header(experts[0])[1]["source_sha256"] == file_sha256(sources[0])
+    common = ["--set", "merge.recalibrate=none", "--set", f"runtime.cache_dir={data['cache']}", "--quiet"]
+    err = _one_line(capsys, ["merge", experts[0], experts[2], "--out", str(tmp_path / "no.safetensors"), *common],
+                    f"{experts[0]} and {experts[2]} come from different runs (source_sha256 (")
+    assert file_sha256(sources[0]) in err and file_sha256(sources[1]) in err
+    _one_line(capsys, ["merge", *experts[:2], "--method", "ties", "--base", sources[1], "--out",
+                       str(tmp_path / "no.safetensors"), *common], f"{experts[0]} and {sources[1]} come from different")
+    merged = tmp_path / "m.safetensors"
+    assert main(["merge", *experts[:2], "--method", "ties", "--base", sources[0], "--out", str(merged), *common]) == 0
+    quantized = tmp_path / "q.safetensors"
+    assert main(["quantize", "--model", experts[2], "--method", "rtn", "--bits", "W4A4", "--preset", "quick",
+                 "--out", str(quantized), *common[2:]]) == 0
+    assert read_checkpoint_header(merged)[1]["source_sha256"] == file_sha256(sources[0])
+    assert read_checkpoint_header(quantized)[1]["source_sha256"] == file_sha256(sources[1])
+    assert not (tmp_path / "no.safetensors").exists()
+
+
+# --- vague lines: malformed metadata and names that are not UTF-8 name the file ----------------------
+
+@pytest.mark.parametrize("command", ["merge", "merge-data-free", "export", "quantize", "adapt"])
+def test_metadata_of_the_wrong_type_is_one_line_naming_the_file(tmp_path, capsys, command):
+    """`"data": "digits"` in a checkpoint's metadata gave "'str' object is not a mapping"."""
+    paths = _fp_experts(tmp_path, [{"data": "digits", "seed": 0, "domain": d} for d in DOMAINS])
+    out = str(tmp_path / "out.safetensors")
+    argv = {"merge": ["merge", *paths, "--out", out],
+            "merge-data-free": ["merge", *paths, "--set", "merge.recalibrate=none", "--out", out],
+            "export": ["export", "--model", paths[0], "--out", out],
+            "quantize": ["quantize", "--model", paths[0], "--out", out],
+            "adapt": ["adapt", "--source", paths[0], "--domain", "B", "--out", out]}[command]
+    _one_line(capsys, argv, f"checkpoint metadata of {paths[0]}: data must be a mapping, got 'digits'")
+    with pytest.raises(CheckpointError, match="seed must be an integer, got '0'"):
+        check_same_origin([(paths[0], {"seed": "0"})])
+
+
+BAD = os.fsdecode(b"caf\xe9")  # Latin-1 "cafe", not valid UTF-8
+
+
+@pytest.fixture
+def bad_names(tmp_path):
+    try:
+        (tmp_path / BAD).mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    (tmp_path / BAD).rmdir()
+
+
+@pytest.mark.parametrize("where, what", [("domain", "domain folder"), ("class", "class folder"),
+                                         ("image", "image")])
+def test_data_folder_names_that_are_not_utf8_are_one_line_naming_them(tmp_path, capsys, bad_names, where, what):
+    """A class folder, image or domain folder named in Latin-1: "'utf-8' codec can't encode
+    character '\\udce9' in position 3: surrogates not allowed" from the split's fingerprint."""
+    rng = np.random.default_rng(0)
+    for d in ["A", BAD if where == "domain" else "B"]:
+        for c in ["x", BAD if where == "class" else "y"]:
+            (tmp_path / d / c).mkdir(parents=True)
+            for name in ["0.png", "1.png", BAD + ".png" if where == "image" else "2.png"]:
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / d / c / name)
+    (tmp_path / "c.yaml").write_text(f"data: {{kind: folder, root: '{tmp_path}', source: A, image_size: 8}}\n")
+    bad = {"domain": f"{tmp_path}/caf\\xe9", "class": f"{tmp_path}/A/caf\\xe9",
+           "image": f"{tmp_path}/A/x/caf\\xe9.png"}[where]
+    _one_line(capsys, ["data", "--config", str(tmp_path / "c.yaml"), "--set", f"runtime.cache_dir={tmp_path}/cache",
+                       "--out", str(tmp_path / "d.png")],
+              f"{what} {bad}: the name is not valid UTF-8 (byte 0xe9); rename it")
+
+
+def test_checkpoint_names_that_are_not_utf8_are_one_line_naming_them(tmp_path, capsys, bad_names):
+    """safetensors opens only UTF-8 paths: reading one said "not a readable safetensors file";
+    writing one left a checkpoint no command could read back."""
+    paths = _fp_experts(tmp_path, [{"seed": 0, "domain": d} for d in DOMAINS])
+    (tmp_path / (BAD + ".safetensors")).write_bytes(Path(paths[0]).read_bytes())
+    _one_line(capsys, ["merge", str(tmp_path / (BAD + ".safetensors")), paths[1], "--set", "merge.recalibrate=none",
+                       "--out", str(tmp_path / "m.safetensors")],
+              f"checkpoint {tmp_path}/caf\\xe9.safetensors: the name is not valid UTF-8 (byte 0xe9); rename it")
+    for argv in (["merge", *paths, "--set", "merge.recalibrate=none"], ["export", "--model", paths[0]]):
+        _one_line(capsys, [*argv, "--out", str(tmp_path / BAD / "m.safetensors")],
+                  f"--out {tmp_path}/caf\\xe9/m.safetensors: the name is not valid UTF-8 (byte 0xe9); rename it")
+    assert not (tmp_path / BAD).exists()
 
 
 # --- item 4: configs read back to the values written -------------------------------------------

@@ -48,6 +48,21 @@ def check_trusted(meta: dict, path: str | Path, trust_builder: bool = False) -> 
             "trust_builder=True (command line: --trust-builder)")
 
 
+META_TYPES = {"arch": str, "model": dict, "num_classes": int, "arch_kwargs": dict, "folded_bn": list,
+              "quant_layers": dict, "data": dict, "benchmark": str, "seed": int, "domain": str, "domains": list,
+              "source_sha256": str}
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "a mapping", list: "a list"}
+
+
+def check_meta_types(meta: dict, path: str | Path) -> None:
+    """The types of the metadata fields mergeq reads (:data:`META_TYPES`), each error naming the
+    file, the field and the type expected."""
+    for key, kind in META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise CheckpointError(f"checkpoint metadata of {path}: {key} must be {_TYPE_NAMES[kind]}, "
+                                  f"got {meta[key]!r}")
+
+
 def _check_meta(meta: dict, path: str | Path, template: nn.Module | None, trust_builder: bool = False) -> None:
     """Types of the metadata fields that describe the architecture, each error naming the field;
     a builder named in the file is refused unless trusted (module docstring)."""
@@ -58,12 +73,7 @@ def _check_meta(meta: dict, path: str | Path, template: nn.Module | None, trust_
         if "num_classes" not in meta:
             raise CheckpointError(f"checkpoint metadata of {path} lacks 'num_classes': was it written by mergeq?")
         check_trusted(meta, path, trust_builder)
-    expected = {"arch": str, "model": dict, "num_classes": int, "arch_kwargs": dict, "folded_bn": list,
-                "quant_layers": dict}
-    for key, kind in expected.items():
-        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
-            raise CheckpointError(f"checkpoint metadata of {path}: {key} must be a {kind.__name__}, "
-                                  f"got {meta[key]!r}")
+    check_meta_types(meta, path)
     if meta.get("num_classes", 1) < 1:
         raise CheckpointError(f"checkpoint metadata of {path}: num_classes must be positive, got {meta['num_classes']}")
     for name, bits in meta.get("quant_layers", {}).items():

@@ -369,7 +369,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     c = env["cpu"]
     print("\n".join([
         *(f"{k}: {v or 'not installed'}" for k, v in env["versions"].items()),
-        f"cpu: {c['model']} ({c['arch']}); flags: {', '.join(c['flags']) or 'none of ' + ', '.join(FLAGS)}",
+        f"cpu: {c['model']} ({c['arch']}; name from {c['source']['model']})",
+        f"cpu flags: {', '.join(c['flags']) or 'none of ' + ', '.join(FLAGS)} (from {c['source']['flags']})",
         f"torch cpu capability: {env['torch_cpu_capability']}; torch threads: {env['torch_threads']}",
         f"cuda devices: {', '.join(env['cuda_devices']) or 'none'}",
         f"int8 export here: --target-cpu native means {env['int8_export_target_cpu']} ("

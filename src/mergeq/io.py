@@ -188,6 +188,18 @@ def check_out_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def utf8_name(path: str | os.PathLike, what: str, error: type[MergeqError] = MergeqError) -> Path:
+    """``path``, or ``error`` naming it (undecodable bytes escaped) if it is not valid UTF-8:
+    safetensors and onnxruntime open only UTF-8 paths, and a data split's fingerprint hashes names."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {raw.decode('utf-8', 'backslashreplace')}: the name is not valid UTF-8 "
+                    f"(byte {raw[e.start]:#04x}); rename it") from None
+    return Path(path)
+
+
 def check_out_file(path: str | os.PathLike) -> Path:
     """Make sure an output file can be written (its folder created and writable, not a folder)."""
     path = Path(path)
@@ -233,6 +245,7 @@ def _open(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"checkpoint file {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
+    utf8_name(path, "checkpoint", CheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -4,6 +4,14 @@ kernels (AVX2, AVX-512, VNNI), thread count, library versions, CUDA devices.
 Float rounding differs between CPU kinds (PyTorch's kernels pick other vector widths and
 summation orders on AVX2 and AVX-512), and onnxruntime's uint8 x int8 kernels are exact only
 with VNNI (:func:`mergeq.deploy.integer.saturation_free`), so every results file records this.
+
+The instruction sets are the ones CPUID reports when executed in this process, which is what the
+kernels see: under emulation (QEMU's ``-cpu Haswell-v4``) or in a VM that masks features,
+/proc/cpuinfo still lists the host's. The reader is PyTorch's (``torch.cpu.get_capabilities``,
+pytorch/cpuinfo), or NumPy's where PyTorch is too old to have it (NumPy names no AVX-VNNI and
+no AMX: such a CPU then counts as without VNNI, which keeps int8 exports exact and only slower).
+Only the model name comes from /proc/cpuinfo (the host's, under emulation); ``cpu()["source"]`` says
+which source gave what.
 """
 from __future__ import annotations
 
@@ -14,40 +22,53 @@ from pathlib import Path
 from typing import Any
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")  # as /proc/cpuinfo names them
+_TORCH_NAMES = {"avx512f": "avx512_f"}  # torch.cpu.get_capabilities' names, where they differ
+_NUMPY_NAMES = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512_vnni": "AVX512VNNI"}  # NumPy's __cpu_features__
 
 
 @lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    """``(model name, flags)`` from /proc/cpuinfo (Linux); elsewhere the platform's processor name."""
+def _model_name() -> tuple[str, str]:
+    """``(model name, where it came from)``: /proc/cpuinfo (Linux), elsewhere the platform's name."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip(), "/proc/cpuinfo"
     except OSError:
-        return platform.processor() or platform.machine(), frozenset()
-    model, flags = platform.processor() or platform.machine(), frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model in ("", platform.machine(), platform.processor()):
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = frozenset(value.split())
-    return model, flags
+        pass
+    return platform.processor() or platform.machine(), "platform.processor()"
+
+
+@lru_cache(maxsize=1)
+def _cpuid() -> tuple[frozenset[str], str]:
+    """``(the FLAGS this process's CPU has, the reader)``, from CPUID executed in this process."""
+    try:
+        from torch.cpu import get_capabilities
+    except ImportError:
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as features
+        except ImportError:  # NumPy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        return frozenset(f for f, n in _NUMPY_NAMES.items() if features.get(n)), "numpy __cpu_features__"
+    caps = get_capabilities()
+    return frozenset(f for f in FLAGS if caps.get(_TORCH_NAMES.get(f, f)) is True), "torch.cpu.get_capabilities"
 
 
 def cpu() -> dict[str, Any]:
-    """The CPU: model name, architecture, the flags in :data:`FLAGS` it has, whether it has VNNI."""
-    model, flags = _cpuinfo()
-    have = [f for f in FLAGS if f in flags]
-    return {"model": model, "arch": platform.machine(), "flags": have, "vnni": has_vnni()}
+    """The CPU: model name, architecture, the flags in :data:`FLAGS` it has, whether it has VNNI,
+    and the source of the model name and of the flags."""
+    (model, model_source), (flags, flag_source) = _model_name(), _cpuid()
+    return {"model": model, "arch": platform.machine(), "flags": [f for f in FLAGS if f in flags],
+            "vnni": has_vnni(),
+            "source": {"model": model_source, "flags": f"CPUID in this process, read by {flag_source}"}}
 
 
 def has_vnni() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI on x86; ARM's
     dot-product kernels do not saturate either), so uint8 x int8 kernels are exact."""
-    _, flags = _cpuinfo()
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
-    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    return bool(_cpuid()[0] & {"avx512_vnni", "avx_vnni"})
 
 
 def _version(package: str) -> str | None:

@@ -60,6 +60,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import MergeqError
+from ..io import utf8_name
 from .digits import BENCHMARKS, Benchmark, Domain, standardize
 
 log = logging.getLogger(__name__)
@@ -293,12 +294,14 @@ def scan_domain(domain_dir: str | Path) -> Dict[str, list[Path]]:
     domain_dir = Path(domain_dir)
     if not domain_dir.is_dir():
         raise FolderNotFoundError(f"domain folder {domain_dir} does not exist")
-    classes = sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and _visible(p))
+    utf8_name(domain_dir, "domain folder", FolderDataError)
+    classes = sorted(utf8_name(p, "class folder", FolderDataError).name for p in domain_dir.iterdir()
+                     if p.is_dir() and _visible(p))
     if not classes:
         raise FolderDataError(f"domain folder {domain_dir} holds no class folders (<domain>/<class>/<image>)")
     out = {}
     for c in classes:
-        files = sorted(p for p in (domain_dir / c).iterdir()
+        files = sorted(utf8_name(p, "image", FolderDataError) for p in (domain_dir / c).iterdir()
                        if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise FolderDataError(f"class folder {domain_dir / c} holds no images "

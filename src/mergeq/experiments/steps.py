@@ -21,15 +21,17 @@ import torch
 
 from ..adapt.segmentation import dacs
 from ..adapt.shot import shot
-from ..checkpoint import builder_template, model_from_checkpoint, save_model
+from ..checkpoint import builder_template, check_meta_types, model_from_checkpoint, save_model
 from ..data import Benchmark, load_data
 from ..data.spec import task_of
 from ..data_utils import as_tensor, take
 from ..errors import IncompatibleModelsError, MergeqError
 from ..eval import evaluate, linear_path, loss_surface, score
-from ..io import atomic_write_text, check_out_dir, check_out_file, config_diff, read_checkpoint_header, write_json
+from ..io import (atomic_write_text, check_out_dir, check_out_file, config_diff, read_checkpoint_header, utf8_name,
+                  write_json)
 from ..merge import MERGE_METHODS, check_rounding_options, merge
 from ..merge.recalibrate import recalibrate
+from ..models.spec import file_sha256
 from ..ptq import quantize
 from ..quant.config import parse_bits
 from . import health
@@ -38,6 +40,7 @@ from .pool import Pool, deployed_model, deployment_images, qconfig
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
+KEPT_KEYS = (*ARCH_KEYS, "source_sha256")  # what quantize and merge carry over from their input
 
 
 SIDE_SUFFIXES = (".config.yaml", ".report.json")
@@ -78,7 +81,7 @@ def check_outputs(out: str | Path, inputs: list[str | Path | None] = (), report:
     """Refuse, before any work, a step whose outputs (``out``, the config it writes beside it if
     ``config``, the merge ``report``) would overwrite one of its ``inputs`` or a side file of
     another checkpoint (an input's, or one that exists), or whose ``out`` is named like a side file."""
-    out = Path(out)
+    out = utf8_name(out, "--out")
     outputs = {"--out": out, **({"the config written beside --out": config_path(out)} if config else {}),
                **({"--report": Path(report)} if report is not None else {})}
     ins = [Path(p) for p in inputs if p is not None]
@@ -196,8 +199,8 @@ def adapt(config: Config, source: str | Path, domain: str, out: str | Path, prog
     before, after = (score(m, dom.test, device=cfg.runtime.device) for m in (model, expert))
     health.check_expert(domain, before, after, "dacs" if task_of(bench.spec) == "segmentation" else "shot")
     save_model(expert, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
-                             "domain": domain, "role": "expert", "config": dataclasses.asdict(how),
-                             "accuracy": {"source": before, "expert": after}}, template)
+                             "source_sha256": file_sha256(source), "domain": domain, "role": "expert",
+                             "config": dataclasses.asdict(how), "accuracy": {"source": before, "expert": after}}, template)
     _record(with_data(cfg, bench.spec), out)
     return before, after
 
@@ -223,7 +226,7 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
     q = quantize(model, method, calib=dom.train, config=qcfg, source=src, calib_size=cfg.ptq.calib_size,
                  device=device, seed=cfg.runtime.seed, progress=progress, **cfg.ptq.options.get(method, {}))
     acc = score(deployed_model(q, bench, [domain]), dom.test, device=device)
-    save_model(q, out, {**{k: meta[k] for k in ARCH_KEYS if k in meta}, "data": bench.spec, "seed": seed,
+    save_model(q, out, {**{k: meta[k] for k in KEPT_KEYS if k in meta}, "data": bench.spec, "seed": seed,
                         "domain": domain, "role": "quantized expert", "method": method, "bits": qcfg.tag,
                         "accuracy": acc}, template)
     _record(with_data(cfg, bench.spec), out)
@@ -233,8 +236,8 @@ def quantize_checkpoint(config: Config, model_path: str | Path, out: str | Path,
 def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | Path, report: str | Path | None,
                       base: str | None = None, trust_builder: bool = False) -> dict[str, Any]:
     """Merge checkpoints (``average``: quantized experts stay quantized, merged with
-    ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``) of one seed and data split
-    (:func:`check_same_origin`), recalibrate (``merge.recalibrate``, on each domain's first
+    ``merge.rounding``; ``task_arithmetic``/``ties`` around ``base``) of one source model, seed and
+    data split (:func:`check_same_origin`), recalibrate (``merge.recalibrate``, on each domain's first
     ``ptq.calib_size`` calibration images; a mode left to the preset is skipped with a warning when
     the checkpoints name no data or it cannot be read), save, evaluate when their data can be read
     (else ``not_evaluated`` says why); the JSON report (also written to ``report``, with the
@@ -256,7 +259,10 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
     check_outputs(out, [*paths, base], report_path)
     check_out_file(out)
     check_out_file(report_path)
-    check_same_origin([(p, read_checkpoint_header(p)[1]) for p in [*paths, *([base] if base else [])]])
+    headers = [(p, read_checkpoint_header(p)[1]) for p in paths]
+    if base:  # the experts' source model: its own file
+        headers.append((base, {"source_sha256": file_sha256(base), **read_checkpoint_header(base)[1]}))
+    check_same_origin(headers)
     device = cfg.runtime.device
     loaded = [load_checkpoint_model(p, config, device, trust_builder) for p in paths]
     models, metas = [mdl for mdl, _, _ in loaded], [meta for _, meta, _ in loaded]
@@ -264,7 +270,7 @@ def merge_checkpoints(config: Config, paths: list[str], method: str, out: str | 
         options["base"] = load_checkpoint_model(base, config, device, trust_builder)[0]
     merged = merge(models, method=method, **options)
     domains = [meta.get("domain") for meta in metas]
-    meta = {k: metas[0][k] for k in (*ARCH_KEYS, "benchmark", "data", "seed") if k in metas[0]}
+    meta = {k: metas[0][k] for k in (*KEPT_KEYS, "benchmark", "data", "seed") if k in metas[0]}
     result: dict[str, Any] = {"experts": [str(p) for p in paths], "domains": domains, "method": method,
                               "options": {k: v for k, v in options.items() if k != "base"}, "base": base}
     bench, unread = _merge_data(meta, cfg, domains)
@@ -305,25 +311,27 @@ def _merge_data(meta: dict, cfg: Config, domains: list[str | None]) -> tuple[Ben
 
 
 def _origin(meta: dict, shared: set[str]) -> dict[str, Any]:
-    """What the experts of one merge must share: the split seed and the data (its ``splits``
-    restricted to the ``shared`` domains; ``targets`` differ by expert)."""
+    """What the experts of one merge must share: the source model, the split seed and the data (its
+    ``splits`` restricted to the ``shared`` domains; ``targets`` differ by expert)."""
     data = meta.get("data")
-    if isinstance(data, dict):
+    if data is not None:
         data = {k: ({d: v for d, v in data[k].items() if d in shared} if k == "splits" and isinstance(data[k], dict)
                     else data[k]) for k in data if k != "targets"}
-    return {k: v for k, v in {"seed": meta.get("seed"), "benchmark": meta.get("benchmark"), "data": data}.items()
-            if v is not None}
+    return {k: v for k, v in {"source_sha256": meta.get("source_sha256"), "seed": meta.get("seed"),
+                              "benchmark": meta.get("benchmark"), "data": data}.items() if v is not None}
 
 
 def check_same_origin(checkpoints: list[tuple[str | Path, dict]]) -> None:
-    """Refuse, before any work, checkpoints to merge (experts and base) made from other seeds or
-    data splits (their ``seed``, ``data`` or ``benchmark`` metadata): their merge mixes unrelated
-    models, and evaluating it on one file's split would test on the other's training images. The
-    error names the two files and what differs; metadata one file lacks is not compared."""
+    """Refuse, before any work, checkpoints to merge (experts and base) made from other source
+    models, seeds or data splits (their ``source_sha256``, ``seed``, ``data`` or ``benchmark``
+    metadata; a base is its own source): their merge mixes unrelated models, and evaluating it on
+    one file's split would test on the other's training images. The error names the two files
+    and what differs; metadata one file lacks is not compared, metadata of the wrong type is refused."""
+    for path, meta in checkpoints:
+        check_meta_types(meta, path)
     first, meta0 = checkpoints[0]
     for path, meta in checkpoints[1:]:
-        splits = [set(m.get("data", {}).get("splits") or {}) if isinstance(m.get("data"), dict) else set()
-                  for m in (meta0, meta)]
+        splits = [set(m.get("data", {}).get("splits") or {}) for m in (meta0, meta)]
         a, b = _origin(meta0, splits[0] & splits[1]), _origin(meta, splits[0] & splits[1])
         keys = a.keys() & b.keys()
         diff = config_diff({k: a[k] for k in keys}, {k: b[k] for k in keys})
