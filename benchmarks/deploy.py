@@ -11,9 +11,11 @@ Models (digits benchmark, the `--preset` adaptation and PTQ settings, `--seed`):
   quantized after merging (E-PMQ setting) with RTN W8A8 and with GPTQ W4 weight-only (groups
   of 32, for MatMulNBits).
 
-Variants: PyTorch FP32 (the merged float model), PyTorch fake-quant (the merged quantized
-model), and on onnxruntime's CPU provider: FP32 (``kernels="fp32"`` of the float model), QDQ
-(``kernels="qdq"``, run in float), integer (``kernels="int8"``, requantization steps calibrated
+Variants: PyTorch FP32 (the merged float model), PyTorch evaluated (the merged quantized model
+as mergeq evaluates and reports it: the fake-quant model with the integer plan's
+requantizations, ``mergeq.deploy.requant.deployed``; the fake-quant model alone, what mergeq
+evaluated before issue 31, is reported beside it), and on onnxruntime's CPU provider: FP32 (``kernels="fp32"`` of the float model), QDQ
+(``kernels="qdq"`` with the same plan, run in float), integer (``kernels="int8"``, requantization steps calibrated
 on the union of the targets' calibration splits; ``target_cpu="any"``, the default, and
 ``"vnni"``) and the reference
 ``onnxruntime.quantization.quantize_static`` of the FP32 file (its default QDQ format, per-channel
@@ -22,8 +24,9 @@ graph it fails on). For W4A8 rows also its W4A8 (int4 weights, the first and las
 ours), accuracy only (onnxruntime has no int4 kernel; uint4 activations it refuses in QLinearConv).
 
 Reported: file sizes; top-1 agreement of each onnxruntime model with the PyTorch model it came
-from (QDQ with fake-quant, integer with its PyTorch simulation ``IntegerSimulation``, and
-integer with fake-quant, which shows what the calibrated requantization changes) over every
+from (QDQ with the evaluated model, integer with its PyTorch simulation ``IntegerSimulation``,
+integer with the evaluated model, and integer with the fake-quant model alone, which shows what
+modelling the requantizations changed) over every
 target's full test set; where QEMU's user-mode emulator is installed, the agreement of both
 integer files with the simulation on an emulated AVX2 CPU without VNNI (``Haswell-v4``; exact
 arithmetic is checked there, speed is not); the harmonic mean of the targets' accuracies; the median latency of
@@ -47,6 +50,7 @@ from torch import nn
 from mergeq.deploy import IntegerSimulation, export_onnx, ort_session, plan_integer, save_packed
 from mergeq.deploy.check import median_ms
 from mergeq.deploy.emulate import qemu, run_emulated
+from mergeq.deploy.requant import deployed
 from mergeq.sysinfo import cpu
 from mergeq.eval import harmonic_mean
 from mergeq.io import atomic_write_text, write_json
@@ -57,7 +61,7 @@ from mergeq.experiments import Config, Pool, load_config
 from mergeq.ptq import quantize
 from mergeq.quant import parse_bits
 
-VARIANTS = ("PyTorch FP32", "PyTorch fake-quant", "ORT FP32", "ORT QDQ", "ORT integer", "ORT integer vnni",
+VARIANTS = ("PyTorch FP32", "PyTorch evaluated", "ORT FP32", "ORT QDQ", "ORT integer", "ORT integer vnni",
             "ORT quantize_static")
 EMULATED = 480  # test images (the first of each target's split) run on the emulated AVX2 CPU
 
@@ -79,6 +83,7 @@ class Case:
     agree: dict = field(default_factory=dict)
     ms: dict = field(default_factory=dict)
     sim: nn.Module | None = None  # the PyTorch twin of the integer file
+    evaluated: nn.Module | None = None  # the model mergeq reports: q with the plan's requantizations
     static: bool = True  # whether quantize_static handles the float model
     accuracy_only: dict = field(default_factory=dict)  # more onnxruntime files, not timed
 
@@ -166,7 +171,8 @@ def export_all(case: Case, tmp: Path, fp_files: dict) -> None:
                          if case.static else None)
     stem = tmp / f"{case.name}-{case.bits}".replace(" ", "_")
     plan = plan_integer(case.q, case.calib, calib_size=len(case.calib)) if case.bits != "W4" else None
-    case.files = {"ORT FP32": fp_files[key][0], "ORT QDQ": export_onnx(case.q, f"{stem}.qdq.onnx", meta=case.meta),
+    case.files = {"ORT FP32": fp_files[key][0],
+                  "ORT QDQ": export_onnx(case.q, f"{stem}.qdq.onnx", meta=case.meta, plan=plan),
                   "ORT integer": export_onnx(case.q, f"{stem}.int8.onnx", meta=case.meta, kernels="int8", plan=plan),
                   "ORT integer vnni": export_onnx(case.q, f"{stem}.int8-vnni.onnx", meta=case.meta, kernels="int8",
                                                   plan=plan, target_cpu="vnni")}
@@ -180,24 +186,29 @@ def export_all(case: Case, tmp: Path, fp_files: dict) -> None:
     case.sizes = {k: p.stat().st_size for k, p in case.files.items()}
     case.sizes["packed"] = save_packed(case.q, f"{stem}.packed.safetensors", case.meta).stat().st_size
     case.sim = IntegerSimulation(case.q, plan) if plan is not None else case.q
+    case.evaluated = deployed(case.q, plan) if plan is not None else case.q
 
 
 def evaluate(case: Case) -> None:
     sessions = {k: ort_session(p) for k, p in {**case.files, **case.accuracy_only}.items()}
-    preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in (*VARIANTS, *case.accuracy_only, "sim")}
+    preds: dict[str, dict[str, np.ndarray]] = {k: {} for k in (*VARIANTS, *case.accuracy_only, "sim",
+                                                                "fake-quant alone")}
     labels = {}
     for d, test in case.tests.items():
         x, y = take(test, range(len(test)))
         labels[d] = y.numpy()
-        preds["PyTorch FP32"][d], preds["PyTorch fake-quant"][d] = torch_predict(case.fp, x), torch_predict(case.q, x)
+        preds["PyTorch FP32"][d], preds["PyTorch evaluated"][d] = torch_predict(case.fp, x), torch_predict(
+            case.evaluated, x)
+        preds["fake-quant alone"][d] = torch_predict(case.q, x)
         preds["sim"][d] = torch_predict(case.sim, x)
         for k, sess in sessions.items():
             preds[k][d] = ort_predict(sess, x)
     everything = lambda k: np.concatenate([preds[k][d] for d in case.tests])  # noqa: E731
     case.acc = {k: harmonic_mean([float((preds[k][d] == labels[d]).mean()) for d in case.tests])
                 for k in preds if preds[k]}
-    pairs = {"QDQ vs fake-quant": ("ORT QDQ", "PyTorch fake-quant"), "integer vs simulation": ("ORT integer", "sim"),
-             "integer vs fake-quant": ("ORT integer", "PyTorch fake-quant"),
+    pairs = {"QDQ vs evaluated": ("ORT QDQ", "PyTorch evaluated"), "integer vs simulation": ("ORT integer", "sim"),
+             "integer vs evaluated": ("ORT integer", "PyTorch evaluated"),
+             "integer vs fake-quant alone": ("ORT integer", "fake-quant alone"),
              "quantize_static vs FP32": ("ORT quantize_static", "PyTorch FP32")}
     case.agree = {k: float((everything(a) == everything(b)).mean()) for k, (a, b) in pairs.items() if preds[a]}
     case.agree["images"] = len(everything("sim"))
@@ -206,8 +217,9 @@ def evaluate(case: Case) -> None:
         per = EMULATED // len(case.tests)
         x = torch.cat([take(t, range(min(per, len(t))))[0] for t in case.tests.values()])
         with torch.no_grad():
-            sim = case.sim(x).numpy()
+            sim, evaluated = case.sim(x).numpy(), case.evaluated(x).numpy()
         outs = run_emulated([(case.files[k], x.numpy()) for k in ("ORT integer", "ORT integer vnni")])
+        case.agree["integer vs evaluated, AVX2"] = float((outs[0].argmax(1) == evaluated.argmax(1)).mean())
         for k, out in zip(("integer", "integer vnni"), outs):
             case.agree[f"{k} vs simulation, AVX2"] = float((out.argmax(1) == sim.argmax(1)).mean())
             case.agree[f"{k} max diff, AVX2"] = float(np.abs(out - sim).max())
@@ -218,7 +230,7 @@ def time_all(case: Case, runs: int, threads: int, batch: int) -> dict[str, float
     torch.set_num_threads(threads)
     x = take(next(iter(case.tests.values())), range(batch))[0]
     xn = x.numpy()
-    fns = {"PyTorch FP32": lambda: case.fp(x), "PyTorch fake-quant": lambda: case.q(x)}
+    fns = {"PyTorch FP32": lambda: case.fp(x), "PyTorch evaluated": lambda: case.evaluated(x)}
     for k, path in case.files.items():
         sess = ort_session(path, threads=threads)
         fns[k] = (lambda s: lambda: s.run(None, {"input": xn}))(sess)
@@ -267,22 +279,25 @@ def report(cases: list[Case], args, all_cores: int) -> str:
         f"agreements; {cases[0].agree.get('images AVX2', 0)} on the emulated AVX2 CPU without VNNI, QEMU "
         "`Haswell-v4`). `integer`: `--target-cpu any` (the default), `integer vnni`: `--target-cpu vnni`.",
         "",
-        "| model | bits | KiB FP32 / QDQ / integer / static / packed | acc PyTorch FP32 / fake-quant % | acc ORT QDQ / "
-        "integer / quantize_static % | acc quantize_static W4A8 % | agree QDQ vs fake-quant % | agree integer vs "
-        "simulation % | agree integer vs fake-quant % | AVX2 agree integer / integer vnni vs simulation % | "
-        "AVX2 max logit diff integer / integer vnni |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | bits | KiB FP32 / QDQ / integer / static / packed | acc PyTorch FP32 / evaluated / fake-quant alone "
+        "% | acc ORT QDQ / integer / quantize_static % | acc quantize_static W4A8 % | agree QDQ vs evaluated % | agree "
+        "integer vs simulation % | agree integer vs evaluated % | agree integer vs fake-quant alone % | AVX2 agree "
+        "integer / integer vnni vs simulation % | AVX2 agree integer vs evaluated % | AVX2 max logit diff integer / "
+        "integer vnni |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         s, a, g = c.sizes, c.acc, c.agree
         out.append(
             f"| {c.name} | {c.bits} | {kib(s['ORT FP32'])} / {kib(s['ORT QDQ'])} / {kib(s['ORT integer'])} / "
             f"{kib(s.get('ORT quantize_static'))} / {kib(s['packed'])} | {pct(a['PyTorch FP32'])} / "
-            f"{pct(a['PyTorch fake-quant'])} | {pct(a['ORT QDQ'])} / {pct(a['ORT integer'])} / "
+            f"{pct(a['PyTorch evaluated'])} / {pct(a['fake-quant alone'])} | {pct(a['ORT QDQ'])} / {pct(a['ORT integer'])} / "
             f"{pct(a.get('ORT quantize_static'))} | {pct(a.get('ORT quantize_static W4A8'))} | "
-            f"{pct(g['QDQ vs fake-quant'])} | "
-            f"{pct(g['integer vs simulation'])} | {pct(g['integer vs fake-quant'])} | "
+            f"{pct(g['QDQ vs evaluated'])} | "
+            f"{pct(g['integer vs simulation'])} | {pct(g['integer vs evaluated'])} | "
+            f"{pct(g['integer vs fake-quant alone'])} | "
             f"{pct(g.get('integer vs simulation, AVX2'))} / {pct(g.get('integer vnni vs simulation, AVX2'))} | "
+            f"{pct(g.get('integer vs evaluated, AVX2'))} | "
             f"{g.get('integer max diff, AVX2', float('nan')):.3g} / {g.get('integer vnni max diff, AVX2', float('nan')):.3g} |")
     out += ["", f"Latency, ms (median of {args.runs} interleaved rounds at batch 64, {10 * args.runs} at batch 1). "
             "Ratios: the other model's time over ORT integer's (> 1: ORT integer is faster).", "",

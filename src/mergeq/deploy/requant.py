@@ -19,9 +19,10 @@ evaluates and reports this model (``run``, ``compare``, ``quantize``, ``merge``,
 ``export`` checks the file against it.
 
 Why not the other way round (keep sums wide, so the integer graph rounds nothing twice)? The
-only float-output integer convolution in onnxruntime is ConvInteger, 10-11x slower than
-QLinearConv and 3-4x slower than the float Conv on this CPU (batch 64, one thread, 16-64
-channels; PERFORMANCE.md "Requantization"), which would make the integer model slower than FP32.
+only float-output integer convolution in onnxruntime is ConvInteger, 8-23x slower than
+QLinearConv and 3.6-6.5x slower than the float Conv (AMD EPYC, batch 64, one thread, 16-64
+channels; ``benchmarks/requant_kernels.py``, PERFORMANCE.md §8), which would make the integer
+model slower than FP32.
 
 An add that no module returns (its sum used inside a module that goes on computing) cannot be
 hooked: :func:`modelable_adds` finds the adds that can, and :func:`~.integer.plan_integer` keeps
