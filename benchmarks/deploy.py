@@ -4,7 +4,8 @@
 
 Models (digits benchmark, the `--preset` adaptation and PTQ settings, `--seed`):
 
-* ResNet-8 and ResNet-20 (``--archs``): SHOT experts quantized with HDRQ at each of ``--bits``
+* ResNet-8 and ResNet-20 (``--archs``): SHOT experts quantized with ``--methods`` (default HDRQ;
+  the main job's are ``rtn qdrop hdrq``) at each of ``--bits``
   (first/last layer 8 bits) on their own target's calibration split and merged (the config's
   rounding); the full-precision reference is the average of the BN-folded experts;
 * the tiny ViT of benchmarks/configs/vit_digits.yaml (``--vit``): the experts' average
@@ -133,16 +134,17 @@ def _meta(pool: Pool) -> dict:
 
 def cnn_cases(args, arch: str) -> list[Case]:
     pool = Pool(Config.from_dict({"preset": args.preset, "model": {"name": arch, "kwargs": {"width": 16}},
-                                  "ptq": {"methods": ["hdrq"], "bits": args.bits},
+                                  "ptq": {"methods": args.methods, "bits": args.bits},
                                   "runtime": {"seed": args.seed, "threads": 1}}))
     targets = pool.targets
     fp = merge([pool.fold(pool.experts[d]) for d in targets]).eval()
-    calib, meta = _calib(pool), {**_meta(pool), "method": "hdrq"}
-    cases = []
-    for spec in args.bits:
-        qexperts = pool.quantize_experts("hdrq", pool.qconfig(parse_bits(spec)))
-        q = pool.merged(list(qexperts.values())).eval()
-        cases.append(Case(f"{arch} HDRQ", spec, fp, q, calib, pool.tests, {**meta, "bits": spec}))
+    calib, cases = _calib(pool), []
+    for method in args.methods:
+        for spec in args.bits:
+            qexperts = pool.quantize_experts(method, pool.qconfig(parse_bits(spec)))
+            q = pool.merged(list(qexperts.values())).eval()
+            cases.append(Case(f"{arch} {method.upper() if method != 'qdrop' else 'QDrop'}", spec, fp, q, calib,
+                              pool.tests, {**_meta(pool), "method": method, "bits": spec}))
     return cases
 
 
@@ -244,6 +246,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bits", nargs="+", default=["W8A8", "W4A8", "W4A4"])
     ap.add_argument("--archs", nargs="*", default=["resnet8", "resnet20"])
+    ap.add_argument("--methods", nargs="+", default=["hdrq"], help="PTQ methods of the CNN merges")
     ap.add_argument("--vit", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--vit-config", default="benchmarks/configs/vit_digits.yaml")
     ap.add_argument("--runs", type=int, default=30, help="timed rounds per setting (batch 1: 10x as many)")
