@@ -109,9 +109,9 @@ def test_run_into_a_folder_of_another_command_is_refused(tmp_path, capsys):
     out.mkdir()
     (out / "results.json").write_text('{"rows": [{"stream": "balanced"}]}')
     (out / "config.yaml").write_text(yaml.safe_dump({"run": {}, "tta": {}}))
-    err = _fails(capsys, ["run", "--out", str(out), "--preset", "quick", "--targets", "uci", "--cache-dir",
-                          str(tmp_path / "cache"), "--quiet"], "holds results of a run with other settings")
-    assert "experiment (tta there, run here)" in err
+    _fails(capsys, ["run", "--out", str(out), "--preset", "quick", "--targets", "uci", "--cache-dir",
+                    str(tmp_path / "cache"), "--quiet"],
+           f"{out} holds a `tta` result (results.json, config.yaml); run writes its own folder: choose another --out")
     (out / "results.json").write_text('{"rows": [')  # a damaged results file is named, never overwritten
     _fails(capsys, ["run", "--out", str(out), "--preset", "quick", "--targets", "uci", "--cache-dir",
                     str(tmp_path / "cache"), "--quiet"], str(out / "results.json"))
@@ -180,9 +180,8 @@ def test_tta_and_bench_check_their_out_before_any_work(tmp_path, capsys):
     (out / "results.json").write_text('{"rows": [{"method": "rtn", "w_bits": 4, "a_bits": 4}]}')
     (out / "config.yaml").write_text(yaml.safe_dump({"benchmark": "digits", "methods": ["rtn"]}))
     cache = tmp_path / "cache"
-    err = _fails(capsys, ["tta", "--out", str(out), "--preset", "quick", "--cache-dir", str(cache), "--quiet"],
-                 "holds results of a run with other settings", cache)
-    assert "experiment (run there, tta here)" in err
+    _fails(capsys, ["tta", "--out", str(out), "--preset", "quick", "--cache-dir", str(cache), "--quiet"],
+           "holds a `run` result (results.json, config.yaml); tta writes its own folder", cache)
     afile = tmp_path / "f"
     afile.write_text("")
     grid = tmp_path / "grid.yaml"

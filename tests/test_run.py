@@ -81,8 +81,9 @@ def test_resume_keeps_every_row_and_refuses_other_settings(tiny_run, tmp_path):
                                                                                 "merge.rounding")]:
         with pytest.raises(MergeqError, match=f"other settings .*{name}"):
             run(cfg.updated(change), out)
-    with pytest.raises(MergeqError, match=r"experiment \(run there, pmq here\)"):
-        RunDir(out, "pmq").begin(cfg)
+    with pytest.raises(MergeqError, match=r"holds a `run` result \(results.json, config.yaml, results.md\); pmq "
+                                          "writes its own folder"), RunDir(out, "pmq").locked():
+        pass
     assert (out / "results.json").read_text() == before
 
 

@@ -160,15 +160,16 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block; yields
-    False without waiting if ``blocking`` is False and another process holds it. The OS drops the
-    lock when its holder exits, so a crashed process never leaves a stale lock behind."""
+def file_lock(path: str | os.PathLike, blocking: bool = True, shared: bool = False) -> Iterator[bool]:
+    """Hold an exclusive (or ``shared``) ``flock`` on ``path`` (created if needed) for the ``with``
+    block; yields False without waiting if ``blocking`` is False and another process holds it (a
+    shared lock: holds it exclusively). The OS drops the lock when its holder exits, so a crashed
+    process never leaves a stale lock behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return

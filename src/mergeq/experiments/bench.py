@@ -14,13 +14,18 @@ run with one torch thread unless the config sets ``runtime.threads`` (training a
 reconstruction repeat bit for bit only per thread count, and Ray workers default to one), so
 the ``local`` and ``ray`` executors give identical numbers; parallelism comes from running cells
 side by side. Every cell writes ``cells/<key>.json`` (its
-row, its full-precision merge and its resolved config, which ``mergeq run --config`` reruns)
-atomically when it finishes; a rerun, under either executor, skips cells whose file exists.
-``config.yaml`` records the grid; resuming follows :mod:`mergeq.experiments.store`'s rule (the
-axes may grow; anything else that differs is refused). A cell is computed under an exclusive
-lock (``.locks/<key>.lock``, released by the OS when its holder dies), so runs started side by
-side on one ``out`` split the cells: a cell locked by another process is put off, then waited
-for (and computed if that process died). Pool workers exit when their parent process dies.
+row, its full-precision merge, its resolved config, which ``mergeq run --config`` reruns, and
+the ``settings_sha256`` of the config it was computed with) atomically when it finishes; a
+rerun, under either executor, skips cells whose file exists. ``config.yaml`` records the grid;
+resuming follows :mod:`mergeq.experiments.store`'s rule (the axes may grow; anything else that
+differs is refused). Every cell file read is checked (:func:`read_cell`): its key must be its
+file's and its settings the grid's, else the run stops naming the file, before any work. A
+bench holds ``.locks/out.lock`` shared (other commands wait for it); the grid check and
+``config.yaml`` run under ``.locks/grid.lock`` and each cell under an exclusive lock
+(``.locks/<key>.lock``, released by the OS when its holder dies), so runs started side by side
+on one ``out`` with one grid split the cells (a cell locked by another process is put off, then
+waited for, and computed if that process died), and a run with other settings is refused. Pool
+workers exit when their parent process dies.
 ``local`` runs cells in a process pool (``runtime.workers``, default 1; on ``cuda`` one process
 per visible GPU, each pinned to its own: :func:`mergeq.gpu.worker_devices`; changes no number);
 ``ray`` submits each cell as a Ray task (to ``address``, or a local Ray instance) holding one
@@ -47,9 +52,10 @@ from ..sysinfo import environment
 from ..data import load_data
 from .config import Config, resolve
 from .pool import Pool, start_worker
-from .store import RunDir
+from .store import EXPERIMENTS, RunDir, settings_diff, settings_sha256
 
 log = logging.getLogger(__name__)
+BENCH = EXPERIMENTS["bench"]
 
 
 @dataclass(frozen=True)
@@ -92,15 +98,37 @@ def cells_of(cfg: Config) -> list[Cell]:
         g.target_sets, g.seeds, g.ptq_seeds or [None], cfg.ptq.bits, cfg.ptq.methods)]
 
 
-def _cell_path(out: str | Path, cell: Cell) -> Path:
+def cell_path(out: str | Path, cell: Cell) -> Path:
     return Path(out) / "cells" / f"{cell.key}.json"
 
 
-def read_cell(path: Path) -> dict[str, Any]:
+def _identity(cell: Cell) -> dict[str, Any]:
+    return {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "ptq_seed": cell.ptq_seed,
+            "bits": cell.bits, "method": cell.method}
+
+
+def read_cell(out: str | Path, cell: Cell, grid: Config) -> dict[str, Any]:
+    """The result in ``cell``'s file under ``out``, whose key must be the cell's and whose settings
+    (``settings_sha256``; cells written before issue 31 record none) those of ``grid``'s cell."""
+    path = cell_path(out, cell)
     try:
-        return read_json(path)
+        res = read_json(path)
     except MergeqError as e:
         raise MergeqError(f"bench cell {e}; delete the file to recompute the cell") from None
+    if not isinstance(res, dict):
+        raise MergeqError(f"bench cell {path} is not a JSON object; delete the file to recompute the cell")
+    wrong = [k for k, v in _identity(cell).items() if res.get(k) != v]
+    if wrong:
+        raise MergeqError(f"bench cell {path} holds the cell {res.get('key')!r}, not {cell.key!r} ({', '.join(wrong)} "
+                          "differ; copied from another cell's file?): delete the file to recompute the cell")
+    want = cell.config(grid).to_dict()
+    if "settings_sha256" in res and res["settings_sha256"] != settings_sha256(want, BENCH, res):
+        diff = [f"{p}: {a!r} in the cell, {b!r} in the grid" for p, a, b in settings_diff(res.get("config"), want,
+                                                                                          BENCH, res)]
+        raise MergeqError(f"bench cell {path} was computed with other settings than the grid's "
+                          f"{Path(out) / 'config.yaml'} ({'; '.join(diff) or 'its settings_sha256 differs'}): delete "
+                          "the cell file to recompute it, or run with the settings it was computed with")
+    return res
 
 
 def compute_cell(cfg: Config) -> dict[str, Any]:
@@ -126,16 +154,16 @@ def run_cell(grid: dict[str, Any], cell: Cell, out: str, wait: bool = True) -> d
     The cell is computed under its lock; if another process holds it, return None at once
     (``wait=False``) or wait for it and return that process's result (computing the cell if
     it died first)."""
-    path = _cell_path(out, cell)
+    path, cfg = cell_path(out, cell), Config.from_dict(grid)
     with file_lock(Path(out) / ".locks" / f"{cell.key}.lock", blocking=wait) as mine:
         if not mine:
             return None
         if path.exists():  # finished by another process meanwhile
-            return read_cell(path)
+            return read_cell(out, cell, cfg)
         log.info("computing cell %s", cell.key)
-        row = compute_cell(cell.config(Config.from_dict(grid)))
-        result = {"key": cell.key, "targets": list(cell.targets), "seed": cell.seed, "ptq_seed": cell.ptq_seed,
-                  "bits": cell.bits, **row}
+        config = cell.config(cfg)
+        result = {**_identity(cell), **compute_cell(config)}
+        result["settings_sha256"] = settings_sha256(config.to_dict(), BENCH, result)
         write_json(path, result)
         return result
 
@@ -220,27 +248,36 @@ def run_grid(config: Config, out: str | Path, executor: str = "local", workers: 
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be local or ray, got {executor!r}")
     store = RunDir(out, "bench")
-    out = store.out
+    with store.locked(shared=True):
+        return _run_grid(store, config, executor, workers, address, progress)
+
+
+def _run_grid(store: RunDir, config: Config, executor: str, workers: int | None, address: str | None,
+              progress: Callable[[int, int, str], None] | None) -> list[dict]:
+    """:func:`run_grid` under the shared lock on ``out``."""
+    out, grid_lock = store.out, store.out / ".locks" / "grid.lock"
     requested = resolve(with_axes(config))  # the presets' choices recorded; data splits are per cell (seed)
-    with file_lock(out / ".locks" / "grid.lock"):  # two runs starting at once: the second sees the first's grid
+    with file_lock(grid_lock):  # two runs starting at once: the second sees the first's grid
         recorded, _ = store.begin(requested)
-    (out / "cells").mkdir(exist_ok=True)
+        (out / "cells").mkdir(exist_ok=True)
+    done_before = [c for c in cells_of(recorded) if cell_path(out, c).exists()]
+    for c in done_before:
+        read_cell(out, c, recorded)  # a damaged, misplaced or differently computed cell is named before any work
     cells = cells_of(requested)
-    todo = [c for c in cells if not _cell_path(out, c).exists()]
-    for c in cells:
-        if c not in todo:
-            read_cell(_cell_path(out, c))  # a damaged cell file is named before any work
+    todo = [c for c in cells if c not in done_before]
     log.info("%d of %d cells to run", len(todo), len(cells))
     done = 0
     report = progress or (lambda i, n, text: None)
     started = lambda what: report(done, len(todo), f"running {what}")  # noqa: E731
-    grid = requested.to_dict()
+    grid = recorded.to_dict()
     workers = workers or config.runtime.workers
     runner = _local(grid, str(out), workers, started) if executor == "local" else _ray(grid, str(out), address, started)
     t0 = time.perf_counter()
     for done, res in enumerate(_split_with_others(runner, todo), start=1):
         eta = (time.perf_counter() - t0) / done * (len(todo) - done)
         report(done, len(todo), f"{res['key']} done, hmean {100 * res['merged']['hmean']:.1f}%, ~{eta:.0f} s left")
-    results = [read_cell(_cell_path(out, c)) for c in cells_of(recorded) if _cell_path(out, c).exists()]
-    store.finish({"benchmark": results[0].get("benchmark", "") if results else "", "rows": results})
+    with file_lock(grid_lock):
+        results = [read_cell(out, c, recorded) for c in cells_of(recorded) if cell_path(out, c).exists()]
+        store.finish({"benchmark": results[0].get("benchmark", "") if results else "", "config": recorded.to_dict(),
+                      "rows": results})
     return results

@@ -37,6 +37,7 @@ from ..quant.config import parse_bits
 from . import health
 from .config import Config, check_average_weights, resolve, translate_legacy, with_data
 from .pool import Pool, deployed_model, deployment_images, qconfig
+from .store import claimed
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("arch", "arch_kwargs", "model", "num_classes")
@@ -362,8 +363,7 @@ def _apply(config: Config) -> Config:
 
 def analysis_models(config: Config, out: str | Path, n_targets: int, progress: bool = False):
     """The pool and, per family (``fp`` + each PTQ method), its experts: BN-folded full precision,
-    or quantized at the config's one bit pair. ``out`` (a folder) is checked first."""
-    check_out_dir(out)
+    or quantized at the config's one bit pair."""
     pool = Pool(config, progress)
     if len(pool.targets) < n_targets:
         raise MergeqError(f"this analysis needs {n_targets} target domains, got {pool.targets}")
@@ -381,13 +381,14 @@ def barrier(config: Config, out: str | Path, points: int, progress: bool = False
     """Loss and accuracy along the linear path between the first two targets' experts, per family."""
     from ..eval.plots import plot_paths
 
-    pool, families = analysis_models(config, out, 2, progress)
-    d1, d2 = pool.targets[:2]
-    domains = {d: pool.tests[d] for d in (d1, d2)}
-    bits = pool.cfg.ptq.bits[0]
-    paths = {name: linear_path(ms[d1], ms[d2], domains, points, pool.device) for name, ms in families.items()}
-    write_json(Path(out) / "barrier.json", {"targets": [d1, d2], "bits": bits, "seed": pool.seed, "paths": paths})
-    plot_paths(paths, Path(out) / "barrier.png", f"{d1} -> {d2} experts, {bits} (fp: full precision)")
+    with claimed(check_out_dir(out), "barrier"):
+        pool, families = analysis_models(config, out, 2, progress)
+        d1, d2 = pool.targets[:2]
+        domains = {d: pool.tests[d] for d in (d1, d2)}
+        bits = pool.cfg.ptq.bits[0]
+        paths = {name: linear_path(ms[d1], ms[d2], domains, points, pool.device) for name, ms in families.items()}
+        write_json(Path(out) / "barrier.json", {"targets": [d1, d2], "bits": bits, "seed": pool.seed, "paths": paths})
+        plot_paths(paths, Path(out) / "barrier.png", f"{d1} -> {d2} experts, {bits} (fp: full precision)")
     return paths
 
 
@@ -395,12 +396,13 @@ def surface(config: Config, out: str | Path, points: int, radius: float, progres
     """The 2-D loss surface around the first target's expert, per family."""
     from ..eval.plots import plot_surfaces
 
-    pool, families = analysis_models(config, out, 1, progress)
-    d = pool.targets[0]
-    bits = pool.cfg.ptq.bits[0]
-    surfaces = {name: loss_surface(ms[d], {d: pool.tests[d]}, points, radius, pool.seed, pool.device)
-                for name, ms in families.items()}
-    write_json(Path(out) / "surface.json", {"domain": d, "bits": bits, "seed": pool.seed, "surfaces": surfaces})
-    plot_surfaces(surfaces, Path(out) / "surface.png", f"loss around the {d} expert, {bits}")
+    with claimed(check_out_dir(out), "surface"):
+        pool, families = analysis_models(config, out, 1, progress)
+        d = pool.targets[0]
+        bits = pool.cfg.ptq.bits[0]
+        surfaces = {name: loss_surface(ms[d], {d: pool.tests[d]}, points, radius, pool.seed, pool.device)
+                    for name, ms in families.items()}
+        write_json(Path(out) / "surface.json", {"domain": d, "bits": bits, "seed": pool.seed, "surfaces": surfaces})
+        plot_surfaces(surfaces, Path(out) / "surface.png", f"loss around the {d} expert, {bits}")
     return surfaces
 

@@ -1,5 +1,10 @@
 """An experiment's output folder: the one resume rule and the one writer of its files.
 
+A results folder belongs to one command: every command that writes one (``run``, ``pmq``,
+``tta``, ``bench``, ``compare``, ``barrier``, ``surface``) holds ``.locks/out.lock`` while it
+writes (:func:`claimed`; ``bench`` shares it with other ``bench`` runs, which split the cells)
+and refuses a folder holding another command's results (:func:`check_kind`).
+
 Every experiment (``run``, ``pmq``, ``tta``, ``bench``) writes into ``--out`` the resolved
 ``config.yaml`` first, then ``results.json`` and ``results.md`` after every row, and at the end
 its pictures (:mod:`mergeq.experiments.report`); all atomically (temp file, then rename).
@@ -18,12 +23,10 @@ naming the keys, as is a folder whose results cannot be read or matched to a con
 folder with cell files but no results yet is compared with its ``config.yaml`` (or the earlier
 ``grid.yaml``).
 
-``results.json`` (``run``, ``pmq``, ``tta``) records the config its rows were computed with
-(``config``; the comparison uses it, so an edited ``config.yaml`` cannot relabel the rows) and,
-per row, ``settings_sha256`` (:func:`settings_sha256`), which a resumed run checks. ``run``,
-``pmq`` and ``tta`` hold a lock on ``--out`` (:meth:`RunDir.locked`) from reading its results to
-writing the last row: a second run into the same folder waits, then resumes (``bench`` locks
-per cell instead, so that runs split the cells).
+``results.json`` records the config its rows were computed with (``config``; the comparison
+uses it, so an edited ``config.yaml`` cannot relabel the rows) and, per row (``bench``: per cell
+file), ``settings_sha256`` (:func:`settings_sha256`), which a resumed run checks. A second run
+into a folder being written waits for the lock, then resumes (or is refused) by this rule.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import yaml
 
 from ..errors import MergeqError
 from ..io import (atomic_write_text, check_out_dir, config_diff, earlier_results, file_lock, parse_yaml,
-                  read_text, write_json)
+                  read_json, read_text, write_json)
 from .config import Config, resolve, set_path
 
 log = logging.getLogger(__name__)
@@ -76,22 +79,62 @@ EXPERIMENTS = {e.name: e for e in (
                lambda r: (r["stream"], r["method"], r["bits"]), _tta_methods),
     Experiment("bench", ("ptq.methods", "ptq.bits", "grid.target_sets", "grid.seeds", "grid.ptq_seeds"),
                ("pmq", "tta", "runtime.workers"),
-               lambda r: r["key"]),
+               lambda r: r["key"],
+               lambda r: {"ptq.options": {r["method"]}, "merge.options": {"average"}}),
 )}
 
 
-def _kind_of(results: dict) -> str:
-    """The experiment of a results.json (files written before it was recorded: by their rows)."""
-    if "experiment" in results:
+def _kind_of(results: Any) -> str | None:
+    """The command of a results.json (files written before it was recorded: by their rows); None
+    for a file no mergeq command wrote."""
+    if isinstance(results, dict) and isinstance(results.get("experiment"), str):
         return results["experiment"]
-    rows = results.get("rows") or [{}]
-    return "tta" if "stream" in rows[0] else "pmq" if "merge" in rows[0] else "run"
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not isinstance(rows, list):
+        return None
+    row = rows[0] if rows and isinstance(rows[0], dict) else {}
+    return "tta" if "stream" in row else "pmq" if "merge" in row else "run"
+
+
+RESULT_FILES = ("results.json", "config.yaml", "results.md", "barrier.json", "surface.json", "cells", "grid")
+
+
+def check_kind(out: Path, command: str) -> None:
+    """Refuse ``out`` if it holds another command's results (by its results.json, else by
+    ``cells/`` (bench), ``grid/`` (compare), ``barrier.json`` or ``surface.json``), naming them."""
+    res = out / "results.json"
+    if res.exists():
+        kind = _kind_of(read_json(res))
+        if kind is None:
+            raise MergeqError(f"{res} is not a results file of a mergeq command (it names no experiment and holds "
+                              "no rows): choose another --out")
+    else:
+        marks = {"cells": "bench", "grid": "compare", "barrier.json": "barrier", "surface.json": "surface"}
+        kind = next((k for name, k in marks.items() if (out / name).exists()), None)
+    if kind not in (None, command):
+        there = ", ".join(n + "/" * (out / n).is_dir() for n in RESULT_FILES if (out / n).exists())
+        raise MergeqError(f"{out} holds a `{kind}` result ({there}); {command} writes its own folder: "
+                          "choose another --out")
+
+
+@contextlib.contextmanager
+def claimed(out: Path, command: str, shared: bool = False) -> Iterator[None]:
+    """Hold ``out/.locks/out.lock`` (:func:`mergeq.io.file_lock`; ``shared``: with other holders
+    of a shared lock) for the ``with`` block, waiting while another process holds it, then
+    :func:`check_kind` ``out``."""
+    lock = out / ".locks" / "out.lock"
+    with contextlib.ExitStack() as stack:
+        if not stack.enter_context(file_lock(lock, blocking=False, shared=shared)):
+            log.warning("%s is being written by another mergeq process: waiting for it to finish", out)
+            stack.enter_context(file_lock(lock, shared=shared))
+        check_kind(out, command)
+        yield
 
 
 def _earlier_cells(out: Path) -> tuple[dict, dict] | None:
-    """A bench folder with cell files but no results.json yet (interrupted, or written before issue
-    16 with ``grid.yaml``): its grid config, and no rows (the cells are read from their files)."""
-    if not any((out / "cells").glob("*.json")):
+    """A bench folder begun but with no results.json yet (running, interrupted, or written before
+    issue 16 with ``grid.yaml``): its grid config, and no rows (the cells are read from their files)."""
+    if not (out / "cells").is_dir():
         return None
     for name in ("config.yaml", "grid.yaml"):
         if (out / name).is_file():
@@ -99,7 +142,9 @@ def _earlier_cells(out: Path) -> tuple[dict, dict] | None:
                 return parse_yaml(read_text(out / name), str(out / name)), {"experiment": "bench", "rows": []}
             except MergeqError as e:
                 raise MergeqError(f"{e}: use another --out") from None
-    raise MergeqError(f"{out} holds bench cells but no config.yaml to resume from: use another --out")
+    if any((out / "cells").glob("*.json")):
+        raise MergeqError(f"{out} holds bench cells but no config.yaml to resume from: use another --out")
+    return None
 
 
 def _get(d: dict, path: str) -> Any:
@@ -129,13 +174,29 @@ def _settings(d: dict, exp: Experiment, common: dict[str, set]) -> dict:
     return d
 
 
-def settings_sha256(config: dict, exp: Experiment, row: dict) -> str:
-    """SHA-256 of the settings a row of ``exp`` is computed with: the config less the axes, the
-    sections ``exp`` does not read, the options of methods the row does not use and
-    ``runtime.workers`` (which changes no number)."""
+def _row_settings(config: dict, exp: Experiment, row: dict) -> dict:
+    """The settings a row of ``exp`` is computed with: the config less the axes, the sections
+    ``exp`` does not read, the options of methods the row does not use and ``runtime.workers``
+    (which changes no number)."""
     settings = _settings(config, exp, exp.row_methods(row))
     _drop(settings, "runtime.workers")
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return settings
+
+
+def settings_sha256(config: dict, exp: Experiment, row: dict) -> str:
+    """SHA-256 of :func:`_row_settings`."""
+    return hashlib.sha256(json.dumps(_row_settings(config, exp, row), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def settings_diff(recorded: Any, config: dict, exp: Experiment, row: dict) -> list[tuple[str, Any, Any]]:
+    """(path, recorded value, value in ``config``) where a row's ``recorded`` config differs from
+    ``config`` in its settings; paths one of them leaves unset are left out (a recorded config may
+    be resolved further, e.g. by the data splits it loaded)."""
+    if not isinstance(recorded, dict):
+        return []
+    old, new = _row_settings(recorded, exp, row), _row_settings(config, exp, row)
+    return [(p, _get(old, p), _get(new, p)) for p in config_diff(old, new)
+            if _get(old, p) is not None and _get(new, p) is not None]
 
 
 class RunDir:
@@ -146,18 +207,10 @@ class RunDir:
         self.exp = EXPERIMENTS[experiment]
         self.recorded: Config | None = None
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold ``.locks/out.lock`` (:func:`mergeq.io.file_lock`, as ``bench`` does) for the ``with``
-        block: a second run into the same folder waits for the first, then resumes from its rows."""
-        lock = self.out / ".locks" / "out.lock"
-        with file_lock(lock, blocking=False) as mine:
-            if mine:
-                yield
-                return
-        log.warning("%s is being written by another mergeq process: waiting for it to finish", self.out)
-        with file_lock(lock):
-            yield
+    def locked(self, shared: bool = False) -> contextlib.AbstractContextManager[None]:
+        """:func:`claimed` ``--out``: a second run into the same folder waits for the first, then
+        resumes from its rows (``bench`` runs share the lock and split the cells)."""
+        return claimed(self.out, self.exp.name, shared)
 
     def begin(self, cfg: Config) -> tuple[Config, dict[Hashable, dict]]:
         """The config to record (written to ``config.yaml`` now) and the rows to reuse, by row key."""
@@ -174,9 +227,6 @@ class RunDir:
         old_raw, old_results = earlier
         if isinstance(old_results.get("config"), dict):  # what the rows were computed with (config.yaml is a copy)
             old_raw = old_results["config"]
-        kind = _kind_of(old_results)
-        if kind != self.exp.name:
-            self._refuse([f"experiment ({kind} there, {self.exp.name} here)"])
         if isinstance(old_raw.get("merge"), dict) and "recalibrate" not in old_raw["merge"]:
             old_raw = {**old_raw, "merge": {**old_raw["merge"], "recalibrate": "none"}}  # merged data-free then
         try:  # resolved, as this run's config is (a bench grid of the earlier form was recorded unresolved)
@@ -202,8 +252,9 @@ class RunDir:
         return union, {self.exp.row_key(r): r for r in old_results["rows"]}
 
     def _check_rows(self, rows: list[dict], config: dict) -> None:
-        """Each recorded row's settings hash (rows written before issue 24 have none) must be this run's."""
-        for r in rows:
+        """Each recorded row's settings hash (rows written before issue 24 have none) must be this run's
+        (``bench``: its rows are cells, whose hash is of the cell's config: checked when read)."""
+        for r in rows if self.exp.name != "bench" else []:
             if "settings_sha256" in r and r["settings_sha256"] != settings_sha256(config, self.exp, r):
                 raise MergeqError(f"{self.out / 'results.json'}: row {self.exp.row_key(r)} was computed with other "
                                   "settings than this run's (its settings_sha256 differs; was results.json edited?): "
