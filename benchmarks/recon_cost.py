@@ -22,6 +22,8 @@ clock) over the steps of one unit per method and prints where the time goes, by 
 ``--baseline OLD/src`` measures another checkout (e.g. ``git worktree add /tmp/old d688ed4``)
 and this one in alternating subprocesses, the same settings for both, and prints the ratios
 before and after side by side (the FP reference is the minimum of both sides' measurements).
+``benchmarks/recon_ab.py`` does the same in one process (the old package imported under
+another name), steadier on a machine other jobs share.
 
     PYTHONPATH=src python benchmarks/recon_cost.py --threads 1
     PYTHONPATH=src python benchmarks/recon_cost.py --threads 1 --baseline /tmp/old/src

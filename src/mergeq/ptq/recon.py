@@ -23,6 +23,12 @@ parameters to train, the lr schedule, a phase switch per step, extra loss terms 
 or on the unit's input and output, hardening).
 Activation steps are learned with Adam + cosine annealing (LSQ, lr 4e-5 as in BRECQ/QDrop).
 A CPU run is reproducible bit for bit: unit k reseeds torch with ``ctx.seed + k``.
+
+Cost (docs/PERFORMANCE.md): autograd tracks only the tensors that train (the unit is frozen
+first); a step's QDrop masks are drawn once, and a second pass in the same step (TTAQ's
+perturbed pass) gets them as they are (quant.fakequant.record_masks / replay_masks); AdaRound's
+soft weights are one node per unit and step (ptq.adaround.SoftRoundGroup). Each gives the
+same numbers as the straightforward computation (tests/test_recon_speed.py).
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from ..nn.blocks import partition
 from ..nn.output import LogitsAdapter, select_logits
 from ..nn.prepare import StopForward, forward_batches
 from ..nn.qmodule import QuantModule, quant_modules
-from ..quant.fakequant import bernoulli_mask
+from ..quant.fakequant import bernoulli_mask, record_masks, replay_masks
 from .base import PTQContext
 
 log = logging.getLogger(__name__)
@@ -94,8 +100,9 @@ class ReconHooks:
                   out: torch.Tensor) -> torch.Tensor | float:
         """Extra loss term that needs the unit itself (TTAQ's PCR): ``forward(x, x_fp)`` runs the
         unit as the step does (QDrop's input rule included) and gave ``out`` for this step's
-        inputs ``x`` (quantized path) and ``x_fp`` (None when the unit does not drop). The default
-        adds nothing."""
+        inputs ``x`` (quantized path) and ``x_fp`` (None when the unit does not drop). A second
+        call within the step reuses the first call's QDrop masks (inputs of the same shapes) and
+        the step's soft AdaRound weights. The default adds nothing."""
         return 0.0
 
     def finish(self, layers: Layers) -> None:
@@ -210,6 +217,7 @@ def input_layers(unit: nn.Module, layers: Layers, x: torch.Tensor) -> list[Quant
 def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, opts: ReconOptions, device) -> float:
     device = torch.device(device)
     entry = input_layers(unit, layers, data[0][:2].to(device))  # before setup: draws no random numbers
+    unit.requires_grad_(False)  # autograd tracks only what trains (no gradients of frozen biases, say)
     w_params = hooks.setup(layers)
     acts = [m.act_quant for _, m in layers if m.act_quant is not None and hooks.quant_act]
     for _, m in layers:
@@ -226,16 +234,29 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
         q.train()
         q.drop_prob = p_drop
 
+    step_masks: list[list[torch.Tensor]] = []  # the QDrop masks of this step's first pass
+
     def forward(x: torch.Tensor, x_fp: torch.Tensor) -> torch.Tensor:
         """The unit on x_q, where QDrop's input rule applies: each element of the input is x_fp
-        with probability p, else the quantized x_q (one mask shared by the layers reading it)."""
-        if p_drop > 0:
-            keep = bernoulli_mask(x, p_drop)
-            if entry:
-                for q in entry:
-                    q.fp_input = (keep, x_fp)
-            else:  # no quantizer reads the input directly (e.g. a LayerNorm first): mix it here
-                x = torch.lerp(x, x_fp, keep)
+        with probability p, else the quantized x_q (one mask shared by the layers reading it).
+        A second pass within the step (TTAQ's perturbed pass) gets the first pass's masks."""
+        if p_drop == 0:
+            return unit(x)
+        if step_masks:
+            with replay_masks(step_masks[0]):
+                return _forward(x, x_fp)
+        with record_masks() as drawn:
+            out = _forward(x, x_fp)
+        step_masks.append(drawn)
+        return out
+
+    def _forward(x: torch.Tensor, x_fp: torch.Tensor) -> torch.Tensor:
+        keep = bernoulli_mask(x, p_drop)
+        if entry:
+            for q in entry:
+                q.fp_input = (keep, x_fp)
+        else:  # no quantizer reads the input directly (e.g. a LayerNorm first): mix it here
+            x = torch.lerp(x, x_fp, keep)
         return unit(x)
 
     x_q, x_fp_all, y_fp = data  # x_fp is read only by QDrop's input rule
@@ -248,11 +269,12 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
         else:
             (x, y), x_fp = batches.next(), None
         hooks.before_forward()
+        step_masks.clear()
         out = forward(x, x_fp)
-        loss = rec_loss(out, y) + hooks.penalty(t, opts.iters, layers)
-        extra = hooks.unit_loss(t, opts.iters, forward, x, x_fp, out)
-        if not (isinstance(extra, float) and extra == 0.0):
-            loss = loss + extra
+        loss = rec_loss(out, y)
+        for extra in (hooks.penalty(t, opts.iters, layers), hooks.unit_loss(t, opts.iters, forward, x, x_fp, out)):
+            if not (isinstance(extra, float) and extra == 0.0):  # a term that is 0.0 adds no node
+                loss = loss + extra
         if opt is not None:
             for g in opt.param_groups:  # LambdaLR / CosineAnnealingLR(eta_min=0) in closed form
                 g["lr"] = opts.lr * hooks.lr_factor(t, opts.iters) if g["kind"] == "w" else \
@@ -260,6 +282,7 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    step_masks.clear()
     for q in acts:
         q.eval()
         q.drop_prob, q.fp_input = 0.0, None

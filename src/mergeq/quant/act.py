@@ -95,7 +95,7 @@ class ActQuantizer(nn.Module):
         lo, hi = self._grid
         if not self.training:  # straight-through for x (test-time adaptation trains through it)
             return lsq_fake_quant(x, self.step, lo, hi)
-        g = 1.0 / math.sqrt(x[0].numel() * hi)
+        g = 1.0 / math.sqrt(x.numel() // x.shape[0] * hi)  # the numel of one sample, x[0] (a view op)
         keep, alt = self.fp_input if self.fp_input is not None else (None, None)
         if keep is None and self.drop_prob > 0:
             keep = bernoulli_mask(x, self.drop_prob)

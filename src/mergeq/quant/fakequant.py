@@ -27,9 +27,14 @@ slower than the unfused chain in our measurement (docs/PERFORMANCE.md), and it c
 (the bits of 64-bit random words, about 20x cheaper than ``torch.rand``), otherwise
 ``torch.rand(...) < p``. Both use torch's global generator of the device, so a seeded run
 repeats. Masks are floats, never bool, so blending is ``lerp`` (exact for 0/1 weights), not
-``torch.where`` on a random mask, which the CPU runs branch by branch.
+``torch.where`` on a random mask, which the CPU runs branch by branch. ``record_masks`` /
+``replay_masks`` keep the masks one forward drew and hand them to a second forward of the same
+step (TTAQ's perturbed pass) instead of drawing them again from a replayed random state.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -47,18 +52,78 @@ def _in_range(grad: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> torch.Te
 
 
 def bernoulli_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """0/1 tensor shaped and typed like ``like`` with P(1) = p, drawn from the global generator."""
+    """0/1 tensor shaped and typed like ``like`` with P(1) = p, drawn from the global generator
+    (inside :func:`replay_masks`: the next recorded mask instead, no random numbers drawn)."""
+    if _TAPE["replay"] is not None:
+        m = next(_TAPE["replay"], None)
+        if m is None or m.shape != like.shape or m.dtype != like.dtype or m.device != like.device:
+            raise RuntimeError("replay_masks: the replayed forward asks for other masks than the recorded one")
+        return m
+    m = _draw_mask(like, p)
+    if _TAPE["record"] is not None:
+        _TAPE["record"].append(m)
+    return m
+
+
+_TAPE: dict = {"record": None, "replay": None}
+
+
+@contextlib.contextmanager
+def record_masks() -> Iterator[list[torch.Tensor]]:
+    """Within the block, every mask :func:`bernoulli_mask` draws is also appended to the list
+    it yields (TTAQ's PCR hands the same masks to its perturbed pass)."""
+    before, _TAPE["record"] = _TAPE["record"], []
+    try:
+        yield _TAPE["record"]
+    finally:
+        _TAPE["record"] = before
+
+
+@contextlib.contextmanager
+def replay_masks(masks: list[torch.Tensor]) -> Iterator[None]:
+    """Within the block, :func:`bernoulli_mask` returns ``masks`` in order (each checked against
+    the shape asked for) instead of drawing: a forward that asks for the same masks in the same
+    order gets the same values as when they were recorded, without drawing them again."""
+    before, _TAPE["replay"] = _TAPE["replay"], iter(masks)
+    try:
+        yield
+    finally:
+        _TAPE["replay"] = before
+
+
+def _draw_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     n = like.numel()
     if p == 0.5:
         words = torch.empty(-(-n // 64), dtype=torch.int64, device=like.device)
         words.random_(-(2**63), 2**63 - 1)  # the full 64-bit range: every bit fair
         byte = words.view(torch.uint8)
-        bits = torch.empty(8, byte.numel(), dtype=torch.uint8, device=like.device)
-        for k in range(8):  # row k holds bit k of every byte: contiguous writes
-            torch.bitwise_right_shift(byte, k, out=bits[k])
-        bits.bitwise_and_(1)
+        # row k holds bit k of every byte (contiguous writes), all eight rows in one broadcast op
+        bits = torch.bitwise_right_shift(byte.unsqueeze(0), _shifts(like.device)).bitwise_and_(1)
         return bits.view(-1)[:n].view(like.shape).to(like.dtype)
     return torch.rand(like.shape, device=like.device, dtype=like.dtype).lt_(p)
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    """The column [0, 1, ..., 7] (uint8) on ``device``, made once per device."""
+    t = _SHIFTS.get(device)
+    if t is None:
+        t = _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device).unsqueeze(1)
+    return t
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero of ``like``'s dtype and device (made once; never written)."""
+    key = (like.dtype, like.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return z
 
 
 class _LSQ(torch.autograd.Function):
@@ -77,16 +142,17 @@ class _LSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         v, q, keep, step = ctx.saved_tensors
-        gq = grad if keep is None else grad.lerp(torch.zeros((), dtype=grad.dtype, device=grad.device), keep)
+        gq = grad if keep is None else grad.lerp(_zero(grad), keep)
         gx = _in_range(gq, v, ctx.lo, ctx.hi)
         g_step = g_alt = None
         if ctx.needs_input_grad[1]:
             gs = torch.dot(gq.reshape(-1), q.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
-            live = (step.abs() > _MIN_STEP).to(step.dtype)
-            g_step = gs * (ctx.g * live * torch.sign(step))
+            # ∂s/∂step · g = g·sign(step)·1[|step| > min], every factor exact (0, ±1, ±g)
+            g_step = gs * torch.sign(step).mul_(ctx.g).mul_(step.abs() > _MIN_STEP)
         if keep is not None:
             if ctx.alt_is_x:
-                gx.addcmul_(grad, keep)
+                if ctx.needs_input_grad[0]:  # the kept elements' gradient (none needed: skipped)
+                    gx.addcmul_(grad, keep)
             elif ctx.needs_input_grad[6]:
                 g_alt = grad * keep
         return (gx if ctx.needs_input_grad[0] else None), g_step, None, None, None, None, g_alt
