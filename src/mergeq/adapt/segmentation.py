@@ -72,7 +72,7 @@ from ..errors import ConfigError, MergeqError, ModelError
 from ..typed import from_mapping
 from .seg_augment import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, class_mix, class_mix_masks, color_jitter,
                           flip_scale_crop, gaussian_blur)
-from .source import passes, step_bar, train_steps
+from .source import optimizer_step, passes, step_bar, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +224,7 @@ def train_seg_source(model: nn.Module, dataset: Dataset, cfg: SegSourceConfig, s
                                        cfg.flip, cfg.scale)
                 _set_lr(opt, cfg, step, total)
                 loss = seg_cross_entropy(model(x.to(device)), y.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                running += loss.detach()
+                running += optimizer_step(opt, loss)
                 step += 1
                 if bar is not None:
                     bar.update()

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from ..data_utils import iter_batches, take
 from ..models import get_classifier
-from .source import make_optimizer, passes, step_bar, train_steps
+from .source import make_optimizer, optimizer_step, passes, step_bar, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,7 @@ def shot(source_model: nn.Module, dataset: Dataset, cfg: ShotConfig, seed: int =
                     loss = loss + cfg.beta * F.cross_entropy(logits, pseudo[idx].to(device))
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * (1 + 10 * step / total) ** -0.75
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                running += loss.detach()
+                running += optimizer_step(opt, loss)
                 step += 1
                 if bar is not None:
                     bar.update()

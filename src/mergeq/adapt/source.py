@@ -111,6 +111,14 @@ def step_bar(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """One step of ``opt`` on ``loss`` (gradients cleared first); the loss, detached."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
@@ -143,10 +151,7 @@ def train_source(model: nn.Module, dataset: Dataset, cfg: SourceConfig, seed: in
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg.lr, step, total)
             loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.detach()
+            running += optimizer_step(opt, loss)
             step += 1
             if bar is not None:
                 bar.update()
