@@ -157,7 +157,8 @@ class _Event:
         self.t = time.perf_counter()
 
     def synchronize(self) -> None:
-        pass
+        if _ACTIVE and _ACTIVE[-1].capturing is not None:
+            raise GraphCaptureError("Event.synchronize is not allowed while a CUDA graph is captured")
 
     def wait(self, stream=None) -> None:
         pass
@@ -188,6 +189,101 @@ class _Stream:
         return event
 
 
+class GraphCaptureError(RuntimeError):
+    """What a real CUDA graph capture refuses (an op that waits for the device, a copy from the
+    host), or a replay that would not repeat what was captured."""
+
+
+class _Graph:
+    """``torch.cuda.CUDAGraph`` on the logical device. Capturing runs the block once on the CPU
+    (a real capture runs nothing) and records every torch call it makes, with its non-tensor
+    arguments and its tensors' shapes and dtypes; a call that synchronises with the host raises
+    :class:`GraphCaptureError`, as capture does. ``replay()`` cannot run recorded kernels here:
+    :func:`emulate_replay` re-runs the captured step instead and checks that it makes the same
+    calls with the same arguments (a Python value that changed since the capture would be
+    frozen in a real graph)."""
+
+    def __init__(self, keep_graph: bool = False) -> None:
+        self.trace: list | None = None
+        self.ran = False  # the capture ran the step already: the first replay is that step
+
+    def capture_begin(self, *args, **kwargs) -> None:
+        harness = _ACTIVE[-1]
+        if harness.capturing is not None:
+            raise GraphCaptureError("a CUDA graph capture is already under way")
+        self.trace, harness.capturing = [], self
+
+    def capture_end(self) -> None:
+        _ACTIVE[-1].capturing = None
+        self.ran = True
+
+    def replay(self) -> None:
+        raise GraphCaptureError("the logical CUDA harness replays a captured step with emulate_replay()")
+
+    def pool(self):
+        return id(self)
+
+    def reset(self) -> None:
+        self.trace = None
+
+
+@contextlib.contextmanager
+def _graph_ctx(graph: _Graph, pool=None, stream=None, capture_error_mode: str = "global"):
+    graph.capture_begin()
+    try:
+        yield
+    finally:
+        graph.capture_end()
+
+
+@contextlib.contextmanager
+def replaying(graph: _Graph):
+    """Within the block the torch calls must be those ``graph`` captured, in order, with the same
+    arguments (:class:`GraphCaptureError` names the first difference); what synchronises raises
+    as during the capture."""
+    harness = _ACTIVE[-1]
+    harness.replay_of, harness.replay_at = graph, 0
+    try:
+        yield
+        if harness.replay_at != len(graph.trace):
+            raise GraphCaptureError(f"the replayed step made {harness.replay_at} torch calls, the captured one "
+                                    f"{len(graph.trace)}")
+    finally:
+        harness.replay_of = None
+
+
+def emulate_replay(step_graph):
+    """``mergeq.ptq.graphs.StepGraph.replay`` on the logical device: the first replay is the step
+    the capture ran; later ones run the step again under :func:`replaying`."""
+    graph = step_graph.graph
+    if graph.ran:
+        graph.ran = False
+        return step_graph.out
+    with replaying(graph):
+        return step_graph.fn()
+
+
+def _signature(func, args, kwargs) -> tuple:
+    """A torch call as a graph sees it: the op, its non-tensor arguments, its tensors' shapes and dtypes."""
+    def arg(a):
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape), a.dtype)
+        if isinstance(a, (list, tuple)):
+            return tuple(arg(b) for b in a)
+        if isinstance(a, dict):
+            return tuple((k, arg(v)) for k, v in a.items())
+        if isinstance(a, (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size, slice)):
+            return a
+        return type(a).__name__  # modules, generators, functions: compared by kind only
+    return (_name(func), arg(args), arg(kwargs))
+
+
+# torch calls that wait for the device (or read its values on the host): refused by a capture
+_SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__format__", "__repr__", "nonzero",
+          "masked_select", "unique", "unique_consecutive", "argwhere", "equal", "allclose", "is_nonzero", "numpy",
+          "__array__"}
+
+
 _ACTIVE: list["LogicalCuda"] = []
 
 
@@ -204,6 +300,9 @@ class LogicalCuda(TorchFunctionMode):
         self.current = 0
         self.generators: list[LogicalGenerator] = []
         self.calls = self.logical_calls = 0
+        self.capturing: _Graph | None = None  # a CUDA graph capture under way
+        self.replay_of: _Graph | None = None  # a captured step being replayed (emulate_replay)
+        self.replay_at = 0
         self._stack = contextlib.ExitStack()
 
     # --- devices ------------------------------------------------------------------------------
@@ -259,6 +358,8 @@ class LogicalCuda(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "__get__" or name == "__set__":
             return self._attribute(func, name == "__get__", func.__self__.__name__, args)
+        if self.capturing is not None or self.replay_of is not None:
+            self._graph_call(func, name, args, kwargs)
         special = _SPECIAL.get(func)
         if special is not None:
             return special(self, func, args, kwargs)
@@ -288,6 +389,52 @@ class LogicalCuda(TorchFunctionMode):
             if explicit and isinstance(out, torch.Tensor):
                 self._check_alloc(out, dev)
         return out
+
+    def _graph_call(self, func, name: str, args, kwargs) -> None:
+        """A torch call inside a capture (recorded) or a replay (compared with the record); one that
+        a capture refuses raises :class:`GraphCaptureError`."""
+        what = _name(func)
+        tensors = _tensors(args, kwargs)
+        if name in _SYNCS and any(logical_device(t) is not None for t in tensors):
+            raise GraphCaptureError(f"{what} reads a device value on the host: not allowed while a CUDA graph "
+                                    "is captured (operation not permitted when stream is capturing)")
+        if name == "repeat_interleave" and "output_size" not in kwargs:
+            raise GraphCaptureError(f"{what} without output_size has a data-dependent size: it synchronises")
+        if name == "__getitem__" and any(t.dtype == torch.bool for t in _tensors((args[1],), {})):
+            raise GraphCaptureError(f"{what} with a boolean mask has a data-dependent size: it synchronises")
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        host = x is not None and logical_device(x) is None and x.dim() > 0
+        if (name in ("to", "cuda") and host and self._target(name, args, kwargs) is not None) or (
+                name == "copy_" and logical_device(x) is not None and logical_device(args[1]) is None
+                and args[1].dim() > 0) or (
+                name in ("tensor", "as_tensor") and self.norm(kwargs.get("device")) is not None):
+            raise GraphCaptureError(f"{what} copies host data to the device: a pageable copy is not allowed while a "
+                                    "CUDA graph is captured")
+        sig = _signature(func, args, kwargs)
+        if self.capturing is not None:
+            self.capturing.trace.append(sig)
+            return
+        graph, k = self.replay_of, self.replay_at
+        self.replay_at += 1
+        if k >= len(graph.trace) or graph.trace[k] != sig:
+            want = graph.trace[k] if k < len(graph.trace) else "nothing (the captured step had ended)"
+            raise GraphCaptureError(f"replay differs from the capture at torch call {k}: captured {want}, now {sig}; "
+                                    "a real graph would replay the captured call")
+
+    def _target(self, name: str, args, kwargs) -> torch.device | None:
+        """The logical device ``x.to(...)`` / ``x.cuda(...)`` moves to (None: a real device, or no move)."""
+        rest = list(args[1:])
+        if name == "cuda":
+            return self.norm(rest[0] if rest else kwargs.get("device", "cuda"))
+        if rest and isinstance(rest[0], torch.Tensor):
+            return logical_device(rest[0])
+        kw = {k: v for k, v in kwargs.items() if k != "copy"}
+        if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool):
+            rest[0] = torch.device("cuda", rest[0])
+        if isinstance(kw.get("device"), int) and not isinstance(kw["device"], bool):
+            kw["device"] = torch.device("cuda", kw["device"])
+        device = torch._C._nn._parse_to(*rest, **kw)[0]
+        return None if device is None else self.norm(device)
 
     def _attribute(self, func, get: bool, attr: str, args):
         x = args[0]
@@ -464,10 +611,16 @@ class LogicalCuda(TorchFunctionMode):
 
     # --- torch.cuda ---------------------------------------------------------------------------
     def _get_rng_state(self, device="cuda"):
+        self._no_capture("torch.cuda.get_rng_state")
         return self.generators[self._index(device)].get_state()
 
     def _set_rng_state(self, state, device="cuda"):
+        self._no_capture("torch.cuda.set_rng_state")
         self.generators[self._index(device)].set_state(state)
+
+    def _no_capture(self, what: str) -> None:
+        if self.capturing is not None or self.replay_of is not None:
+            raise GraphCaptureError(f"{what} is not allowed while a CUDA graph is captured")
 
     def _set_device(self, device) -> None:
         self.current = self._index(device)
@@ -490,7 +643,8 @@ class LogicalCuda(TorchFunctionMode):
         return {
             "is_available": lambda: True, "is_initialized": lambda: True, "init": lambda: None,
             "device_count": lambda: self.n, "current_device": lambda: self.current, "set_device": self._set_device,
-            "device": self._device_ctx, "synchronize": lambda device=None: self._index(device) and None,
+            "device": self._device_ctx,
+            "synchronize": lambda device=None: self._no_capture("torch.cuda.synchronize") or self._index(device) and None,
             "get_device_name": lambda device=None: "logical CUDA (CPU)", "get_device_properties": props,
             "get_device_capability": lambda device=None: (9, 0), "is_bf16_supported": lambda *a, **k: True,
             "mem_get_info": lambda device=None: (self.free, self.total),
@@ -506,7 +660,8 @@ class LogicalCuda(TorchFunctionMode):
             "set_rng_state_all": lambda states: [g.set_state(s) for g, s in zip(self.generators, states)] and None,
             "default_generators": tuple(self.generators), "Event": _Event, "Stream": _Stream,
             "current_stream": lambda device=None: _Stream(), "default_stream": lambda device=None: _Stream(),
-            "stream": lambda s=None: contextlib.nullcontext(),
+            "stream": lambda s=None: contextlib.nullcontext(), "CUDAGraph": _Graph, "graph": _graph_ctx,
+            "is_current_stream_capturing": lambda: self.capturing is not None,
         }
 
     def __enter__(self):
@@ -519,6 +674,9 @@ class LogicalCuda(TorchFunctionMode):
             g.manual_seed(torch.initial_seed())
         for attr, value in self._cuda_patches().items():
             stack.enter_context(mock.patch.object(torch.cuda, attr, value, create=True))
+        from mergeq.ptq.graphs import StepGraph
+
+        stack.enter_context(mock.patch.object(StepGraph, "replay", emulate_replay))
         import torch.optim.optimizer as optimizer
 
         stack.enter_context(mock.patch.object(optimizer, "_foreach_supported_types",

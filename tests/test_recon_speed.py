@@ -8,6 +8,8 @@ The straightforward computation is the code before the change, put back with mon
 binary search for HDRQ's noise bins, eight shift operations per QDrop mask, one soft-rounding
 node per layer and use, masks drawn again (from the replayed random state) by TTAQ's
 perturbed pass, and ``torch.std``."""
+import contextlib
+
 import pytest
 import torch
 
@@ -64,16 +66,33 @@ def per_layer_weight(self, q, w, step, bits):
 
 
 class DrawAgain:
-    """replay_masks that hands nothing out: the second pass draws its masks again."""
+    """replay_masks that hands nothing out: the second pass draws its masks again, from the random
+    state the first pass started from (:func:`snapshot_record`), and the state after the first
+    pass's draws is restored afterwards."""
+
+    state = None
 
     def __init__(self, masks):
         pass
 
     def __enter__(self):
-        return None
+        self.after = torch.get_rng_state()
+        torch.set_rng_state(DrawAgain.state)
 
     def __exit__(self, *exc):
+        torch.set_rng_state(self.after)
         return False
+
+
+@contextlib.contextmanager
+def snapshot_record():
+    """record_masks that also keeps the random state the first pass starts from."""
+    DrawAgain.state = torch.get_rng_state()
+    with RECORD_MASKS() as drawn:
+        yield drawn
+
+
+RECORD_MASKS = fakequant.record_masks
 
 
 def welford_std(x):
@@ -88,6 +107,7 @@ def straightforward(monkeypatch):
         monkeypatch.setattr(SoftRoundGroup, "new_step", per_layer_new_step)
         monkeypatch.setattr(SoftRoundGroup, "weight", per_layer_weight)
         monkeypatch.setattr(recon, "replay_masks", DrawAgain)
+        monkeypatch.setattr(recon, "record_masks", snapshot_record)
         monkeypatch.setattr(ttaq, "sample_std", welford_std)
     return apply
 

@@ -57,6 +57,7 @@ class _SoftRound(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, w_floor, step, lo, hi, beta):
+        # beta: a float, or a 0-dim tensor on v's device (a step captured as a CUDA graph)
         s = torch.sigmoid(v)
         h_raw = s * (ZETA - GAMMA) + GAMMA
         h = h_raw.clamp(0.0, 1.0)
@@ -154,7 +155,7 @@ class SoftRoundGroup:
         for q in self.qs:
             q.group = self
 
-    def new_step(self, beta: float | None) -> None:
+    def new_step(self, beta: float | torch.Tensor | None) -> None:
         """A step begins: β for it; the soft weights are computed again at the first use."""
         self.beta, self._out, self.reg, self._in_step = beta, None, None, True
 
@@ -213,9 +214,13 @@ class AdaRoundHooks(ReconHooks):
 
     def on_step(self, t: int, iters: int, layers: Layers) -> None:
         beta = None if t < self.o.warmup * iters else \
-            beta_schedule(t, iters, self.o.warmup, self.o.beta_start, self.o.beta_end)
+            self.scalars("beta", beta_schedule(t, iters, self.o.warmup, self.o.beta_start, self.o.beta_end))
         for g in self.groups:
             g.new_step(beta)
+
+    def phase(self, t: int, iters: int) -> bool:
+        """Whether the rounding regulariser is on (after the warm-up)."""
+        return t >= self.o.warmup * iters
 
     def penalty(self, t: int, iters: int, layers: Layers):
         """λ Σ f_reg(V) at this step's β, computed by the layers' forward (0 during the warm-up)."""

@@ -132,8 +132,12 @@ class HDRQHooks(ReconHooks):
     def lr_factor(self, t: int, iters: int) -> float:
         return warmup_cosine(t, iters, self.o.lr_warmup)
 
+    def phase(self, t: int, iters: int) -> bool:
+        """Whether the weights are noisy (Eq. 8-9) rather than fake-quantized at step ``t``."""
+        return self.kind is not None and t < iters - round(self.o.switch_frac * iters)
+
     def on_step(self, t: int, iters: int, layers: Layers) -> None:
-        noisy = self.kind is not None and t < iters - round(self.o.switch_frac * iters)
+        noisy = self.phase(t, iters)
         for _, m in layers:
             m.w_quantizer.noisy = noisy
             if self.o.act_noise and m.act_quant is not None:
@@ -143,8 +147,9 @@ class HDRQHooks(ReconHooks):
         """Gradient hook: the reconstruction gradient g plus λ‖g‖·(w − w_src)/‖w − w_src‖."""
         def hook(g: torch.Tensor) -> torch.Tensor:
             d = w.detach() - self.src[name]
-            n = torch.linalg.vector_norm(d)
-            return g if n == 0 else g + self.o.dist_lambda * torch.linalg.vector_norm(g) * d / n
+            n = torch.linalg.vector_norm(d)  # d/n is 0 where w = w_src; no branch reads the device
+            unit_d = torch.where(n > 0, d / n, torch.zeros_like(d))
+            return g + self.o.dist_lambda * torch.linalg.vector_norm(g) * unit_d
         return hook
 
     def penalty(self, t: int, iters: int, layers: Layers):

@@ -28,13 +28,16 @@ Cost (docs/PERFORMANCE.md): autograd tracks only the tensors that train (the uni
 first); a step's QDrop masks are drawn once, and a second pass in the same step (TTAQ's
 perturbed pass) gets them as they are (quant.fakequant.record_masks / replay_masks); AdaRound's
 soft weights are one node per unit and step (ptq.adaround.SoftRoundGroup). Each gives the
-same numbers as the straightforward computation (tests/test_recon_speed.py).
+same numbers as the straightforward computation (tests/test_recon_speed.py). On a CUDA device
+each step is replayed as one CUDA graph per phase of the hooks (ptq.graphs; option
+``cuda_graphs``): the learning rates and the schedules' scalars are then device tensors.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, fields
+from typing import Hashable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,7 @@ from ..nn.prepare import StopForward, forward_batches
 from ..nn.qmodule import QuantModule, quant_modules
 from ..quant.fakequant import bernoulli_mask, record_masks, replay_masks
 from .base import PTQContext
+from .graphs import StepGraphs, StepScalars
 
 log = logging.getLogger(__name__)
 Layers = list[tuple[str, QuantModule]]
@@ -59,6 +63,7 @@ class ReconOptions:
     act_lr: float = 4e-5  # LSQ activation steps
     drop_prob: float = 0.0  # QDrop: probability of keeping the FP value (0 = BRECQ)
     capture_batch: int = 128  # batch size of the forward passes that cache unit inputs
+    cuda_graphs: bool = True  # on a CUDA device: each step replayed as one CUDA graph (ptq.graphs)
 
     @classmethod
     def from_kwargs(cls, method: str, kwargs: dict):
@@ -77,6 +82,8 @@ class ReconHooks:
 
     learn_act = True  # train the unit's activation steps (LSQ)
     quant_act = True  # activations quantized during reconstruction (False: weight-only)
+    # per-step scalars (floats; 0-dim device tensors in a graphed step): set by the loop before setup
+    scalars: StepScalars = StepScalars(torch.device("cpu"), graphed=False)
 
     def setup(self, layers: Layers) -> list[nn.Parameter]:
         """Install w_quantizers on the unit's layers; return the weight-side parameters to train."""
@@ -87,10 +94,14 @@ class ReconHooks:
         return 1.0
 
     def on_step(self, t: int, iters: int, layers: Layers) -> None:
-        """Called before step ``t`` (schedules, phase switches)."""
+        """Called before step ``t`` (schedules, phase switches). A scalar the step reads that
+        changes from step to step comes from ``self.scalars(name, value)``."""
 
-    def before_forward(self) -> None:
-        """Called right before the step's forward pass (e.g. to snapshot the random state)."""
+    def phase(self, t: int, iters: int) -> Hashable:
+        """What decides the code of step ``t`` (after :meth:`on_step`): a graphed loop captures one
+        graph per phase. :meth:`penalty` and :meth:`unit_loss` may depend on ``t`` only through it
+        (default: one phase)."""
+        return None
 
     def penalty(self, t: int, iters: int, layers: Layers) -> torch.Tensor | float:
         """Extra loss term added to the reconstruction error at step ``t``."""
@@ -191,12 +202,13 @@ def _free_memory(device: torch.device) -> int:
     return 1 << 62  # other accelerators: assume it fits
 
 
-def _adam(groups: list[dict]) -> torch.optim.Optimizer:
-    """Adam over all trained tensors of a unit, one fused kernel per step where the device has it."""
+def _adam(groups: list[dict], capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam over all trained tensors of a unit, one fused kernel per step where the device has it
+    (``capturable``: its state on the device, for a step captured as a CUDA graph)."""
     try:
-        return torch.optim.Adam(groups, fused=True)
+        return torch.optim.Adam(groups, fused=True, capturable=capturable)
     except RuntimeError:
-        return torch.optim.Adam(groups)
+        return torch.optim.Adam(groups, capturable=capturable)
 
 
 def input_layers(unit: nn.Module, layers: Layers, x: torch.Tensor) -> list[QuantModule]:
@@ -218,17 +230,21 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
     device = torch.device(device)
     entry = input_layers(unit, layers, data[0][:2].to(device))  # before setup: draws no random numbers
     unit.requires_grad_(False)  # autograd tracks only what trains (no gradients of frozen biases, say)
-    w_params = hooks.setup(layers)
     acts = [m.act_quant for _, m in layers if m.act_quant is not None and hooks.quant_act]
+    p_drop = opts.drop_prob if acts else 0.0
+    x_q, x_fp_all, y_fp = data  # x_fp is read only by QDrop's input rule
+    batches = UnitBatches((x_q, x_fp_all, y_fp) if p_drop > 0 else (x_q, y_fp), opts.batch_size, device)
+    graphed = opts.cuda_graphs and device.type == "cuda" and not batches.staged
+    hooks.scalars = scalars = StepScalars(device, graphed)
+    w_params = hooks.setup(layers)
     for _, m in layers:
         m.quant_act = hooks.quant_act
     a_params = [q.step for q in acts] if hooks.learn_act else []
     for p in w_params + a_params:
         p.requires_grad_(True)
-    groups = ([{"params": w_params, "lr": opts.lr, "kind": "w"}] if w_params else []) + \
-             ([{"params": a_params, "lr": opts.act_lr, "kind": "a"}] if a_params else [])
-    opt = _adam(groups) if groups else None
-    p_drop = opts.drop_prob if acts else 0.0
+    groups = ([{"params": w_params, "lr": scalars("lr_w", opts.lr), "kind": "w"}] if w_params else []) + \
+             ([{"params": a_params, "lr": scalars("lr_a", opts.act_lr), "kind": "a"}] if a_params else [])
+    opt = _adam(groups, capturable=graphed) if groups else None
     entry = [m.act_quant for m in entry if m.act_quant is not None and m.act_quant in acts]
     for q in acts:
         q.train()
@@ -259,16 +275,15 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
             x = torch.lerp(x, x_fp, keep)
         return unit(x)
 
-    x_q, x_fp_all, y_fp = data  # x_fp is read only by QDrop's input rule
-    batches = UnitBatches((x_q, x_fp_all, y_fp) if p_drop > 0 else (x_q, y_fp), opts.batch_size, device)
-    loss = torch.tensor(float("nan"))
-    for t in range(opts.iters):
-        hooks.on_step(t, opts.iters, layers)
+    t = 0
+
+    def step() -> torch.Tensor:
+        """One step after ``hooks.on_step``: a batch, the loss, its gradients, Adam (a graphed loop
+        records it once per phase and replays it)."""
         if p_drop > 0:
             x, x_fp, y = batches.next()
         else:
             (x, y), x_fp = batches.next(), None
-        hooks.before_forward()
         step_masks.clear()
         out = forward(x, x_fp)
         loss = rec_loss(out, y)
@@ -276,12 +291,20 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
             if not (isinstance(extra, float) and extra == 0.0):  # a term that is 0.0 adds no node
                 loss = loss + extra
         if opt is not None:
-            for g in opt.param_groups:  # LambdaLR / CosineAnnealingLR(eta_min=0) in closed form
-                g["lr"] = opts.lr * hooks.lr_factor(t, opts.iters) if g["kind"] == "w" else \
-                    opts.act_lr * 0.5 * (1.0 + math.cos(math.pi * t / opts.iters))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        return loss.detach()
+
+    graphs = StepGraphs(device, graphed and opt is not None, name=str(layers[0][0]) if layers else "")
+    loss = torch.tensor(float("nan"))
+    for t in range(opts.iters):
+        hooks.on_step(t, opts.iters, layers)
+        if opt is not None:
+            for g in opt.param_groups:  # LambdaLR / CosineAnnealingLR(eta_min=0) in closed form
+                g["lr"] = scalars("lr_w", opts.lr * hooks.lr_factor(t, opts.iters)) if g["kind"] == "w" else \
+                    scalars("lr_a", opts.act_lr * 0.5 * (1.0 + math.cos(math.pi * t / opts.iters)))
+        loss = graphs(hooks.phase(t, opts.iters), step)
     step_masks.clear()
     for q in acts:
         q.eval()
@@ -289,8 +312,9 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
     for _, m in layers:
         m.quant_act = True
     hooks.finish(layers)
+    hooks.scalars = ReconHooks.scalars
     unit.requires_grad_(False)
-    return float(loss.detach())
+    return float(loss)
 
 
 @torch.no_grad()

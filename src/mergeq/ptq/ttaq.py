@@ -30,7 +30,7 @@ marked and every constant is an option.
   everywhere, ``"mse"`` the squared error everywhere). *Choices*: the paper does not say how
   it treats intermediate feature maps; the clean output is a stop-gradient target (as in
   consistency training); the term is exactly zero when σ_pcr = 0. The clean output is the
-  step's own forward, and the perturbed pass replays its random state, so PCR costs one extra
+  step's own forward, and the perturbed pass reuses its QDrop masks, so PCR costs one extra
   forward + backward per step (``ttaq`` takes about twice QDrop's time).
 
 Defaults λ_pem = 0.5, λ_pcr = 0.1, σ_pcr = 0.1 are ours, not the paper's (unknown to us): on the
@@ -78,17 +78,6 @@ def consistency(clean: torch.Tensor, pert: torch.Tensor, kind: str = "auto") -> 
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
-def rng_state(device: torch.device) -> tuple:
-    """The global random state of the CPU and, for a CUDA ``device``, of that device."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def sample_std(x: torch.Tensor) -> torch.Tensor:
     """Each sample's standard deviation over its elements (population form), shaped to broadcast
     against ``x``: ‖x - mean‖₂ / √n, a mean and a norm (``torch.std``'s Welford pass took 3 ms
@@ -100,18 +89,14 @@ def sample_std(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(centred, dim=dims, keepdim=True).div_(math.sqrt(x.numel() // x.shape[0]))
 
 
-def pcr_loss(forward, x: torch.Tensor, x_fp: torch.Tensor | None, out: torch.Tensor, state: tuple, sigma: float,
+def pcr_loss(forward, x: torch.Tensor, x_fp: torch.Tensor | None, out: torch.Tensor, sigma: float,
              kind: str = "auto") -> torch.Tensor:
-    """PCR term D(sg[out], F(x + δ)) for ``out = forward(x, x_fp)`` computed from random state
-    ``state``: the perturbed pass (both inputs moved by the same δ) replays that state, so both
-    passes share the QDrop masks, and the clean pass costs nothing: it is the step's own forward.
-    (The loop's ``forward`` hands a second pass of the step the first pass's masks as they are,
-    without drawing them again: the same values.)"""
+    """PCR term D(sg[out], F(x + δ)) for ``out = forward(x, x_fp)``, the step's own forward (the
+    clean pass costs nothing). The perturbed pass moves both inputs by the same δ and gets the
+    clean pass's QDrop masks from the loop's ``forward`` (a second pass of the step reuses them as
+    they are and draws no random numbers), so both passes share them."""
     delta = torch.randn_like(x).mul_(sample_std(x).mul_(sigma))
-    after = rng_state(x.device)
-    set_rng_state(state, x.device)
     pert = forward(x + delta, None if x_fp is None else x_fp + delta)
-    set_rng_state(after, x.device)
     return consistency(out.detach(), pert, kind)
 
 
@@ -137,9 +122,9 @@ class TTAQHooks(AdaRoundHooks):
     AdaRound weight (computed once: ptq.adaround.SoftRoundGroup) and the QDrop masks (drawn
     once: ptq.recon), and ‖W‖²_F of the frozen FP weights is computed once per unit."""
 
-    def __init__(self, opts: TTAQOptions, learn_act: bool = True, device: torch.device | str = "cpu") -> None:
+    def __init__(self, opts: TTAQOptions, learn_act: bool = True) -> None:
         super().__init__(opts, learn_act=learn_act)
-        self._device, self._state, self._fp_norm = torch.device(device), None, {}
+        self._fp_norm = {}
 
     def setup(self, layers: Layers) -> list[nn.Parameter]:
         self._fp_norm = {id(m): m.weight.detach().pow(2).sum().clamp_min(1e-12) for _, m in layers}
@@ -152,16 +137,13 @@ class TTAQHooks(AdaRoundHooks):
                                                   for _, m in layers)
         return loss
 
-    def before_forward(self) -> None:
-        self._state = rng_state(self._device) if self.o.pcr and self.o.pcr_weight > 0 else None
-
     def unit_loss(self, t: int, iters: int, forward, x: torch.Tensor, x_fp: torch.Tensor, out: torch.Tensor):
-        if self._state is None:
+        if not (self.o.pcr and self.o.pcr_weight > 0):
             return 0.0
-        return self.o.pcr_weight * pcr_loss(forward, x, x_fp, out, self._state, self.o.pcr_sigma, self.o.pcr_kind)
+        return self.o.pcr_weight * pcr_loss(forward, x, x_fp, out, self.o.pcr_sigma, self.o.pcr_kind)
 
     def finish(self, layers: Layers) -> None:
-        self._fp_norm, self._state = {}, None
+        self._fp_norm = {}
         super().finish(layers)
 
 
@@ -169,4 +151,4 @@ class TTAQHooks(AdaRoundHooks):
 def ttaq(qmodel: nn.Module, ctx: PTQContext) -> None:
     """QDrop + PEM + PCR (see the module docstring). Quantize with ``fold_bn=False`` for TTA."""
     opts = TTAQOptions.from_kwargs("ttaq", ctx.options)
-    reconstruct(qmodel, ctx, TTAQHooks(opts, learn_act=ctx.config.a_bits is not None, device=ctx.device), opts)
+    reconstruct(qmodel, ctx, TTAQHooks(opts, learn_act=ctx.config.a_bits is not None), opts)
