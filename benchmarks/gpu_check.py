@@ -3,7 +3,8 @@
 1. **Commands**: every command of the CLI on ``--device`` (run with each ``merge.recalibrate``
    mode and the float / noise roundings, pmq, tta, bench, compare, train-source, adapt, quantize,
    merge, export of a checkpoint written there, barrier, surface), each a subprocess on a tiny
-   digits setting (ResNet-8, one epoch of source training and SHOT), and the same on the CPU with
+   digits setting (ResNet-8, one epoch of source training and SHOT), plus ``run`` on the streets
+   segmentation benchmark (``deeplab_mini``, DACS experts, mIoU), and the same on the CPU with
    the same seed, side by side: exit status, seconds, the number the command printed (or wrote:
    a merged hmean, a mean stream error, an accuracy, a loss barrier) on each device and their
    difference (float rounding differs between devices; the table measures by how much).
@@ -91,14 +92,26 @@ def _hmean(res: dict) -> float:
 
 
 def commands(quick: bool) -> list[Command]:
-    """Every command on the tiny digits setting; ``{dev}`` names each device's own outputs."""
+    """Every command on the tiny digits setting, and ``run`` on the embedded ``streets`` segmentation
+    benchmark; ``{dev}`` names each device's own outputs."""
     width, calib, iters, images = (4, 32, 5, 32) if quick else (8, 128, 50, 256)
+    seg_steps = (4, 2) if quick else (100, 50)  # streets: source training, DACS per expert
     base = ["--preset", "quick", "--seed", "0", "--quiet", "--set", "model.name=resnet8",
             "--set", f"model.kwargs.width={width}",
             "--set", "adapt.source.epochs=1", "--set", "adapt.shot.epochs=1", "--set", f"ptq.calib_size={calib}",
             "--set", f"ptq.options.hdrq.iters={iters}", "--set", f"ptq.options.ttaq.iters={iters}"]
     cfg = lambda w, dev: ["--config", str(w / f"run-{dev}" / "config.yaml"), "--quiet"]  # noqa: E731
     f = lambda w, dev, name: str(w / f"{name}-{dev}.safetensors")  # noqa: E731
+
+    def streets(tag: str) -> Command:  # segmentation: DeepLab-style model, DACS experts, mIoU (H of city, india)
+        seg = ["--preset", "quick", "--seed", "0", "--quiet", "--set", "data={kind: streets}",
+               "--set", "model.name=deeplab_mini", "--set", f"model.kwargs.width={width}",
+               "--set", f"adapt.seg_source.steps={seg_steps[0]}", "--set", f"adapt.dacs.steps={seg_steps[1]}",
+               "--set", f"ptq.calib_size={calib}", "--set", f"ptq.options.hdrq.iters={iters}",
+               "--set", "merge.data_free_row=true"]
+        return Command(tag, lambda w, dev: ["run", *seg, "--methods", "rtn,hdrq", "--bits", "W4A4",
+                                            "--cache-dir", str(w / f"cache-{dev}"), "--out", str(w / f"{tag}-{dev}")],
+                       _written(f"{tag}-{{dev}}/results.json", _hmean), "merged H (mIoU) %, hdrq W4A4")
 
     def run(tag: str, *extra: str) -> Command:
         return Command(tag, lambda w, dev: ["run", *base, "--targets", "uci,noisy", "--methods", "rtn,hdrq",
@@ -146,6 +159,7 @@ def commands(quick: bool) -> list[Command]:
                   _printed(pattern), what)
           for name, pattern, what in (("barrier", r"loss barrier ([-0-9.]+)", "rtn loss barrier"),
                                       ("surface", r"centre loss ([-0-9.]+)", "rtn centre loss"))],
+        streets("run-streets"),  # last: its data take ~15 s of CPU to render (once per cache), the others go first
     ]
 
 

@@ -48,7 +48,7 @@ def test_every_command_line_parses_with_its_device_flags(gc, tmp_path):
     cmds = gc.commands(quick=True)
     names = [c.name for c in cmds]
     assert {"run", "run-noise-bn", "run-float-act", "run-none", "pmq", "tta", "bench", "compare", "train-source",
-            "merge", "export", "barrier", "surface"} <= set(names) and len(set(names)) == len(names)
+            "merge", "export", "barrier", "surface", "run-streets"} <= set(names) and len(set(names)) == len(names)
     for c in cmds:
         argv = c.argv(tmp_path, "cuda")
         flags = [] if argv[0] == "export" else ["--device", "cuda"] + ([] if argv[0] == "merge" else ["--threads", "1"])
@@ -56,7 +56,10 @@ def test_every_command_line_parses_with_its_device_flags(gc, tmp_path):
         assert args.command == argv[0]
         if argv[0] == "run":  # its config is whole on the command line: valid as given
             with LogicalCuda():
-                assert load_cli_config(args).model.name == "resnet8"
+                cfg = load_cli_config(args)
+            streets = c.name == "run-streets"  # segmentation: the embedded streets benchmark
+            assert cfg.model.name == ("deeplab_mini" if streets else "resnet8")
+            assert cfg.data.kind == ("streets" if streets else "digits")
     assert {" ".join(c.argv(tmp_path, "cuda")).count("merge.recalibrate=") for c in cmds if c.name.startswith("run")} \
         == {0, 1}
 

@@ -228,7 +228,7 @@ def cmd_train_source(args: argparse.Namespace) -> int:
     from .experiments import steps
 
     accs = steps.train_source(load_cli_config(args), args.out, _progress(args))
-    print(" ".join(f"{k}={100 * v:.1f}%" for k, v in accs.items()))
+    print(" ".join(f"{k}={100 * v:.1f}%" for k, v in accs.items() if k != "iou"))  # iou: per class (segmentation)
     return 0
 
 
@@ -261,7 +261,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                      args.base, args.trust_builder)
     acc = report.get("accuracy")
     print(f"merged {len(args.experts)} models -> {args.out}; accuracy: "
-          + (", ".join(f"{d} {100 * a:.1f}%" for d, a in acc.items()) if acc else
+          + (", ".join(f"{d} {100 * a:.1f}%" for d, a in acc.items() if d != "iou") if acc else
              f"not evaluated ({report.get('not_evaluated')})"))
     return 0
 

@@ -173,7 +173,7 @@ def train_source(config: Config, out: str | Path, progress: bool = False) -> dic
     pool = Pool(config, progress)
     model, accs = pool.source, pool.check_source()
     save_model(model, out, pool.checkpoint_meta(domain=pool.bench.source.name, role="source", accuracy=accs,
-                                                config=dataclasses.asdict(pool.cfg.adapt.source)))
+                                                config=dataclasses.asdict(pool.source_config)))
     _record(pool.cfg, out)
     return accs
 
