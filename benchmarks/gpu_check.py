@@ -11,10 +11,14 @@
 2. **Probe**: the reconstruction step of every method against a plain FP forward+backward of the
    same unit, summed over the units of a ResNet-50 (torchvision's if importable, random init, else
    ``bottleneck_resnet.ResNet``, the same layers: 25,557,032 parameters), 224 px, batch 32, 256
-   calibration images, W4A4; per unit ``--warmup`` untimed steps, then ``--steps`` timed ones
-   (the step time is the difference of two ``reconstruct_unit`` runs, ``warmup`` and ``warmup +
-   steps`` long, so set-up and hardening cancel), wall clock with ``torch.cuda.synchronize``.
-   Peak GPU memory (``torch.cuda.max_memory_allocated``) per method.
+   calibration images, W4A4; the step time is the difference of two ``reconstruct_unit`` runs,
+   ``--warmup`` (20) and ``--warmup + --steps`` (30) steps long, so set-up, hardening and the
+   CUDA-graph captures cancel (20 steps: each phase of every method gets its 3 eager steps and its
+   capture in both runs), wall clock with ``torch.cuda.synchronize``. On a GPU each method is
+   measured with its steps as CUDA graphs (``cuda_graphs``, the default: the headline ratio) and
+   eagerly, and the two reconstructions (same seed) are compared: the largest relative difference
+   of a finished unit's outputs on one batch. Peak GPU memory (``torch.cuda.max_memory_allocated``)
+   per method.
 3. **Estimates** of GPU-hours for the paper preset (20,000 iterations per unit): per expert and
    bit pair, Σ_units step × 20,000; an Office-Home source block of Table 2 (BRECQ, QDrop, HDRQ x
    W8A8, W8A4, W4A8, W4A4, W3A3 x 3 experts) and all of Table 2 (4 sources). Segmentation
@@ -224,8 +228,10 @@ def fp_seconds(fp_unit: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, st
 
 
 def probe(device: str, methods=METHODS, size: int = 224, batch: int = 32, n_calib: int = 256, steps: int = 50,
-          warmup: int = 5, model: nn.Module | None = None) -> dict:
-    """Per method: Σ_units step and FP forward+backward seconds, their ratio, peak GPU memory."""
+          warmup: int = 20, model: nn.Module | None = None) -> dict:
+    """Per method: Σ_units step and FP forward+backward seconds, their ratio, peak GPU memory; on a
+    CUDA device for the steps as CUDA graphs (the default) and eager, and how far the graphed
+    reconstruction's unit outputs are from the eager one's with the same seed."""
     from mergeq.nn import calibrate_activations, fold_bn, prepare
     from mergeq.nn.blocks import partition
     from mergeq.ptq.recon import capture
@@ -242,23 +248,49 @@ def probe(device: str, methods=METHODS, size: int = 224, batch: int = 32, n_cali
     calibrate_activations(q, calib)
     out = {"model": name, "size": size, "batch": batch, "calib": n_calib, "steps": steps, "warmup": warmup,
            "macs": forward_macs(model, (batch, 3, size, size)), "methods": {}}
+    modes = (True, False) if dev.type == "cuda" else (False,)
     for method in methods:
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        rows = []
+        res = out["methods"][method] = {}
+        rows: dict[bool, list] = {g: [] for g in modes}
+        diffs = []
         for unit_name, unit in partition(q, calib[:2].to(dev), layerwise=method == "adaround"):
             x_q, _ = capture(q, unit_name, calib, 64, dev, output=False)
             x_fp, y_fp = capture(fp, unit_name, calib, 64, dev, output=True)
             data = (x_q, x_fp, y_fp)
-            run = lambda n: run_unit(method, unit_name, copy.deepcopy(unit), data, n, batch, fp, dev)  # noqa: E731
-            step = (_timed(lambda: run(warmup + steps), dev) - _timed(lambda: run(warmup), dev)) / steps
-            rows.append((unit_name, max(step, 0.0), fp_seconds(fp.get_submodule(unit_name), x_fp, y_fp, batch,
-                                                               steps, warmup, dev)))
-        step_s, fp_s = sum(r[1] for r in rows), sum(r[2] for r in rows)
-        out["methods"][method] = {
-            "units": len(rows), "step_ms": 1e3 * step_s, "fp_ms": 1e3 * fp_s, "ratio": step_s / fp_s,
-            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
-            "per_unit": [[n, 1e3 * a, 1e3 * b] for n, a, b in rows]}
+            fp_s = fp_seconds(fp.get_submodule(unit_name), x_fp, y_fp, batch, steps, 5, dev)
+            done = {}
+            for graphs in modes:
+                if dev.type == "cuda" and graphs:
+                    torch.cuda.reset_peak_memory_stats(dev)
+
+                def run(n: int, graphs=graphs) -> nn.Module:
+                    torch.manual_seed(1)
+                    return run_unit(method, unit_name, copy.deepcopy(unit), data, n, batch, fp, dev, graphs)
+
+                _sync(dev)
+                t = time.perf_counter()
+                done[graphs] = run(warmup + steps)  # first: it also warms up cuDNN / oneDNN and the allocator
+                _sync(dev)
+                long = time.perf_counter() - t
+                short = _timed(lambda: run(warmup), dev)
+                rows[graphs].append((unit_name, max(long - short, 0.0) / steps, fp_s))
+                if dev.type == "cuda" and graphs:
+                    res["peak_gib"] = max(res.get("peak_gib", 0.0), torch.cuda.max_memory_allocated(dev) / 2**30)
+            if len(done) == 2:  # the same seed, graphed against eager: the finished units' outputs
+                with torch.no_grad():
+                    x = x_q[:batch].to(dev)
+                    a, b = done[True].eval()(x), done[False].eval()(x)
+                    diffs.append(float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-12)))
+        for graphs, key in ((True, "graphed"), (False, "eager")):
+            if graphs not in rows:
+                continue
+            r = rows[graphs]
+            step_s, fp_s = sum(x[1] for x in r), sum(x[2] for x in r)
+            res[key] = {"units": len(r), "step_ms": 1e3 * step_s, "fp_ms": 1e3 * fp_s, "ratio": step_s / fp_s,
+                        "per_unit": [[n, 1e3 * a, 1e3 * b] for n, a, b in r]}
+        res.update(res["graphed" if True in rows else "eager"])  # the headline: what runs by default
+        res.setdefault("peak_gib", None)
+        res["graphed_vs_eager_max_rel_output_diff"] = max(diffs) if diffs else None
     return out
 
 
@@ -313,8 +345,12 @@ def table(result: dict) -> str:
     if p:
         for m, r in p["methods"].items():
             peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.2f} GiB"
-            lines.append(f"| probe | {m}: step / FP f+b over {r['units']} units ({p['model']}, {p['size']} px, "
-                         f"batch {p['batch']}{peak}) | | | {r['step_ms']:.2f} / {r['fp_ms']:.2f} ms = "
+            mode = "CUDA graphs" if "graphed" in r else "eager"
+            eager = f"; eager {r['eager']['step_ms']:.2f} ms = {r['eager']['ratio']:.2f}" if "graphed" in r else ""
+            diff = r.get("graphed_vs_eager_max_rel_output_diff")
+            diff = "" if diff is None else f"; graphed vs eager, same seed: unit outputs within {diff:.1e} (relative)"
+            lines.append(f"| probe | {m}: step ({mode}) / FP f+b over {r['units']} units ({p['model']}, {p['size']} px, "
+                         f"batch {p['batch']}{peak}{eager}{diff}) | | | {r['step_ms']:.2f} / {r['fp_ms']:.2f} ms = "
                          f"**{r['ratio']:.2f}** | | |")
     e = result.get("estimates")
     if e:
@@ -345,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny commands and probe (a smoke run of the script)")
     ap.add_argument("--skip-cpu", action="store_true", help="do not run the commands on the CPU as well")
     ap.add_argument("--methods", default=",".join(METHODS), help="probe methods (comma-separated)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per unit (default 50; --quick 2)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per unit (default 30; --quick 2)")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole check (commands stop "
                                                                    "early enough to leave the probe its time)")
     ap.add_argument("--timeout", type=float, default=200.0, help="seconds per command")
@@ -378,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     cmds = commands(args.quick)
     cores = os.cpu_count() or 2
-    deadline = t0 + args.budget - (20 if args.quick else 110)  # the probe's share of the budget
+    deadline = t0 + args.budget - (20 if args.quick else 150)  # the probe's share of the budget
     chains = [threading.Thread(target=run_commands, args=(cmds, work, dev, args.device, max(1, cores // 4),
                                                           args.timeout, deadline))]
     if not args.skip_cpu and dev != "cpu":
@@ -388,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         c.start()
     for c in chains:
         c.join()
-    steps = args.steps or (2 if args.quick else 50)
+    steps = args.steps or (2 if args.quick else 30)
     small = dict(size=32, batch=4, n_calib=8, warmup=1, model=ResNet((1, 1, 1, 1))) if args.quick else {}
     p = probe(args.device, args.methods, steps=steps, **small)
     with torch.device("meta"):

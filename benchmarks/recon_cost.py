@@ -57,14 +57,15 @@ WARMUP = 5
 MODELS = {"resnet8": resnet8, "resnet20": resnet20}
 
 
-def hooks_for(method: str, iters: int, bs: int, source):
+def hooks_for(method: str, iters: int, bs: int, source, graphs: bool = True):
+    """The method's hooks and options (``graphs``: steps as CUDA graphs on a CUDA device)."""
     if method == "hdrq":
-        o = HDRQOptions(iters=iters, batch_size=bs)
+        o = HDRQOptions(iters=iters, batch_size=bs, cuda_graphs=graphs)
         return HDRQHooks(o, source), o
     if method == "ttaq":
-        o = TTAQOptions(iters=iters, batch_size=bs)
+        o = TTAQOptions(iters=iters, batch_size=bs, cuda_graphs=graphs)
         return TTAQHooks(o), o
-    o = AdaRoundOptions(iters=iters, batch_size=bs, drop_prob=0.5 if method == "qdrop" else 0.0)
+    o = AdaRoundOptions(iters=iters, batch_size=bs, drop_prob=0.5 if method == "qdrop" else 0.0, cuda_graphs=graphs)
     return AdaRoundHooks(o, learn_act=method != "adaround", quant_act=method != "adaround"), o
 
 
@@ -114,10 +115,12 @@ def unit_jobs(method: str, fp, q, calib, only: str | None = None, device="cpu"):
         yield name, copy.deepcopy(unit), (x_q, x_fp, y_fp), fp.get_submodule(name)
 
 
-def run_unit(method: str, name: str, unit, data, iters: int, bs: int, source, device="cpu") -> None:
-    hooks, opts = hooks_for(method, iters, bs, source)
+def run_unit(method: str, name: str, unit, data, iters: int, bs: int, source, device="cpu", graphs: bool = True):
+    """``unit`` reconstructed in place by ``method`` for ``iters`` steps; returns it."""
+    hooks, opts = hooks_for(method, iters, bs, source, graphs)
     layers = [(f"{name}.{n}" if n else name, m) for n, m in quant_modules(unit)]
     reconstruct_unit(unit, layers, data, hooks, opts, device)
+    return unit
 
 
 def measure(method: str, fp, q, calib, iters: int, bs: int, repeat: int):

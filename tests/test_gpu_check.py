@@ -81,9 +81,12 @@ def test_the_built_in_resnet50_has_torchvision_s_layers(gc):
 
 
 def _probe(step_ms: dict) -> dict:
-    return {"model": "m", "size": 224, "batch": 32, "macs": 1000,
-            "methods": {m: {"units": 18, "step_ms": s, "fp_ms": s / 2, "ratio": 2.0, "peak_gib": 1.5, "per_unit": []}
-                        for m, s in step_ms.items()}}
+    def method(s):
+        graphed = {"units": 18, "step_ms": s, "fp_ms": s / 2, "ratio": 2.0, "per_unit": []}
+        eager = {**graphed, "step_ms": 3 * s, "ratio": 6.0}
+        return {**graphed, "graphed": graphed, "eager": eager, "peak_gib": 1.5,
+                "graphed_vs_eager_max_rel_output_diff": 2e-6}
+    return {"model": "m", "size": 224, "batch": 32, "macs": 1000, "methods": {m: method(s) for m, s in step_ms.items()}}
 
 
 def test_estimates(gc):
@@ -112,18 +115,21 @@ def test_table_and_json(gc, tmp_path):
     assert "| command | run: merged hmean % | 0 / 0 | 3.0 / 9.0 | 81.5 | 81.25 | 0.25 |" in lines
     assert any(line.startswith("| command | tta: mean error % (boom) | 2 / — |") and "| — | — | — |" in line
                for line in lines)
-    assert any("hdrq: step / FP f+b over 18 units" in line and "**2.00**" in line for line in lines)
+    assert any("hdrq: step (CUDA graphs) / FP f+b over 18 units" in line and "**2.00**" in line
+               and "eager 540.00 ms = 6.00" in line and "unit outputs within 2.0e-06" in line for line in lines)
     assert any("| 1.00 / 2.0 |" in line for line in lines)  # hours per expert and bit pair: R50 / segmentation
 
 
 def test_the_probe_on_the_logical_gpu(gc, one_thread):
-    """The probe's CUDA path (synchronised wall clock, peak memory, units on the device), tiny."""
+    """The probe's CUDA path (steps as CUDA graphs and eager, synchronised wall clock, peak memory), tiny."""
     torch.manual_seed(0)
     with LogicalCuda():
-        res = gc.probe("cuda", ["adaround", "brecq"], size=16, batch=4, n_calib=8, steps=1, warmup=1,
+        res = gc.probe("cuda", ["adaround", "brecq"], size=16, batch=4, n_calib=8, steps=2, warmup=20,
                        model=randomize_bn(tiny_resnet()))
     for m, units in (("adaround", 7), ("brecq", 4)):  # adaround: layer by layer
         r = res["methods"][m]
         assert r["units"] == units and len(r["per_unit"]) == units and r["fp_ms"] > 0 and r["peak_gib"] == 0.0
         assert r["ratio"] == pytest.approx(r["step_ms"] / r["fp_ms"])
+        assert r["step_ms"] == r["graphed"]["step_ms"] and r["eager"]["units"] == units  # both, graphs the headline
+        assert r["graphed_vs_eager_max_rel_output_diff"] == 0.0  # CPU kernels on the logical GPU: the same numbers
     assert res["macs"] == gc.forward_macs(tiny_resnet(), (4, 3, 16, 16))
