@@ -11,7 +11,8 @@ from mergeq.adapt.tta import ABL, ABLConfig, NoAdapt, Tent, TentConfig, configur
 from mergeq.nn import quant_modules
 from mergeq.ptq import quantize
 from mergeq.ptq.recon import ReconHooks
-from mergeq.ptq.ttaq import consistency, pcr_loss, pem_penalty, rng_state
+from mergeq.ptq.ttaq import consistency, pcr_loss, pem_penalty
+from mergeq.quant.fakequant import record_masks, replay_masks
 from mergeq.quant import quantize_int
 from mergeq.quant.config import QuantConfig
 
@@ -95,17 +96,20 @@ def test_pcr_is_zero_without_perturbation_even_with_qdrop_masks():
         m.act_quant.train()
         m.act_quant.drop_prob = 0.5  # random masks: both passes must share them
     x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(1))
-    cpu = torch.device("cpu")
     for kind in ("auto", "kl", "mse"):
         for sigma in (0.0, 0.1):
-            state = rng_state(cpu)
-            out = unit(x)  # the step's own forward, with its QDrop masks
+            with record_masks() as drawn:
+                out = unit(x)  # the step's own forward, with its QDrop masks
             assert not torch.equal(out, unit(x))  # a later pass draws other masks
-            loss = pcr_loss(lambda a, a_fp: unit(a), x, x, out, state, sigma, kind).item()  # replays out's masks
+
+            def forward(a, a_fp):  # the loop's second pass of a step: the first pass's masks
+                with replay_masks(drawn):
+                    return unit(a)
+            loss = pcr_loss(forward, x, x, out, sigma, kind).item()
             assert loss == 0.0 if sigma == 0.0 else loss > 0.0
     head = nn.Linear(5, 3)
     x = torch.randn(4, 5)
-    assert pcr_loss(lambda a, a_fp: head(a), x, x, head(x), rng_state(cpu), 0.0).item() == 0.0
+    assert pcr_loss(lambda a, a_fp: head(a), x, x, head(x), 0.0).item() == 0.0
 
 
 def test_consistency_and_pem_values():
