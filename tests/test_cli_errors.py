@@ -228,3 +228,33 @@ def test_no_progress_bars_in_a_log_file_but_one_line_per_cell(monkeypatch, caplo
     close()
     assert caplog.messages == ["cells 0/2: running uci__seed0__W4A4__rtn",
                                "cells 1/2: uci__seed0__W4A4__rtn done, hmean 80.0%"]
+
+
+def test_set_data_kind_takes_effect_before_the_other_data_keys(tmp_path, capsys):
+    """``--set data.kind=folder`` decides which ``data.*`` keys the other ``--set``s may name, wherever
+    it stands among them; they were checked against the default (digits) kind's keys, so the kind
+    switch itself was refused (``data.kind: expected one of ['digits']``)."""
+    from mergeq.cli import build_parser, load_cli_config
+
+    from .test_data_spec import make_tree
+
+    tree = make_tree(tmp_path / "office")
+    folder = ["--set", "data.kind=folder", "--set", f"data.root={tree}", "--set", "data.source=Real_World",
+              "--set", "data.image_size=16", "--set", f"runtime.cache_dir={tmp_path / 'cache'}"]
+    assert main(["data", *folder, "--quiet", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").is_file()
+    assert "Real_World: train" in capsys.readouterr().out
+    # every command's --set: the kind named last still decides; office_home, a second kind of FolderData
+    for command in (["run"], ["pmq"], ["tta"], ["bench"], ["compare"], ["train-source"]):
+        args = build_parser().parse_args([*command, *folder[2:], "--set", "data.kind=office_home", "--out", "o"])
+        cfg = load_cli_config(args)
+        assert (cfg.data.kind, cfg.data.root, cfg.data.image_size) == ("office_home", str(tree), 16), command
+    # a key the chosen kind lacks is still refused, in one line naming it (and before any work)
+    _fails(capsys, ["data", *folder, "--set", "data.domains={}", "--out", str(tmp_path / "g2.png")],
+           "data.domains: no such config entry for data.kind 'folder'")
+    _fails(capsys, ["run", "--set", "data.image_size=16", "--preset", "quick", "--out", str(tmp_path / "o")],
+           "data.image_size: no such config entry for data.kind 'digits'")
+    _fails(capsys, ["run", "--set", "data.kind=nosuch", "--preset", "quick", "--out", str(tmp_path / "o")],
+           "data.kind: expected one of ['digits', 'folder', 'office_home', 'streets', 'segmentation'], got 'nosuch'")
+    _fails(capsys, ["data", *folder, "--set", "data.image_size=big", "--out", str(tmp_path / "g3.png")],
+           "data.image_size: expected int, got str 'big'")

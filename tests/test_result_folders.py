@@ -129,7 +129,13 @@ def test_a_second_compare_with_other_settings_is_refused_and_mixes_nothing(fake,
     capsys.readouterr()
     before = _files(out)
     _one_line(capsys, _compare(fake, out, "--calib-size", "48"), "holds results of a run with other settings "
-              "(ptq.calib_size differ); its rows would be mixed with new ones: use another --out")
+              "(ptq.calib_size differ) [ptq.calib_size: 8 recorded, 48 now]; its rows would be mixed with new ones: "
+              "use another --out")
+    # several settings: each named with both values, a long value cut short, the line still one line
+    err = _one_line(capsys, _compare(fake, out, "--calib-size", "48", "--set", "adapt.source.epochs=2", "--ptq-seeds",
+                                     "40"), "(adapt.source.epochs, ptq.calib_size, grid.ptq_seeds differ) ")
+    assert "[adapt.source.epochs: 1 recorded, 2 now; ptq.calib_size: 8 recorded, 48 now; grid.ptq_seeds: None " \
+           "recorded, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16... now]; its rows" in err, err
     assert _files(out) == before
 
 

@@ -119,7 +119,7 @@ def _bounded(kind: type, key: str):
 def load_cli_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
     """The config of a command: defaults, then the command's ``defaults`` (paths the file does not
     set), then ``--config``, ``--set`` and the flags; validated once, at the end."""
-    from .experiments.config import Config, parse_set, read_mapping, set_path
+    from .experiments.config import Config, apply_sets, read_mapping, set_path
 
     data = read_mapping(args.config) if getattr(args, "config", None) else {}
     for path, value in (defaults or {}).items():
@@ -128,8 +128,7 @@ def load_cli_config(args: argparse.Namespace, defaults: dict[str, Any] | None = 
             node = node[head.pop(0)]
         if head:  # not set by the file
             set_path(data, path, value)
-    for text in getattr(args, "set", []):
-        set_path(data, *parse_set(text))
+    apply_sets(data, getattr(args, "set", []))  # a --set data.kind decides the data.* keys of every --set
     for dest, value in vars(args).items():  # only the flags given (their default: absent)
         if dest.startswith(PREFIX):
             set_path(data, dest[len(PREFIX):], value)

@@ -56,7 +56,7 @@ from ..data.spec import DataSpec, DigitsData, FolderData, SegmentationData, Stre
 from ..errors import ConfigError
 from ..io import dump_yaml, load_yaml
 from ..models.spec import ModelSpec
-from ..typed import check_keys, check_unique, check_value, from_mapping, hints_of
+from ..typed import _kinds, check_keys, check_unique, check_value, from_mapping, hints_of
 from . import presets
 
 log = logging.getLogger(__name__)
@@ -391,31 +391,68 @@ def set_path(d: dict, path: str, value: Any) -> None:
     d[last] = value
 
 
-def _entry(path: str) -> tuple[Any, Any]:
+def _tag_of(node: Any) -> Any:
+    """The ``kind`` a (partial) config section holds: a mapping's key or a built dataclass's field; None if none."""
+    if isinstance(node, Mapping):
+        return node.get("kind")
+    return getattr(node, "kind", None)
+
+
+def _child(node: Any, key: str) -> Any:
+    if isinstance(node, Mapping):
+        return node.get(key)
+    return getattr(node, key, None)
+
+
+def _entry(path: str, current: Any = None) -> tuple[Any, Any]:
     """(type hint, dataclass field or None) of the config entry at ``path`` (a field, or a key of a
-    ``dict[str, X]`` field); ConfigError if ``path`` names nothing in the config."""
+    ``dict[str, X]`` field); ConfigError if ``path`` names nothing in the config.
+
+    A section that is a tagged union of dataclasses (``data``: one per ``kind``) takes its keys from
+    the member that ``current`` (the config being built, a mapping of sections) names by its
+    ``kind`` there (none named: the first member), so ``--set data.kind=folder --set data.root=...``
+    checks ``root`` against the folder kind's fields; its ``kind`` itself takes any member's kind.
+    Without ``current``, the first member having the key."""
     hint: Any = Config
     found_field = None
-    for i, key in enumerate(path.split(".")):
+    node = current
+    keys = path.split(".")
+    for i, key in enumerate(keys):
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+        tagged = len(options) > 1 and all(_kinds(h) for h in options)
         found = None
-        for h in options:
-            if dataclasses.is_dataclass(h) and key in hints_of(h):
-                found, found_field = hints_of(h)[key], next(f for f in dataclasses.fields(h) if f.name == key)
-                break
-            if typing.get_origin(h) is dict:
-                found, found_field = typing.get_args(h)[1], None
-                break
+        if tagged and key == "kind":
+            found = Literal[tuple(k for h in options for k in _kinds(h))]
+            found_field = next(f for f in dataclasses.fields(options[0]) if f.name == "kind")
+        elif tagged and current is not None:
+            tag = _tag_of(node)
+            chosen = next((h for h in options if tag in _kinds(h)), None) if tag is not None else options[0]
+            if chosen is None:  # an unknown kind: its own error, naming the kinds there are
+                known = [k for h in options for k in _kinds(h)]
+                raise ConfigError(f"{'.'.join(keys[:i])}.kind: expected one of {known}, got {tag!r}")
+            if key not in hints_of(chosen):
+                raise ConfigError(f"{path}: no such config entry for {'.'.join(keys[:i])}.kind {_kinds(chosen)[0]!r} "
+                                  f"(known: {', '.join(hints_of(chosen))})")
+            found, found_field = hints_of(chosen)[key], next(f for f in dataclasses.fields(chosen) if f.name == key)
+        else:
+            for h in options:
+                if dataclasses.is_dataclass(h) and key in hints_of(h):
+                    found, found_field = hints_of(h)[key], next(f for f in dataclasses.fields(h) if f.name == key)
+                    break
+                if typing.get_origin(h) is dict:
+                    found, found_field = typing.get_args(h)[1], None
+                    break
         if found is None:
-            raise ConfigError(f"{path}: no such config entry ({'.'.join(path.split('.')[:i + 1])} is unknown)")
+            raise ConfigError(f"{path}: no such config entry ({'.'.join(keys[:i + 1])} is unknown)")
         hint = found
+        node = _child(node, key) if node is not None else None
     return hint, found_field
 
 
-def hint_at(path: str) -> Any:
-    """The type hint of the config entry at ``path``."""
-    return _entry(path)[0]
+def hint_at(path: str, current: Any = None) -> Any:
+    """The type hint of the config entry at ``path`` (``current``: the config being built, see :func:`_entry`)."""
+    return _entry(path, current)[0]
 
 
 def help_at(path: str) -> str:
@@ -424,8 +461,8 @@ def help_at(path: str) -> str:
     return f.metadata.get("help", "") if f is not None else ""
 
 
-def parse_set(text: str) -> tuple[str, Any]:
-    """``"ptq.options.hdrq.iters=100"`` -> (path, value parsed as YAML and checked against the path's type)."""
+def read_set(text: str) -> tuple[str, Any]:
+    """``"ptq.options.hdrq.iters=100"`` -> (path, value parsed as YAML), unchecked."""
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
         raise ConfigError(f"--set {text!r}: expected PATH=VALUE, e.g. ptq.options.hdrq.iters=100")
@@ -434,7 +471,27 @@ def parse_set(text: str) -> tuple[str, Any]:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {path}: the value is not valid YAML: {e}") from None
-    return path, check_value(hint_at(path), value, path)
+    return path, value
+
+
+def parse_set(text: str, current: Any = None) -> tuple[str, Any]:
+    """``"ptq.options.hdrq.iters=100"`` -> (path, value parsed as YAML and checked against the path's
+    type; ``current``: the config it goes into, whose ``data.kind`` decides the ``data.*`` keys)."""
+    path, value = read_set(text)
+    return path, check_value(hint_at(path, current), value, path)
+
+
+def apply_sets(data: dict, texts: list[str]) -> dict:
+    """``data`` (a config mapping) with every ``--set PATH=VALUE`` of ``texts`` set, in order (the
+    last of two on one path wins). Each is checked against the config as it stands after all of
+    them, so a ``--set data.kind=folder`` decides which ``data.*`` keys the others may set,
+    wherever it stands; values go in as parsed (``Config.from_dict`` builds them)."""
+    sets = [read_set(text) for text in texts]
+    for path, value in sets:
+        set_path(data, path, copy.deepcopy(value))
+    for path, value in sets:
+        check_value(hint_at(path, data), value, path)
+    return data
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -199,6 +199,16 @@ def settings_diff(recorded: Any, config: dict, exp: Experiment, row: dict) -> li
             if _get(old, p) is not None and _get(new, p) is not None]
 
 
+REFUSE_VALUES = 4
+"""Differing settings whose two values a refused folder's message shows (the rest: named only)."""
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (ending in ``...``) if longer."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class RunDir:
     """The output folder of one experiment (see the module docstring)."""
 
@@ -236,8 +246,10 @@ class RunDir:
                               "use another --out") from None
         new_d, old_d = cfg.to_dict(), old.to_dict()
         common = {p: set(_get(old_d, p) or {}) & set(_get(new_d, p) or {}) for p in PER_METHOD}
-        diff = config_diff(_settings(old_d, self.exp, common), _settings(new_d, self.exp, common))
-        diff += [p for p in self.exp.axes if (_get(old_d, p) is None) != (_get(new_d, p) is None)]
+        old_s, new_s = _settings(old_d, self.exp, common), _settings(new_d, self.exp, common)
+        diff = [(p, _get(old_s, p), _get(new_s, p)) for p in config_diff(old_s, new_s)]
+        diff += [(p, _get(old_d, p), _get(new_d, p)) for p in self.exp.axes
+                 if (_get(old_d, p) is None) != (_get(new_d, p) is None)]
         if diff:
             self._refuse(diff)
         for path in self.exp.axes:  # unset in both (an optional axis) or set in both: see the check above
@@ -260,9 +272,14 @@ class RunDir:
                                   "settings than this run's (its settings_sha256 differs; was results.json edited?): "
                                   "use another --out")
 
-    def _refuse(self, diff: list[str]) -> None:
-        raise MergeqError(f"{self.out} holds results of a run with other settings ({', '.join(diff)} differ); its "
-                          "rows would be mixed with new ones: use another --out, or these settings as they were there")
+    def _refuse(self, diff: list[tuple[str, Any, Any]]) -> None:
+        """Refuse the folder, naming each differing setting and (the first few) with both values."""
+        shown = [f"{p}: {_short(a)} recorded, {_short(b)} now" for p, a, b in diff[:REFUSE_VALUES]]
+        if len(diff) > REFUSE_VALUES:
+            shown.append(f"and {len(diff) - REFUSE_VALUES} more")
+        raise MergeqError(f"{self.out} holds results of a run with other settings ({', '.join(p for p, _, _ in diff)} "
+                          f"differ) [{'; '.join(shown)}]; its rows would be mixed with new ones: use another --out, "
+                          "or these settings as they were there")
 
     def fill(self, results: dict[str, Any], keys: list[Hashable], done: dict[Hashable, dict],
              todo: set[Hashable], compute: Callable[[Hashable], dict],
