@@ -98,8 +98,9 @@ needs_ray = pytest.mark.skipif(not _ray_available(), reason="Ray is not installe
 
 
 @needs_ray
+@pytest.mark.slow  # starting Ray takes 14 s of the default run's 3 minutes on 2 cores (CI runs it)
 def test_ray_executor_runs_a_cell_like_the_local_one(tmp_path, model_cache):
-    """The fast Ray check of the default run: one cell on a local Ray instance = the same cell in-process."""
+    """The fast Ray check: one cell on a local Ray instance = the same cell in-process."""
     one = _grid_file(tmp_path / "one.yaml", {**GRID, "ptq": {**GRID["ptq"], "bits": ["W4A4"]}}, model_cache)
     local = run_grid(load_config(one), tmp_path / "local")
     remote = run_grid(load_config(one), tmp_path / "ray", executor="ray")
