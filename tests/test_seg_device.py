@@ -27,7 +27,8 @@ from .logical_device import LogicalCuda
 from .test_device_placement import off_device
 from .test_seg_pipeline import _pair_tree
 
-pytestmark = pytest.mark.usefixtures("one_thread", "no_pictures")
+# slow: 18 s on 2 cores, kept out of the default run's 3 minutes; CI runs it (pytest -m slow)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "no_pictures")]
 SMALL = {d: (8, 12) for d in streets.DOMAINS}  # (train, test) images per domain
 METHODS = ["rtn", "hdrq"]
 TINY = {"preset": "quick", "data": {"kind": "streets"}, "model": {"name": "deeplab_mini", "kwargs": {"width": 4}},
