@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import re
 import subprocess
@@ -249,8 +250,10 @@ def probe(device: str, methods=METHODS, size: int = 224, batch: int = 32, n_cali
     out = {"model": name, "size": size, "batch": batch, "calib": n_calib, "steps": steps, "warmup": warmup,
            "macs": forward_macs(model, (batch, 3, size, size)), "methods": {}}
     modes = (True, False) if dev.type == "cuda" else (False,)
+    fallbacks = _Warnings("mergeq.ptq.graphs")  # units whose step could not be captured (they ran eagerly)
     for method in methods:
         res = out["methods"][method] = {}
+        fallbacks.messages.clear()
         rows: dict[bool, list] = {g: [] for g in modes}
         diffs = []
         for unit_name, unit in partition(q, calib[:2].to(dev), layerwise=method == "adaround"):
@@ -291,7 +294,25 @@ def probe(device: str, methods=METHODS, size: int = 224, batch: int = 32, n_cali
         res.update(res["graphed" if True in rows else "eager"])  # the headline: what runs by default
         res.setdefault("peak_gib", None)
         res["graphed_vs_eager_max_rel_output_diff"] = max(diffs) if diffs else None
+        res["graph_fallbacks"] = list(fallbacks.messages)
+    fallbacks.close()
     return out
+
+
+class _Warnings(logging.Handler):
+    """Collects the warnings of one logger (from now until :meth:`close`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.logger, self.messages = logging.getLogger(name), []
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        super().close()
 
 
 # --- 3. estimates ------------------------------------------------------------------------------
@@ -349,6 +370,8 @@ def table(result: dict) -> str:
             eager = f"; eager {r['eager']['step_ms']:.2f} ms = {r['eager']['ratio']:.2f}" if "graphed" in r else ""
             diff = r.get("graphed_vs_eager_max_rel_output_diff")
             diff = "" if diff is None else f"; graphed vs eager, same seed: unit outputs within {diff:.1e} (relative)"
+            fell = r.get("graph_fallbacks") or []
+            diff += f"; {len(fell)} unit run(s) not captured, e.g. {fell[0][:160]}" if fell else ""
             lines.append(f"| probe | {m}: step ({mode}) / FP f+b over {r['units']} units ({p['model']}, {p['size']} px, "
                          f"batch {p['batch']}{peak}{eager}{diff}) | | | {r['step_ms']:.2f} / {r['fp_ms']:.2f} ms = "
                          f"**{r['ratio']:.2f}** | | |")

@@ -85,7 +85,7 @@ def _probe(step_ms: dict) -> dict:
         graphed = {"units": 18, "step_ms": s, "fp_ms": s / 2, "ratio": 2.0, "per_unit": []}
         eager = {**graphed, "step_ms": 3 * s, "ratio": 6.0}
         return {**graphed, "graphed": graphed, "eager": eager, "peak_gib": 1.5,
-                "graphed_vs_eager_max_rel_output_diff": 2e-6}
+                "graphed_vs_eager_max_rel_output_diff": 2e-6, "graph_fallbacks": ["unit x: cannot be captured"]}
     return {"model": "m", "size": 224, "batch": 32, "macs": 1000, "methods": {m: method(s) for m, s in step_ms.items()}}
 
 
@@ -116,7 +116,8 @@ def test_table_and_json(gc, tmp_path):
     assert any(line.startswith("| command | tta: mean error % (boom) | 2 / — |") and "| — | — | — |" in line
                for line in lines)
     assert any("hdrq: step (CUDA graphs) / FP f+b over 18 units" in line and "**2.00**" in line
-               and "eager 540.00 ms = 6.00" in line and "unit outputs within 2.0e-06" in line for line in lines)
+               and "eager 540.00 ms = 6.00" in line and "unit outputs within 2.0e-06" in line
+               and "1 unit run(s) not captured, e.g. unit x: cannot be captured" in line for line in lines)
     assert any("| 1.00 / 2.0 |" in line for line in lines)  # hours per expert and bit pair: R50 / segmentation
 
 
@@ -132,4 +133,5 @@ def test_the_probe_on_the_logical_gpu(gc, one_thread):
         assert r["ratio"] == pytest.approx(r["step_ms"] / r["fp_ms"])
         assert r["step_ms"] == r["graphed"]["step_ms"] and r["eager"]["units"] == units  # both, graphs the headline
         assert r["graphed_vs_eager_max_rel_output_diff"] == 0.0  # CPU kernels on the logical GPU: the same numbers
+        assert r["graph_fallbacks"] == []  # every unit's step was captured
     assert res["macs"] == gc.forward_macs(tiny_resnet(), (4, 3, 16, 16))
