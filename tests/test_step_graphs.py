@@ -10,8 +10,10 @@ import logging
 import pytest
 import torch
 
+from mergeq.nn import calibrate_activations, prepare, quant_modules
 from mergeq.ptq import adaround, graphs, hdrq, quantize
 from mergeq.ptq.graphs import StepGraphs, StepScalars
+from mergeq.ptq.recon import ReconHooks, ReconOptions, capture, reconstruct_unit
 from mergeq.quant.config import QuantConfig
 
 from .conftest import MODEL_FACTORIES, randomize_bn
@@ -143,6 +145,35 @@ def test_step_graphs_capture_after_the_warm_up_and_release_a_phase():
         off = StepGraphs(torch.device("cuda"), enabled=False)
         off("a", step), off("a", step)
         assert off.captured == 0
+
+
+def test_hooks_that_do_not_say_they_are_graph_safe_run_eagerly(captures):
+    """A method plugged in with its own hooks may read a per-step Python value: not graphed unless
+    its hooks set ``graph_safe``."""
+    class Mine(ReconHooks):
+        def penalty(self, t, iters, layers):  # t-dependent, as a Python float would be frozen in a graph
+            return 0.0 if t < 2 else sum(m.act_quant.step.sum() * (1.0 / (t + 1)) for _, m in layers)
+
+    with LogicalCuda():
+        torch.manual_seed(0)
+        model = _quantize_ready()
+        name, unit = "3", model[3]
+        calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        x_q, _ = capture(model, name, calib, 8, "cuda", output=False)
+        x_fp, y_fp = capture(model, name, calib, 8, "cuda", output=True)
+        layers = [(f"{name}.{n}", m) for n, m in quant_modules(unit)]
+        reconstruct_unit(unit, layers, (x_q, x_fp, y_fp), Mine(), ReconOptions(iters=8, batch_size=4), "cuda")
+    assert captures == {}
+    assert not ReconHooks.graph_safe and adaround.AdaRoundHooks.graph_safe and hdrq.HDRQHooks.graph_safe
+
+
+def _quantize_ready():
+    """The tiny ResNet prepared for W4A4 with calibrated activation steps, on the logical GPU."""
+    model = randomize_bn(MODEL_FACTORIES["resnet"]())
+    calib = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    q = prepare(model, QuantConfig(4, 4), calib[:2]).cuda()
+    calibrate_activations(q, calib)
+    return q
 
 
 def test_step_scalars_are_floats_eagerly_and_one_device_tensor_each_when_graphed():

@@ -200,6 +200,8 @@ class AdaRoundOptions(ReconOptions):
 
 
 class AdaRoundHooks(ReconHooks):
+    graph_safe = True  # β from scalars, the warm-up as the phase
+
     def __init__(self, opts: AdaRoundOptions, learn_act: bool = True, quant_act: bool = True) -> None:
         self.o, self.learn_act, self.quant_act = opts, learn_act, quant_act
         self.groups: list[SoftRoundGroup] = []

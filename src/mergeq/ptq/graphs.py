@@ -74,6 +74,7 @@ class StepGraphs:
     eagerly on the current stream."""
 
     def __init__(self, device: torch.device, enabled: bool, name: str = "") -> None:
+        """``name``: the unit's first layer, for the warning."""
         self.device, self.enabled, self.name = device, enabled, name
         self.key: Hashable = object()
         self.graph: StepGraph | None = None
@@ -93,8 +94,8 @@ class StepGraphs:
         try:
             self.graph = StepGraph(fn, self.device)
         except RuntimeError as e:  # an op that cannot be captured: this unit goes on eagerly
-            log.warning("reconstruction unit %s: its step cannot be captured as a CUDA graph (%s); it runs "
-                        "eagerly", self.name or "<model>", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning("the reconstruction unit with layer %s: its step cannot be captured as a CUDA graph (%s); "
+                        "it runs eagerly", self.name or "<model>", str(e).splitlines()[0] if str(e) else type(e).__name__)
             self.enabled, self.graph = False, None
             return fn()
         self.captured += 1

@@ -111,6 +111,8 @@ class HDRQOptions(ReconOptions):
 
 
 class HDRQHooks(ReconHooks):
+    graph_safe = True  # the noise switch as the phase; nothing else changes per step
+
     def __init__(self, opts: HDRQOptions, source: nn.Module | None) -> None:
         self.o, self.source = opts, source
         self.kind, self.src, self.handles = opts.noise_kind, {}, []

@@ -84,6 +84,10 @@ class ReconHooks:
     quant_act = True  # activations quantized during reconstruction (False: weight-only)
     # per-step scalars (floats; 0-dim device tensors in a graphed step): set by the loop before setup
     scalars: StepScalars = StepScalars(torch.device("cpu"), graphed=False)
+    # True when every value the step reads that changes between steps comes from ``scalars`` and
+    # every change of its code from ``phase``: only then may a CUDA device replay the step as a graph
+    # (a Python float read by a replayed step would keep its captured value)
+    graph_safe = False
 
     def setup(self, layers: Layers) -> list[nn.Parameter]:
         """Install w_quantizers on the unit's layers; return the weight-side parameters to train."""
@@ -234,7 +238,7 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
     p_drop = opts.drop_prob if acts else 0.0
     x_q, x_fp_all, y_fp = data  # x_fp is read only by QDrop's input rule
     batches = UnitBatches((x_q, x_fp_all, y_fp) if p_drop > 0 else (x_q, y_fp), opts.batch_size, device)
-    graphed = opts.cuda_graphs and device.type == "cuda" and not batches.staged
+    graphed = opts.cuda_graphs and hooks.graph_safe and device.type == "cuda" and not batches.staged
     hooks.scalars = scalars = StepScalars(device, graphed)
     w_params = hooks.setup(layers)
     for _, m in layers:
@@ -275,8 +279,6 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
             x = torch.lerp(x, x_fp, keep)
         return unit(x)
 
-    t = 0
-
     def step() -> torch.Tensor:
         """One step after ``hooks.on_step``: a batch, the loss, its gradients, Adam (a graphed loop
         records it once per phase and replays it)."""
@@ -296,7 +298,7 @@ def reconstruct_unit(unit: nn.Module, layers: Layers, data, hooks: ReconHooks, o
             opt.step()
         return loss.detach()
 
-    graphs = StepGraphs(device, graphed and opt is not None, name=str(layers[0][0]) if layers else "")
+    graphs = StepGraphs(device, graphed and opt is not None, name=layers[0][0] if layers else "")
     loss = torch.tensor(float("nan"))
     for t in range(opts.iters):
         hooks.on_step(t, opts.iters, layers)
