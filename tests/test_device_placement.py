@@ -21,6 +21,7 @@ from mergeq.experiments.pmq import run_pmq
 from mergeq.experiments.tta import run_tta
 from mergeq.merge import merge
 from mergeq.merge.recalibrate import RECALIBRATIONS, recalibrate
+from mergeq.ptq import graphs
 
 from .conftest import randomize_bn, tiny_resnet
 from .logical_device import MISMATCH, LogicalCuda, logical_device
@@ -103,7 +104,7 @@ def gpu_setup(tmp_path_factory):
            "model": {"name": "resnet8", "kwargs": {"width": 4}},
            "adapt": {"source": {"steps": 4}, "shot": {"steps": 2}},
            "ptq": {"methods": METHODS, "bits": ["W3A3"], "calib_size": 8, "step_method": "absmax",
-                   "options": {m: {"iters": 2} for m in RECON}},
+                   "options": {m: {"iters": 8} for m in RECON}},  # 8: each unit captures its step
            "merge": {"rounding": "noise", "rounding_options": {"samples": 2}},
            "pmq": {"merges": ["task_arithmetic"], "methods": ["epmq"], "bits": ["W4"]},
            "tta": {"methods": ["fp+tent", "ttaq"], "bits": ["W4A4"], "streams": ["balanced"], "severity": 3,
@@ -111,10 +112,19 @@ def gpu_setup(tmp_path_factory):
            "runtime": {"device": "cuda", "threads": 1, "cache_dir": str(base / "cache")}}
     path = base / "gpu.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with LogicalCuda():
+    init = graphs.StepGraph.__init__
+
+    def counting(self, fn, device):
+        init(self, fn, device)
+        CAPTURED.append(device)
+
+    with LogicalCuda(), mock.patch.object(graphs.StepGraph, "__init__", counting):
         config = load_config(path)
         results = run(config, base / "run")
     return base, path, config, results
+
+
+CAPTURED: list = []  # the reconstruction steps gpu_setup's run captured as CUDA graphs
 
 
 def test_run_on_cuda_with_noise_rounding(gpu_setup):
@@ -122,6 +132,9 @@ def test_run_on_cuda_with_noise_rounding(gpu_setup):
     assert [r["method"] for r in res["rows"]] == METHODS
     assert all(0.0 <= v <= 1.0 for r in res["rows"] for v in r["merged"].values())
     assert yaml.safe_load((base / "run" / "config.yaml").read_text())["runtime"]["device"] == "cuda"
+    # qdrop and hdrq x 2 experts x the 5 units of ResNet-8: every unit captured its step (its replays
+    # checked by the harness)
+    assert len(CAPTURED) == 2 * 2 * 5 and all(d.type == "cuda" for d in CAPTURED)
 
 
 def off_device(model: nn.Module) -> list[str]:
