@@ -21,8 +21,12 @@ import importlib
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recon_cost import fp_step_time  # noqa: E402  (the plain FP forward+backward, the same reference)
 
 WARMUP = 4
 
@@ -70,23 +74,6 @@ def run_unit(M: dict, method: str, name: str, unit, data, iters: int, bs: int, s
     M["recon"].reconstruct_unit(unit, layers, data, hooks, opts, "cpu")
 
 
-def fp_in_time(unit, x, y, reps: int) -> float:
-    """recon_cost.fp_step_time(..., input_grad=True)."""
-    unit = copy.deepcopy(unit).requires_grad_(True)
-    bs = len(x) // 4
-
-    def go(n: int) -> None:
-        for i in range(n):
-            j = (i % 4) * bs
-            unit.zero_grad(set_to_none=True)
-            (unit(x[j:j + bs].requires_grad_(True)) - y[j:j + bs]).pow(2).sum(1).mean().backward()
-
-    go(WARMUP)
-    t = time.process_time()
-    go(reps)
-    return (time.process_time() - t) / reps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", required=True, help="folder holding the old package renamed (see the docstring)")
@@ -119,7 +106,8 @@ def main() -> None:
                     run_unit(sides[s], method, name, copy.deepcopy(u), data, args.iters, args.batch, state[s][0])
                     step[s][n].append((time.process_time() - t) / args.iters)
                 _, _, data, fp_unit = J["new"][i]
-                fp[n].append(fp_in_time(fp_unit, data[1][: 4 * args.batch].clone(), data[2][: 4 * args.batch], args.iters))
+                fp[n].append(fp_step_time(fp_unit, data[1][: 4 * args.batch].clone(), data[2][: 4 * args.batch],
+                                            args.iters, input_grad=True))
         res = {}
         for s in sides:
             per_round = [sum(step[s][n][r] for n in names) / sum(fp[n][r] for n in names) for r in range(args.rounds)]

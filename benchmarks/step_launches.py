@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -97,31 +97,28 @@ def fp_ops(fp_unit, x, y, batch: int) -> float:
 
 
 def graphed_host_calls(method: str, name: str, unit, data, batch: int, fp) -> float:
-    """Torch calls per graphed step that reach the host outside the replay, on the logical GPU."""
+    """Torch calls per graphed step that reach the host outside the replay, on the logical GPU
+    (there a replay runs the step again: its calls, which a GPU replay does not make, are left out)."""
+    from mergeq.ptq.graphs import StepGraph
     from tests.logical_device import LogicalCuda
 
     with LogicalCuda() as h:
         unit_c, fp_c = copy.deepcopy(unit).cuda(), copy.deepcopy(fp).cuda()
-        calls = []
-        for n in (20, 30):
-            before = h.calls
-            replays = {"n": 0}
-            from mergeq.ptq import graphs
-            replay = graphs.StepGraph.replay
+        replay = StepGraph.replay  # the harness's emulation, patched in by LogicalCuda
+        inside = [0]
 
-            def counting(self, replay=replay):
-                replays["n"] += 1
-                start = h.calls
-                out = replay(self)
-                replays.setdefault("inside", 0)
-                replays["inside"] += h.calls - start  # the emulation re-runs the step: not host work on a GPU
-                return out
-            graphs.StepGraph.replay = counting
-            try:
+        def counted(self):
+            start = h.calls
+            out = replay(self)
+            inside[0] += h.calls - start
+            return out
+
+        calls = []
+        with mock.patch.object(StepGraph, "replay", counted):
+            for n in (20, 30):
+                before, inside[0] = h.calls, 0
                 run_unit(method, name, copy.deepcopy(unit_c), data, n, batch, fp_c, "cuda")
-            finally:
-                graphs.StepGraph.replay = replay
-            calls.append(h.calls - before - replays.get("inside", 0))
+                calls.append(h.calls - before - inside[0])
     return (calls[1] - calls[0]) / 10
 
 
@@ -150,7 +147,9 @@ def main() -> None:
                        "top_ops": dict(top.most_common(12))}
         print(f"| {method} | {n_units} | {eager:.0f} | {plain:.0f} | {eager / plain:.1f} | {host:.0f} |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        from mergeq.io import write_json
+
+        write_json(args.json, res)  # atomically
 
 
 if __name__ == "__main__":

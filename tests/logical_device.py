@@ -220,12 +220,6 @@ class _Graph:
     def replay(self) -> None:
         raise GraphCaptureError("the logical CUDA harness replays a captured step with emulate_replay()")
 
-    def pool(self):
-        return id(self)
-
-    def reset(self) -> None:
-        self.trace = None
-
 
 @contextlib.contextmanager
 def _graph_ctx(graph: _Graph, pool=None, stream=None, capture_error_mode: str = "global"):
@@ -261,6 +255,18 @@ def emulate_replay(step_graph):
         return step_graph.out
     with replaying(graph):
         return step_graph.fn()
+
+
+def _parse_to(rest: list, kwargs: dict) -> tuple:
+    """(device, dtype, memory_format) of ``Tensor.to``'s arguments after the tensor (an int device
+    is a CUDA ordinal, as torch reads it)."""
+    rest, kw = list(rest), {k: v for k, v in kwargs.items() if k != "copy"}
+    if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool):
+        rest[0] = torch.device("cuda", rest[0])
+    if isinstance(kw.get("device"), int) and not isinstance(kw["device"], bool):
+        kw["device"] = torch.device("cuda", kw["device"])
+    device, dtype, _, memory_format = torch._C._nn._parse_to(*rest, **kw)
+    return device, dtype, memory_format
 
 
 def _signature(func, args, kwargs) -> tuple:
@@ -428,12 +434,7 @@ class LogicalCuda(TorchFunctionMode):
             return self.norm(rest[0] if rest else kwargs.get("device", "cuda"))
         if rest and isinstance(rest[0], torch.Tensor):
             return logical_device(rest[0])
-        kw = {k: v for k, v in kwargs.items() if k != "copy"}
-        if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool):
-            rest[0] = torch.device("cuda", rest[0])
-        if isinstance(kw.get("device"), int) and not isinstance(kw["device"], bool):
-            kw["device"] = torch.device("cuda", kw["device"])
-        device = torch._C._nn._parse_to(*rest, **kw)[0]
+        device = _parse_to(rest, kwargs)[0]
         return None if device is None else self.norm(device)
 
     def _attribute(self, func, get: bool, attr: str, args):
@@ -509,13 +510,8 @@ class LogicalCuda(TorchFunctionMode):
             if other.device.type != "cpu" and target is None:
                 return func(*args, **kwargs)
             return self._move(x, target, dtype, kwargs.get("copy", False), kwargs.get("memory_format"))
-        kw = dict(kwargs)
-        copy_ = kw.pop("copy", False)
-        if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool):
-            rest[0] = torch.device("cuda", rest[0])
-        if isinstance(kw.get("device"), int) and not isinstance(kw["device"], bool):
-            kw["device"] = torch.device("cuda", kw["device"])
-        device, dtype, _, memory_format = torch._C._nn._parse_to(*rest, **kw)
+        device, dtype, memory_format = _parse_to(rest, kwargs)
+        copy_ = kwargs.get("copy", False)
         if device is not None and device.type not in ("cpu", "cuda"):
             return func(*args, **kwargs)  # meta and friends: the real op
         target = logical_device(x) if device is None else self.norm(device)

@@ -35,7 +35,7 @@ def _name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _kinds(cls: Any) -> tuple | None:
+def kinds_of(cls: Any) -> tuple | None:
     """The values of a dataclass's ``kind: Literal[...]`` field, or None."""
     if not dataclasses.is_dataclass(cls):
         return None
@@ -45,11 +45,11 @@ def _kinds(cls: Any) -> tuple | None:
 
 def _tagged(options: list, value: Any, where: str) -> Any:
     """The member of a tagged union that ``value['kind']`` names (missing kind: the first member)."""
-    kind = value.get("kind", _kinds(options[0])[0])
+    kind = value.get("kind", kinds_of(options[0])[0])
     for cls in options:
-        if kind in _kinds(cls):
+        if kind in kinds_of(cls):
             return from_mapping(cls, value, where)
-    known = [k for cls in options for k in _kinds(cls)]
+    known = [k for cls in options for k in kinds_of(cls)]
     raise ConfigError(f"{where}.kind: expected one of {known}, got {kind!r}")
 
 
@@ -64,7 +64,7 @@ def check_value(hint: Any, value: Any, where: str) -> Any:
             return None
         if len(options) == 1:  # X | None: the error of X, which names the bad item
             return check_value(options[0], value, where)
-        if isinstance(value, Mapping) and all(_kinds(a) for a in options):
+        if isinstance(value, Mapping) and all(kinds_of(a) for a in options):
             return _tagged(options, value, where)
         for h in options:
             try:

@@ -56,7 +56,7 @@ from ..data.spec import DataSpec, DigitsData, FolderData, SegmentationData, Stre
 from ..errors import ConfigError
 from ..io import dump_yaml, load_yaml
 from ..models.spec import ModelSpec
-from ..typed import _kinds, check_keys, check_unique, check_value, from_mapping, hints_of
+from ..typed import check_keys, check_unique, check_value, from_mapping, hints_of, kinds_of
 from . import presets
 
 log = logging.getLogger(__name__)
@@ -420,19 +420,19 @@ def _entry(path: str, current: Any = None) -> tuple[Any, Any]:
     for i, key in enumerate(keys):
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
-        tagged = len(options) > 1 and all(_kinds(h) for h in options)
+        tagged = len(options) > 1 and all(kinds_of(h) for h in options)
         found = None
         if tagged and key == "kind":
-            found = Literal[tuple(k for h in options for k in _kinds(h))]
+            found = Literal[tuple(k for h in options for k in kinds_of(h))]
             found_field = next(f for f in dataclasses.fields(options[0]) if f.name == "kind")
         elif tagged and current is not None:
             tag = _tag_of(node)
-            chosen = next((h for h in options if tag in _kinds(h)), None) if tag is not None else options[0]
+            chosen = next((h for h in options if tag in kinds_of(h)), None) if tag is not None else options[0]
             if chosen is None:  # an unknown kind: its own error, naming the kinds there are
-                known = [k for h in options for k in _kinds(h)]
+                known = [k for h in options for k in kinds_of(h)]
                 raise ConfigError(f"{'.'.join(keys[:i])}.kind: expected one of {known}, got {tag!r}")
             if key not in hints_of(chosen):
-                raise ConfigError(f"{path}: no such config entry for {'.'.join(keys[:i])}.kind {_kinds(chosen)[0]!r} "
+                raise ConfigError(f"{path}: no such config entry for {'.'.join(keys[:i])}.kind {kinds_of(chosen)[0]!r} "
                                   f"(known: {', '.join(hints_of(chosen))})")
             found, found_field = hints_of(chosen)[key], next(f for f in dataclasses.fields(chosen) if f.name == key)
         else:
