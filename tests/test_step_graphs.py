@@ -67,8 +67,8 @@ def test_graphed_steps_give_the_eager_result_bit_for_bit(method, options, captur
 
 def test_a_trained_weight_step_differs_from_eager_by_float32_rounding_only(captures):
     """HDRQ's ``train_w_step`` keeps the trained float Δ in the model: the graphed step's learning
-    rate is a float32 device tensor (eager: a Python float), so Δ differs in its last bits (measured:
-    at most 1.8e-7 relative); the codes stay the same."""
+    rate is a float32 device tensor (eager: a Python float), so Δ differs in its last bits (allowed
+    here: 1e-5 relative); the codes stay the same."""
     graphed = _quantize("hdrq", train_w_step=True)
     eager = _quantize("hdrq", train_w_step=True, cuda_graphs=False)
     assert captures["cuda"] == len(eager[1])
