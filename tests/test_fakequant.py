@@ -1,7 +1,7 @@
 """The fused quantizers of the reconstruction loop against the unfused autograd chains they replace."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mergeq.ptq.adaround import AdaRoundQuantizer, rectified_sigmoid, round_penalty
@@ -79,13 +79,15 @@ def test_lsq_gradient_range_is_the_rounded_one():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), train_step=st.booleans())
+@example(seed=5260, bits=5, train_step=True)  # failed the former bound (2x the chain's error)
+@example(seed=254, bits=2, train_step=True)  # float32 and float64 round an element of v differently
 def test_ste_matches_reference_values_and_gradients(seed, bits, train_step):
     lo, hi = qrange(bits, True)
     w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(seed))
     step0 = search_weight_step(w, bits)
     g_out = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1))
     res = []
-    for fused, dtype in ((True, torch.float32), (False, torch.float32), (False, torch.float64)):
+    for fused, dtype in ((True, torch.float32), (False, torch.float32)):
         wr = w.clone().to(dtype).requires_grad_(True)
         sr = step0.clone().to(dtype).requires_grad_(train_step)
         out = ste_fake_quant(wr, sr, lo, hi) if fused else torch.clamp(round_ste(wr / sr), lo, hi) * sr
@@ -93,10 +95,16 @@ def test_ste_matches_reference_values_and_gradients(seed, bits, train_step):
         res.append((out.detach(), wr.grad, sr.grad))
     assert torch.equal(res[0][0], res[1][0])
     assert torch.allclose(res[0][1], res[1][1], rtol=1e-6, atol=1e-7)
-    if train_step:  # Δ's gradient sums terms that cancel: compare both with a float64 reference
-        err_fused = (res[0][2].double() - res[2][2]).abs().max()
-        err_chain = (res[1][2].double() - res[2][2]).abs().max()
-        assert err_fused <= max(2 * err_chain, 1e-6)
+    if train_step:  # Δ's gradient per channel, Σ g·(clamp(round(v)) - v·1[inside]), sums terms that cancel:
+        # against the same terms (v and its code as float32 computes them) summed in float64, within float32
+        # summation's bound, (n + 8)·eps·Σ|terms| for the n elements of a channel (a multiple of the chain's own
+        # error is no bound: seed 5260 at 5 bits drew 2.03x, 4.6e-7 of Σ|terms|)
+        v = w / step0
+        code = torch.clamp(torch.round(v), lo, hi)
+        terms = g_out.double() * (code.double() - v.double() * (code == torch.round(v)))
+        ref = terms.sum(dim=(1, 2, 3), keepdim=True)
+        bound = (w[0].numel() + 8) * torch.finfo(torch.float32).eps * terms.abs().sum(dim=(1, 2, 3), keepdim=True)
+        assert ((res[0][2].double() - ref).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("p", [0.5, 0.3])
